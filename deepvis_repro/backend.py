@@ -1,0 +1,195 @@
+"""The one contract every backend fulfils (see DESIGN.md), and a generic implementation on
+forward hooks that any torch module with named submodules can use.
+
+Everything above this file sees only: ``module``, ``layers``, ``labels``, ``input_size``, ``mean``,
+``forward(x, layers)``, ``preprocess(image)``, ``deprocess(x)`` (plus ``lr_scale`` and ``device``).
+``x`` is always mean-subtracted RGB on a 0..255 scale; a backend maps it to its module's input.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DeepvisError, did_you_mean
+from .images import resize_for_input, to_rgb_uint8
+
+
+class _StopForward(Exception):
+    """Raised from a hook once the deepest requested layer has been computed."""
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode, no parameter gradients, and no in-place activations (an in-place ReLU would
+    overwrite the tensor a hook just handed out, and Caffe's blobs are separate values here)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for m in module.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False
+    return module
+
+
+class Backend:
+    """Base class: the contract's image handling. Subclasses set ``module``, ``layers``,
+    ``labels``, ``input_size`` and ``mean`` and implement ``forward``."""
+
+    module: nn.Module
+    layers: list[str]
+    labels: list[str] | None
+    input_size: tuple[int, int]
+    mean: torch.Tensor
+    #: Multiplies the paper's learning rates, which assume Caffe's input scale (a model that divides
+    #: pixels by s sees gradients scaled by 1/s, so its steps must grow by s**2 to move pixels alike).
+    lr_scale: float = 1.0
+    #: Extra names accepted for layers (e.g. Caffe's conv1 for torchvision AlexNet's features.1).
+    aliases: dict[str, str] = {}
+    crop: bool = True
+    name: str = "backend"
+
+    # ----- layers ---------------------------------------------------------------------------------
+    def resolve_layer(self, name: str) -> str:
+        name = str(name)
+        if name in self.layers:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        raise DeepvisError(f"unknown layer '{name}' for backend {self.name}; "
+                           + did_you_mean(name, list(self.layers) + list(self.aliases)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def to(self, device) -> "Backend":
+        self.module.to(device)
+        self.mean = self.mean.to(device)
+        return self
+
+    # ----- images ---------------------------------------------------------------------------------
+    def mean_image(self) -> torch.Tensor:
+        """The mean as a (3,H,W) tensor at the input size."""
+        h, w = self.input_size
+        return self.mean.expand(3, h, w) if self.mean.shape[1:] != (h, w) else self.mean
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx{1,3,4} image of any size and dtype -> (1,3,H,W) mean-subtracted RGB, 0..255 scale."""
+        img = resize_for_input(to_rgb_uint8(image), self.input_size, crop=self.crop)
+        t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().to(self.device)
+        return (t - self.mean_image()).unsqueeze(0)
+
+    def deprocess(self, x: torch.Tensor) -> np.ndarray:
+        """(3,H,W), (1,3,H,W) -> HxWx3 uint8; (N,3,H,W) -> NxHxWx3 uint8 (mean added, clipped)."""
+        x = x.detach()
+        single = x.dim() == 3 or x.shape[0] == 1
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        img = (x + self.mean_image().to(x.device)).clamp(0, 255).round().to(torch.uint8)
+        img = img.permute(0, 2, 3, 1).cpu().numpy()
+        return img[0] if single else img
+
+    # ----- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, x, layers):
+        return self.forward(x, layers)
+
+    def __repr__(self):
+        return (f"<{type(self).__name__} {self.name}: {len(self.layers)} layers, "
+                f"input {self.input_size}, device {self.device}>")
+
+
+class HookBackend(Backend):
+    """A backend over any module: each layer name maps to a submodule whose output is the layer's
+    value, collected with forward hooks. The forward pass is cut short (by an exception from the
+    hook) once the deepest requested layer is computed, so asking for ``conv1`` never runs ``fc``.
+    The optional layer ``prob`` is the softmax of the module's output."""
+
+    def __init__(self, module: nn.Module, layer_paths: Sequence[tuple[str, str]], *,
+                 to_input: Callable[[torch.Tensor], torch.Tensor], mean, input_size,
+                 labels=None, prob: bool = True, aliases=None, crop=True, lr_scale=1.0,
+                 name="backend", device="cpu"):
+        self.module = freeze(module)
+        self.name = name
+        self._to_input = to_input
+        self._paths = dict(layer_paths)
+        self.layers = [n for n, _ in layer_paths] + (["prob"] if prob else [])
+        self._order = {n: i for i, n in enumerate(self.layers)}
+        self.labels = labels
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        self.mean = mean.reshape(3, 1, 1) if mean.numel() == 3 else mean.reshape(3, *mean.shape[-2:])
+        self.aliases = dict(aliases or {})
+        self.crop = bool(crop)
+        self.lr_scale = float(lr_scale)
+        self._submodules = dict(self.module.named_modules())
+        for n, p in self._paths.items():
+            if p not in self._submodules:
+                raise DeepvisError(f"layer '{n}' names submodule '{p}', which the model does not have")
+        self.to(device)
+
+    def forward(self, x: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+        if isinstance(layers, str):
+            layers = [layers]
+        names = [self.resolve_layer(n) for n in layers]
+        if not names:
+            return {}
+        wanted = set(names)
+        deepest = max(names, key=self._order.__getitem__)
+        out: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def make_hook(name):
+            def hook(_mod, _inp, output):
+                out[name] = output
+                if name == deepest:
+                    raise _StopForward
+            return hook
+
+        for n in wanted - {"prob"}:
+            handles.append(self._submodules[self._paths[n]].register_forward_hook(make_hook(n)))
+        try:
+            final = self.module(self._to_input(x))
+            if "prob" in wanted:
+                out["prob"] = torch.softmax(final.flatten(1), dim=1)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        # Requested aliases come back under the name the caller used.
+        return {n: out[self.resolve_layer(n)] for n in layers}
+
+
+def discover_layers(module: nn.Module, example: torch.Tensor,
+                    skip=(nn.Dropout, nn.Identity)) -> list[tuple[str, str]]:
+    """Readable layer names from the module tree, in execution order: the top-level children,
+    with nn.Sequential / nn.ModuleList containers opened recursively (blocks such as a ResNet
+    Bottleneck stay whole). Modules called more than once per forward are left out, since one
+    name could not say which call it means."""
+    candidates: list[str] = []
+
+    def walk(prefix, mod):
+        for name, child in mod.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, (nn.Sequential, nn.ModuleList)):
+                walk(path, child)
+            elif not isinstance(child, skip):
+                candidates.append(path)
+
+    walk("", module)
+    subs = dict(module.named_modules())
+    calls: list[str] = []
+    handles = [subs[p].register_forward_hook(lambda m, i, o, p=p: calls.append(p)) for p in candidates]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for h in handles:
+            h.remove()
+    seen_once = [p for p in dict.fromkeys(calls) if calls.count(p) == 1]
+    return [(p, p) for p in seen_once]

@@ -1,0 +1,93 @@
+"""Image I/O and conversion shared by every backend, the optimizer and the live view."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from .errors import DeepvisError
+
+Image.MAX_IMAGE_PIXELS = 20000 * 20000
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """Any HxW, HxWx1, HxWx3 or HxWx4 array (uint8, uint16, bool or float in 0..1) -> HxWx3 uint8."""
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4):
+        raise DeepvisError(f"expected an HxW or HxWxC image with C in 1..4, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == np.uint16:
+        a = (a.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif np.issubdtype(a.dtype, np.floating):
+        a = (np.clip(np.nan_to_num(a), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.integer):
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    else:
+        raise DeepvisError(f"unsupported image dtype {a.dtype}")
+    c = a.shape[2]
+    if c == 1:
+        a = np.repeat(a, 3, axis=2)
+    elif c == 2:  # gray + alpha
+        a = np.repeat(a[:, :, :1], 3, axis=2)
+    elif c == 4:  # drop alpha: composite on black would darken transparent areas unpredictably
+        a = a[:, :, :3]
+    return np.ascontiguousarray(a)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB, with one clear error for a missing or unreadable file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DeepvisError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise DeepvisError(f"image path is a folder, not a file: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im).astype(np.uint16)
+            elif im.mode in ("RGB", "L", "RGBA", "LA"):
+                arr = np.asarray(im)
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DeepvisError(f"cannot read image {path}: {e}") from None
+    return to_rgb_uint8(arr)
+
+
+def resize_for_input(image: np.ndarray, size: tuple[int, int], crop: bool = True) -> np.ndarray:
+    """Fit an RGB uint8 image to (H, W): crop=True resizes the shorter side and centre-crops
+    (keeps the aspect ratio, like the original's default); crop=False stretches."""
+    h, w = size
+    img = Image.fromarray(to_rgb_uint8(image))
+    if not crop:
+        return np.asarray(img.resize((w, h), Image.BILINEAR))
+    iw, ih = img.size
+    scale = max(w / iw, h / ih)
+    nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return np.asarray(img.crop((left, top, left + w, top + h)))
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    Image.fromarray(to_rgb_uint8(image)).save(os.fspath(path))
+
+
+def tile_grid(tiles: np.ndarray, cols: int | None = None, pad: int = 1, pad_value: int = 255) -> np.ndarray:
+    """Tile N HxWx3 uint8 images into a near-square grid (cols = ceil(sqrt(N)) unless given)."""
+    tiles = np.asarray(tiles)
+    n, h, w = tiles.shape[:3]
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, 3), pad_value, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = tiles[i]
+    return out

@@ -1,0 +1,29 @@
+"""Class names shipped with the package."""
+from functools import lru_cache
+from importlib import resources
+
+
+@lru_cache(maxsize=None)
+def imagenet_labels() -> list[str]:
+    """The 1000 ILSVRC-2012 class names, in the standard index order (flamingo is 130)."""
+    text = resources.files("deepvis_repro").joinpath("data/imagenet_classes.txt").read_text()
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    assert len(labels) == 1000
+    return labels
+
+
+def read_labels(path) -> list[str]:
+    """One class name per line (Caffe's synset_words.txt 'n01440764 tench, ...' lines are
+    shortened to their first name)."""
+    from .errors import DeepvisError
+    try:
+        with open(path) as f:
+            lines = [l.strip() for l in f if l.strip()]
+    except OSError as e:
+        raise DeepvisError(f"cannot read labels file {path}: {e.strerror}") from None
+    out = []
+    for l in lines:
+        if l[:1] == "n" and l[1:9].isdigit() and " " in l:
+            l = l.split(" ", 1)[1].split(",")[0].strip()
+        out.append(l)
+    return out
