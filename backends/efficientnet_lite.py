@@ -30,6 +30,10 @@ class Conv2dSame(nn.Conv2d):
     goes to the bottom/right when odd (PyTorch's symmetric padding would shift every feature map)."""
 
     def forward(self, x):
+        if self.stride == (1, 1):  # stride 1, odd kernel: 'SAME' is symmetric, no copy needed
+            kh, kw = self.weight.shape[-2:]
+            return F.conv2d(x, self.weight, self.bias, 1, ((kh - 1) // 2, (kw - 1) // 2),
+                            self.dilation, self.groups)
         ih, iw = x.shape[-2:]
         kh, kw = self.weight.shape[-2:]
         sh, sw = self.stride
@@ -58,13 +62,16 @@ class MBConvBlock(nn.Module):
         self._bn1 = _bn(mid)
         self._project_conv = Conv2dSame(mid, cout, 1, bias=False)
         self._bn2 = _bn(cout)
+        # Activations as modules (not F.relu6) so deconv / guided backprop can reach them.
+        self._act0 = nn.ReLU6() if self.has_expand else nn.Identity()
+        self._act1 = nn.ReLU6()
         self.skip = stride == 1 and cin == cout
 
     def forward(self, x):
         h = x
         if self.has_expand:
-            h = F.relu6(self._bn0(self._expand_conv(h)))
-        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+            h = self._act0(self._bn0(self._expand_conv(h)))
+        h = self._act1(self._bn1(self._depthwise_conv(h)))
         h = self._bn2(self._project_conv(h))
         return h + x if self.skip else h
 
@@ -91,6 +98,26 @@ class EfficientNetLite(nn.Module):
         x = self._head_act(self._bn1(self._conv_head(x)))
         x = self._avg_pooling(x).flatten(1)
         return self._fc(self._dropout(x))
+
+    def fuse_batchnorm(self) -> "EfficientNetLite":
+        """Fold each eval-mode BatchNorm into the convolution before it (same function, about a
+        third fewer passes over memory in forward and backward). Call after loading weights."""
+        pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        for b in self._blocks:
+            if b.has_expand:
+                pairs.append((b, "_expand_conv", "_bn0"))
+            pairs += [(b, "_depthwise_conv", "_bn1"), (b, "_project_conv", "_bn2")]
+        with torch.no_grad():
+            for owner, conv_name, bn_name in pairs:
+                conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+                if isinstance(bn, nn.Identity):
+                    continue
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                bias = bn.bias - bn.running_mean * scale
+                conv.bias = nn.Parameter(bias if conv.bias is None else conv.bias * scale + bias)
+                setattr(owner, bn_name, nn.Identity())
+        return self
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "EfficientNetLite":
@@ -164,11 +191,14 @@ class EfficientNetLiteBackend(HookBackend):
     """Layers: stem, blocks.0 .. blocks.N, head, pool, fc (logits), prob (softmax)."""
 
     def __init__(self, variant: str = "lite0", weights: str | None = None, input_size=None,
-                 crop: bool = True, lr_scale: float = 128.0 ** 2, device: str = "cpu"):
+                 crop: bool = True, lr_scale: float | None = 19.0, fuse_bn: bool = True,
+                 device: str = "cpu"):
         if variant not in PACKAGED:
             raise DeepvisError(f"unknown EfficientNet variant '{variant}'; valid: {', '.join(PACKAGED)}")
         path = weights or packaged_weights_path(variant)
         model = EfficientNetLite.from_state_dict(load_state_dict_file(path))
+        if fuse_bn:
+            model.fuse_batchnorm()
         size = input_size or (PACKAGED[variant][2],) * 2
         paths = [("stem", "_stem_act")]
         paths += [(f"blocks.{i}", f"_blocks.{i}") for i in range(len(model._blocks))]

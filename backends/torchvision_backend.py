@@ -75,8 +75,6 @@ class TorchvisionBackend(HookBackend):
         mean255 = torch.tensor(mean) * 255.0
         scale = 1.0 / (torch.tensor(std) * 255.0)
         aliases = {k: v for k, v in ALEXNET_ALIASES.items()} if arch == "alexnet" else {}
-        if lr_scale is None:
-            lr_scale = float((1.0 / scale.mean()) ** 2)  # see Backend.lr_scale
         super().__init__(
             model, layer_paths,
             to_input=lambda x, s=scale.view(1, 3, 1, 1): x * s.to(x.device),

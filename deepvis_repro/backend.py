@@ -7,6 +7,7 @@ Everything above this file sees only: ``module``, ``layers``, ``labels``, ``inpu
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -42,9 +43,9 @@ class Backend:
     labels: list[str] | None
     input_size: tuple[int, int]
     mean: torch.Tensor
-    #: Multiplies the paper's learning rates, which assume Caffe's input scale (a model that divides
-    #: pixels by s sees gradients scaled by 1/s, so its steps must grow by s**2 to move pixels alike).
-    lr_scale: float = 1.0
+    #: Multiplies the paper's learning rates, which assume CaffeNet's gradient scale. None means
+    #: "calibrate": see deepvis_repro.optimize.calibrate_lr_scale (and the README).
+    lr_scale: float | None = 1.0
     #: Extra names accepted for layers (e.g. Caffe's conv1 for torchvision AlexNet's features.1).
     aliases: dict[str, str] = {}
     crop: bool = True
@@ -125,8 +126,10 @@ class HookBackend(Backend):
         self.mean = mean.reshape(3, 1, 1) if mean.numel() == 3 else mean.reshape(3, *mean.shape[-2:])
         self.aliases = dict(aliases or {})
         self.crop = bool(crop)
-        self.lr_scale = float(lr_scale)
+        self.lr_scale = None if lr_scale in (None, "auto") else float(lr_scale)
         self._submodules = dict(self.module.named_modules())
+        # Hooks live on the shared module: one forward at a time (the live view has two threads).
+        self._lock = threading.RLock()
         for n, p in self._paths.items():
             if p not in self._submodules:
                 raise DeepvisError(f"layer '{n}' names submodule '{p}', which the model does not have")
@@ -150,6 +153,10 @@ class HookBackend(Backend):
                     raise _StopForward
             return hook
 
+        with self._lock:
+            return self._forward_locked(x, layers, names, wanted, deepest, out, handles, make_hook)
+
+    def _forward_locked(self, x, layers, names, wanted, deepest, out, handles, make_hook):
         for n in wanted - {"prob"}:
             handles.append(self._submodules[self._paths[n]].register_forward_hook(make_hook(n)))
         try:

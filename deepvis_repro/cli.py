@@ -38,6 +38,8 @@ def _rewrite_backend_args(argv: list[str]) -> list[str]:
                 raise DeepvisError(f"unknown backend '{value}'; " + did_you_mean(value, list_backends()))
         elif eq and key.startswith("backend.") and not key.startswith(("+", "~")):
             out.append("++" + a)
+        elif eq and key in ("regularization", "source", "profile") and value not in config_names(key):
+            raise DeepvisError(f"unknown {key} '{value}'; " + did_you_mean(value, config_names(key)))
         else:
             out.append(a)
     return out
@@ -110,3 +112,88 @@ def inspect_task(cfg) -> None:
 
 def inspect_main() -> None:
     run_app("inspect", inspect_task)
+
+
+# ----- deepvis-optimize -------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def output_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
+def optimize_task(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from .optimize import optimize
+    from .outputs import write_optimization
+    from .registry import instantiate_backend
+
+    units = list(cfg.units) if cfg.units else [cfg.unit]
+    o = cfg.optimize
+    seed_everything(int(o.seed))
+    backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
+    preset = OmegaConf.to_container(cfg.regularization)
+    result = optimize(backend, units, preset=preset, steps=o.steps, seed=int(o.seed),
+                      batch_size=o.batch_size, lr_scale=o.lr_scale, start=o.start)
+    out = output_dir()
+    record = write_optimization(out, backend, result)
+    for i, r in enumerate(record["results"]):
+        label = f" ({r['label']})" if r["label"] else ""
+        top = r["image_top5"][0][0] if r["image_top5"] else "-"
+        print(f"{r['unit']}{label}: best {r['best_activation']:.3f} at step {r['best_step']}; "
+              f"the image's top class: {top}")
+        if r["stopped"]:
+            print(f"warning: {r['unit']} stopped at step {r['stopped']['step']}: "
+                  f"{r['stopped']['reason']}; kept its best image", file=sys.stderr)
+    print(f"wrote {out}")
+    if result.interrupted:
+        print("interrupted: saved the best images so far", file=sys.stderr)
+        sys.exit(130)
+
+
+def optimize_main() -> None:
+    run_app("optimize", optimize_task)
+
+
+# ----- deepvis-live -----------------------------------------------------------------------------
+def live_task(cfg) -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from .live.app import LiveApp
+    from .registry import instantiate_backend
+
+    if OmegaConf.is_missing(cfg.source, "path"):
+        raise DeepvisError(f"source {cfg.source._target_.rsplit('.', 1)[-1]} needs a path: "
+                           "add source.path=...")
+    backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
+    try:
+        source = instantiate(cfg.source, _convert_="all")
+    except Exception as e:  # Hydra wraps the source's own DeepvisError
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, DeepvisError):
+            raise cause from None
+        raise
+    live = OmegaConf.to_container(cfg.live)
+    app = LiveApp(backend, source, **live)
+    stats = app.run()
+    if cfg.live.stats is None and cfg.live.max_frames:
+        print(f"{stats['frames']} frames, network {stats['net_fps']:.1f} fps, "
+              f"display {stats['display_fps']:.1f} fps")
+
+
+def live_main() -> None:
+    run_app("live", live_task)

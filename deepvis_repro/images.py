@@ -91,3 +91,48 @@ def tile_grid(tiles: np.ndarray, cols: int | None = None, pad: int = 1, pad_valu
         r, c = divmod(i, cols)
         out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = tiles[i]
     return out
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one fixed-size default font
+        return ImageFont.load_default()
+
+
+def figure_grid(rows: list[list[np.ndarray]], row_labels=None, col_labels=None, tile: int | None = None,
+                pad: int = 4, font_size: int = 14) -> np.ndarray:
+    """A labelled figure like the paper's: one row per setting, one column per unit, a label
+    left of each row and above each column (long labels wrap). White background."""
+    from PIL import ImageDraw
+
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    first = next(im for r in rows for im in r if im is not None)
+    tile = tile or first.shape[0]
+    font = _font(font_size)
+    left = (max(len(str(s)) for s in row_labels) * font_size * 0.6 + 2 * pad) if row_labels else 0
+    top = (2 * font_size + 3 * pad) if col_labels else 0
+    width = int(left + n_cols * (tile + pad) + pad)
+    height = int(top + n_rows * (tile + pad) + pad)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        y = int(top + pad + r * (tile + pad))
+        if row_labels:
+            draw.text((pad, y + tile // 2 - font_size // 2), str(row_labels[r]), fill="black", font=font)
+        for c, im in enumerate(row):
+            if im is None:
+                continue
+            x = int(left + pad + c * (tile + pad))
+            canvas.paste(Image.fromarray(to_rgb_uint8(im)).resize((tile, tile), Image.BILINEAR), (x, y))
+    if col_labels:
+        chars = max(4, int(tile / (font_size * 0.55)))
+        for c, label in enumerate(col_labels):
+            x = int(left + pad + c * (tile + pad))
+            text = str(label)
+            lines = [text[:chars], text[chars:2 * chars]] if len(text) > chars else [text]
+            for k, line in enumerate(lines):
+                draw.text((x, pad + k * (font_size + pad)), line, fill="black", font=font)
+    return np.asarray(canvas)

@@ -1,0 +1,69 @@
+"""Back modes of the live view: plain gradient, deconvnet (Zeiler & Fergus: a ReLU's backward
+passes only positive gradients, ignoring the forward mask) and guided backprop (both: positive
+gradients where the forward input was active). Seeded, as in the original toolbox, with the
+selected channel's own activation map (all other channels zero)."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+MODES = ("off", "gradient", "deconv", "guided")
+RELU_TYPES = (nn.ReLU, nn.ReLU6)
+
+
+@contextlib.contextmanager
+def relu_backward(module: nn.Module, mode: str):
+    """Within the block, every ReLU/ReLU6 module of ``module`` backpropagates by ``mode``."""
+    if mode == "gradient":
+        yield
+        return
+
+    def hook(_m, grad_input, grad_output):
+        if mode == "deconv":
+            return (grad_output[0].clamp(min=0),)
+        return (grad_input[0].clamp(min=0),)  # guided: the masked gradient, positive part
+
+    handles = [m.register_full_backward_hook(hook) for m in module.modules() if isinstance(m, RELU_TYPES)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def backprop(backend, x: torch.Tensor, layer: str, channel: int, mode: str = "gradient",
+             also: str | None = None):
+    """Backpropagate the seed (channel's activation map, others zero) from ``layer`` to the input.
+    Returns (input gradient (3,H,W), gradient at layer ``also`` or None, the forward activations)."""
+    x = x.detach().clone().requires_grad_(True)
+    layers = [layer] + ([also] if also and also != layer else [])
+    with relu_backward(backend.module, mode):
+        acts = backend.forward(x, layers)
+        a = acts[layer]
+        seed = torch.zeros_like(a)
+        seed[:, channel] = a[:, channel].detach()
+        wrt = [x] + ([acts[also]] if also and also != layer and acts[also].requires_grad else [])
+        grads = torch.autograd.grad(a, wrt, grad_outputs=seed, allow_unused=True)
+    g_also = None
+    if also == layer:
+        g_also = seed[0].detach()
+    elif len(grads) > 1:
+        g_also = None if grads[1] is None else grads[1][0].detach()
+    gx = grads[0]
+    gx = torch.zeros_like(x[0]) if gx is None else gx[0].detach()
+    return gx, g_also, {k: v.detach() for k, v in acts.items()}
+
+
+def gradient_image(g: torch.Tensor, as_norm: bool = False) -> np.ndarray:
+    """(3,H,W) gradient -> HxWx3 uint8: raw (grey at zero, symmetric scale) or its per-pixel norm."""
+    g = g.detach().float().cpu()
+    if as_norm:
+        n = g.norm(dim=0)
+        n = n / n.max().clamp_min(1e-12)
+        img = (n.sqrt() * 255).round().to(torch.uint8)  # sqrt: faint structure stays visible
+        return img.unsqueeze(-1).expand(-1, -1, 3).numpy().copy()
+    m = g.abs().max().clamp_min(1e-12)
+    return (127.5 + 127.5 * g / m).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()

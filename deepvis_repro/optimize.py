@@ -1,0 +1,363 @@
+"""Regularized optimization in image space: an exact, batched port of the original toolbox's
+gradient optimizer (Yosinski et al. 2015; ../shared/PAPER.md states the rule).
+
+Everything runs in the backend contract's space: mean-subtracted RGB pixels on a 0..255 scale.
+All units run as one batch; each image's regularization (percentiles included) is its own, so a
+batch of N gives the images of N single runs.
+"""
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from .errors import DeepvisError
+from .units import Unit, gather_units, resolve_units
+
+# ----- the four regularizers ------------------------------------------------------------------
+
+
+def _reflect_index(n: int, radius: int, device) -> torch.Tensor:
+    """Indices of scipy.ndimage's 'reflect' mode (d c b a | a b c d | d c b a), any radius."""
+    i = np.arange(-radius, n + radius)
+    j = np.mod(i, 2 * n)
+    j = np.where(j >= n, 2 * n - 1 - j, j)
+    return torch.as_tensor(j, device=device)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter's kernel: radius int(truncate * sigma + 0.5)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    xs = np.arange(-radius, radius + 1, dtype=np.float64)
+    phi = np.exp(-0.5 / (float(sigma) ** 2) * xs ** 2)
+    return phi / phi.sum()
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Blur each channel of (N,C,H,W) like scipy.ndimage.gaussian_filter(channel, sigma):
+    separable, 'reflect' borders, truncated at 4 sigma; on x's device, batched."""
+    k = torch.as_tensor(gaussian_kernel1d(sigma, truncate), dtype=x.dtype, device=x.device)
+    r = (k.numel() - 1) // 2
+    if r == 0:
+        return x
+    n, c, h, w = x.shape
+    flat = x.reshape(n * c, 1, h, w)
+    flat = flat.index_select(2, _reflect_index(h, r, x.device))
+    flat = F.conv2d(flat, k.view(1, 1, -1, 1))
+    flat = flat.index_select(3, _reflect_index(w, r, x.device))
+    flat = F.conv2d(flat, k.view(1, 1, 1, -1))
+    return flat.reshape(n, c, h, w)
+
+
+def _zero_below_percentile(x: torch.Tensor, score: torch.Tensor, pct: float) -> torch.Tensor:
+    """Zero the pixels of each image whose score (N,H,W) is strictly below that image's pct-th
+    percentile (numpy's default linear interpolation)."""
+    thr = torch.quantile(score.flatten(1).double(), pct / 100.0, dim=1, interpolation="linear")
+    small = score.double() < thr.view(-1, 1, 1)
+    return x.masked_fill(small.unsqueeze(1), 0.0)
+
+
+def check_regularization(*, decay=0.0, blur_radius=0.0, blur_every=0, small_norm_pct=0.0,
+                         small_contrib_pct=0.0, **_):
+    for name, v in (("small_norm_pct", small_norm_pct), ("small_contrib_pct", small_contrib_pct)):
+        if not 0.0 <= float(v) <= 100.0:
+            raise DeepvisError(f"{name} must be a percentile in [0, 100], got {v}")
+    if not 0.0 <= float(decay) <= 1.0:
+        raise DeepvisError(f"decay must be in [0, 1] (x *= 1 - decay), got {decay}")
+    if float(blur_radius) < 0 or int(blur_every) < 0:
+        raise DeepvisError(f"blur_radius and blur_every must be >= 0, got {blur_radius}, {blur_every}")
+
+
+def regularize(x: torch.Tensor, grad: torch.Tensor, *, decay: float = 0.0, blur_radius: float = 0.0,
+               blur_every: int = 0, small_norm_pct: float = 0.0, small_contrib_pct: float = 0.0,
+               step: int = 0) -> torch.Tensor:
+    """The paper's four regularizers on a batch (N,3,H,W), in the original's order: L2 decay,
+    Gaussian blur (every blur_every steps), clipping small-norm pixels, clipping pixels of small
+    contribution |sum_c grad * (-x)|. Returns the new x."""
+    check_regularization(decay=decay, blur_radius=blur_radius, blur_every=blur_every,
+                         small_norm_pct=small_norm_pct, small_contrib_pct=small_contrib_pct)
+    if decay:
+        x = x * (1.0 - decay)
+    if blur_radius > 0 and blur_every > 0 and step % blur_every == 0:
+        x = gaussian_blur(x, blur_radius)
+    if small_norm_pct > 0:
+        x = _zero_below_percentile(x, x.norm(dim=1), small_norm_pct)
+    if small_contrib_pct > 0:
+        x = _zero_below_percentile(x, (grad * -x).sum(1).abs(), small_contrib_pct)
+    return x
+
+
+# ----- presets ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One hyperparameter setting: regularization, learning-rate policy, length, start."""
+    name: str = "custom"
+    decay: float = 0.0
+    blur_radius: float = 0.0
+    blur_every: int = 0
+    small_norm_pct: float = 0.0
+    small_contrib_pct: float = 0.0
+    lr_policy: str = "constant"  # constant | progress | progress01
+    lr: float = 100.0
+    max_lr: float = 100.0
+    desired_prog: float = 2.0
+    early_prog: float = 0.03
+    late_prog_mult: float = 0.1
+    steps: int = 1000
+    start: str = "mean_plus_rand"  # mean_plus_rand | mean | randu
+
+    def regularization(self) -> dict:
+        return {k: getattr(self, k) for k in
+                ("decay", "blur_radius", "blur_every", "small_norm_pct", "small_contrib_pct")}
+
+    def validate(self) -> "Preset":
+        check_regularization(**self.regularization())
+        if self.lr_policy not in ("constant", "progress", "progress01"):
+            raise DeepvisError(f"lr_policy must be constant, progress or progress01, got '{self.lr_policy}'")
+        if self.start not in ("mean_plus_rand", "mean", "randu"):
+            raise DeepvisError(f"start must be mean_plus_rand, mean or randu, got '{self.start}'")
+        if int(self.steps) < 1:
+            raise DeepvisError(f"steps must be at least 1, got {self.steps}")
+        for k in ("lr", "max_lr", "desired_prog"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v > 0):
+                raise DeepvisError(f"{k} must be a positive number, got {v}")
+        return self
+
+
+def _load_presets() -> dict[str, Preset]:
+    folder = resources.files("deepvis_repro_conf").joinpath("regularization")
+    out = {}
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
+        if p.name.endswith(".yaml"):
+            d = OmegaConf.to_container(OmegaConf.create(p.read_text()))
+            out[d["name"]] = Preset(**d)
+    return out
+
+
+#: paper_1 .. paper_4 (Table 1) and none (plain gradient ascent), from conf/regularization/.
+PRESETS: dict[str, Preset] = _load_presets()
+
+
+def get_preset(preset, **overrides) -> Preset:
+    if isinstance(preset, Preset):
+        p = preset
+    elif isinstance(preset, dict):
+        p = Preset(**preset)
+    elif preset in PRESETS:
+        p = PRESETS[preset]
+    else:
+        raise DeepvisError(f"unknown preset '{preset}'; valid: {', '.join(PRESETS)}")
+    fields = set(Preset.__dataclass_fields__)
+    bad = set(overrides) - fields
+    if bad:
+        raise DeepvisError(f"unknown optimizer option(s) {', '.join(sorted(bad))}; valid: {', '.join(sorted(fields))}")
+    return replace(p, **{k: v for k, v in overrides.items() if v is not None}).validate()
+
+
+# ----- the optimizer ----------------------------------------------------------------------------
+
+
+@dataclass
+class OptimizationResult:
+    units: list[Unit]
+    preset: Preset
+    images: np.ndarray              # (N,H,W,3) uint8: best image per unit, mean added
+    x: torch.Tensor                 # (N,3,H,W) best x per unit (mean-subtracted, 0..255 scale)
+    best_activation: np.ndarray     # (N,)
+    best_step: np.ndarray           # (N,)
+    history: np.ndarray             # (steps_run, N): objective per step, NaN once stopped
+    argmax: np.ndarray              # (steps_run, N): argmax channel of the unit's layer per step
+    stopped: dict = field(default_factory=dict)  # unit index -> (step, reason)
+    interrupted: bool = False
+    lr_scale: float = 1.0
+
+    def images_without_mean(self) -> np.ndarray:
+        """x itself, centred on grey and scaled to fill 0..255 (the original's 'no mean' image)."""
+        x = self.x.detach().cpu().float()
+        m = x.flatten(1).abs().amax(1).clamp_min(1e-8).view(-1, 1, 1, 1)
+        img = (127.5 + 127.5 * x / m).round().clamp(0, 255).to(torch.uint8)
+        return img.permute(0, 2, 3, 1).numpy()
+
+
+def start_images(backend, n: int, start: str, seed: int) -> torch.Tensor:
+    """The starting x of each of n units: the same draw for each, as n single runs would get."""
+    g = torch.Generator().manual_seed(int(seed))
+    h, w = backend.input_size
+    mean = backend.mean_image().detach().cpu().float()
+    if start == "mean_plus_rand":
+        x0 = torch.randn(3, h, w, generator=g, dtype=torch.float64).float() * 10.0
+    elif start == "randu":
+        x0 = torch.rand(3, h, w, generator=g, dtype=torch.float64).float() * 255.0 - mean
+    else:
+        x0 = torch.zeros(3, h, w)
+    return x0.unsqueeze(0).repeat(n, 1, 1, 1).to(backend.device)
+
+
+def _learning_rate(p: Preset, g: torch.Tensor, obj: torch.Tensor, lr_scale: float) -> torch.Tensor:
+    """Per-image learning rate (N,) under the preset's policy."""
+    if p.lr_policy == "constant":
+        return torch.full_like(obj, p.lr * lr_scale)
+    gnorm2 = g.double().flatten(1).pow(2).sum(1).clamp_min(1e-300)
+    if p.lr_policy == "progress":
+        desired = torch.full_like(gnorm2, p.desired_prog)
+    else:  # progress01, for units in 0..1 such as softmax outputs
+        desired = torch.minimum(torch.full_like(gnorm2, p.early_prog), p.late_prog_mult * (1 - obj.double()))
+    return torch.minimum(desired / gnorm2, torch.full_like(gnorm2, p.max_lr * lr_scale)).to(obj.dtype)
+
+
+def _run_batch(backend, units, p: Preset, x, bar, lr_scale):
+    n = len(units)
+    layers = sorted({u.layer for u in units}, key=backend.layers.index)
+    mean = backend.mean_image().to(x.device)
+    best_x = x.clone()
+    best = torch.full((n,), -math.inf, device=x.device, dtype=torch.float64)
+    best_step = torch.full((n,), -1, dtype=torch.long)
+    active = torch.ones(n, dtype=torch.bool, device=x.device)
+    history, argmax, stopped = [], [], {}
+    interrupted = False
+    try:
+        for ii in range(p.steps):
+            # 1. keep x + mean a valid image
+            x = (torch.clamp(x + mean, 0.0, 255.0) - mean).detach().requires_grad_(True)
+            # 2. forward only as deep as the deepest unit; the objective is each unit's value
+            acts = backend.forward(x, layers)
+            obj = gather_units(acts, units)
+            # 3. d obj / d x: each image's objective depends on that image only
+            (g,) = torch.autograd.grad(obj.sum(), x)
+            x, obj = x.detach(), obj.detach()
+            with torch.no_grad():
+                argmax.append(torch.stack([
+                    acts[u.layer][i].flatten(1)[:, 0 if u.y is None else u.y * acts[u.layer].shape[-1] + u.x].argmax()
+                    if acts[u.layer].dim() == 4 else acts[u.layer][i].argmax()
+                    for i, u in enumerate(units)]).cpu())
+                finite = torch.isfinite(obj) & torch.isfinite(g).flatten(1).all(1)
+                for i in torch.nonzero(active & ~finite).flatten().tolist():
+                    stopped[i] = (ii, "NaN or inf in the objective or gradient")
+                zero = (g.flatten(1) == 0).all(1)
+                for i in torch.nonzero(active & finite & zero).flatten().tolist():
+                    stopped[i] = (ii, "gradient is exactly zero")
+                objd = obj.double()
+                improved = active & finite & (objd > best)
+                best = torch.where(improved, objd, best)
+                best_x[improved] = x[improved]
+                best_step[improved.cpu()] = ii
+                history.append(torch.where(active & finite, objd, torch.nan).cpu())
+                active = active & finite & ~zero
+                if not bool(active.any()):
+                    # every unit has stopped: the rest of the history is NaN, as for any stopped unit
+                    history += [torch.full((n,), torch.nan, dtype=torch.float64)] * (p.steps - ii - 1)
+                    argmax += [torch.full((n,), -1, dtype=torch.long)] * (p.steps - ii - 1)
+                    bar.update((p.steps - ii) * n)
+                    break
+                # 4.-5. step and regularize, except on the last iteration
+                if ii < p.steps - 1:
+                    lr = _learning_rate(p, g, obj, lr_scale)
+                    g = torch.nan_to_num(g)
+                    new = x + lr.view(-1, 1, 1, 1) * g
+                    new = regularize(new, g, step=ii, **p.regularization())
+                    x = torch.where(active.view(-1, 1, 1, 1), new, x)
+            bar.update(n)
+    except KeyboardInterrupt:
+        interrupted = True
+    return best_x, best.cpu().numpy(), best_step.numpy(), history, argmax, stopped, interrupted
+
+
+def backend_lr_scale(backend) -> float:
+    """The backend's lr_scale; a backend that leaves it None (or 'auto') is calibrated once with
+    calibrate_lr_scale on its output layer."""
+    scale = getattr(backend, "lr_scale", None)
+    if scale is None or scale == "auto":
+        out = [l for l in backend.layers if l != "prob"][-1]
+        scale = calibrate_lr_scale(backend, out, n_units=16)
+        backend.lr_scale = scale
+    return float(scale)
+
+
+def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: int = 0,
+             batch_size: int | None = None, progress: bool = True, lr_scale: float | None = None,
+             **overrides) -> OptimizationResult:
+    """Find, for each unit, the image that maximizes it under a preset's regularization.
+
+    units: "layer:channel" or "layer:channel:y:x" strings (conv units default to the centre).
+    preset: a name in PRESETS, a Preset or a dict; keyword overrides change single fields.
+    lr_scale: multiplies the preset's learning rates; default the backend's own (see Backend).
+    batch_size: units per batch (all at once by default; halved automatically on CUDA OOM).
+    Ctrl-C stops early and returns the best images so far (result.interrupted is True).
+    """
+    from tqdm.auto import tqdm
+
+    p = get_preset(preset, steps=steps, **overrides)
+    units = resolve_units(backend, units)
+    lr_scale = float(backend_lr_scale(backend) if lr_scale is None else lr_scale)
+    n = len(units)
+    x0 = start_images(backend, n, p.start, seed)
+    size = int(batch_size or n)
+    parts = []
+    with tqdm(total=p.steps * n, desc=f"optimize {p.name}", unit="unit-step", disable=not progress,
+              leave=False) as bar:
+        start = 0
+        while start < n:
+            chunk = slice(start, min(n, start + size))
+            try:
+                out = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale)
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)
+                torch.cuda.empty_cache()
+                continue
+            parts.append((chunk, out))
+            start = chunk.stop
+            if out[-1]:  # interrupted
+                break
+    done = parts[-1][0].stop if parts else 0
+    units = units[:done]
+    best_x = torch.cat([o[0] for _, o in parts]) if parts else x0[:0]
+    steps_run = max((len(o[3]) for _, o in parts), default=0)
+
+    def stack(seqs, fill):
+        cols = []
+        for _, o in parts:
+            rows = [r.numpy() for r in seqs(o)]
+            arr = np.full((steps_run, len(rows[0]) if rows else 0), fill, dtype=float)
+            for t, r in enumerate(rows):
+                arr[t, :len(r)] = r
+            cols.append(arr)
+        return np.concatenate(cols, axis=1) if cols else np.zeros((0, 0))
+
+    stopped = {}
+    for chunk, o in parts:
+        stopped.update({chunk.start + i: v for i, v in o[5].items()})
+    return OptimizationResult(
+        units=units, preset=p, images=backend.deprocess(best_x).reshape(len(units), *backend.input_size, 3),
+        x=best_x, best_activation=np.concatenate([o[1] for _, o in parts]) if parts else np.zeros(0),
+        best_step=np.concatenate([o[2] for _, o in parts]) if parts else np.zeros(0, int),
+        history=stack(lambda o: o[3], np.nan), argmax=stack(lambda o: o[4], -1).astype(int),
+        stopped=stopped, interrupted=any(o[6] for _, o in parts), lr_scale=lr_scale)
+
+
+def calibrate_lr_scale(backend, layer: str = "fc", n_units: int = 32, seed: int = 0) -> float:
+    """The lr_scale at which the paper's constant lr (100) equals the 'progress' policy's own
+    step (desired_prog 2 / ||g||^2) at the start, median over n_units channels of ``layer``.
+
+    The paper's settings pair a constant lr of 100 with progress policies capped at max_lr 100,
+    i.e. on CaffeNet the two agree in scale; this carries that agreement to any backend."""
+    from .units import layer_shapes
+
+    channels = layer_shapes(backend, [layer])[layer][0]
+    idx = torch.linspace(0, channels - 1, min(n_units, channels)).round().long().tolist()
+    units = resolve_units(backend, [f"{layer}:{c}" for c in idx])
+    x = start_images(backend, len(units), "mean_plus_rand", seed).requires_grad_(True)
+    obj = gather_units(backend.forward(x, [layer]), units)
+    (g,) = torch.autograd.grad(obj.sum(), x)
+    natural_lr = 2.0 / g.double().flatten(1).pow(2).sum(1)
+    return float(natural_lr.median() / 100.0)
