@@ -135,8 +135,8 @@ class TinyReLUNet(nn.Module):
         return self.c2(self.relu(self.c1(x)))
 
 
-@pytest.mark.parametrize("x, active", [((1.0, 1.0, 1.0), (1, 1)), ((2.0, 0.0, 1.0), (1, 0))])
-def test_back_modes_against_hand_computation(x, active):
+@pytest.mark.parametrize("x, channel, active", [((1.0, 1.0, 1.0), 0, (1, 1)), ((0.0, 0.0, 1.0), 1, (0, 1))])
+def test_back_modes_against_hand_computation(x, channel, active):
     b = HookBackend(TinyReLUNet(), [("h", "relu"), ("out", "c2")], to_input=lambda t: t,
                     mean=[0.0, 0.0, 0.0], input_size=(1, 1), prob=False)
     xin = torch.tensor(x).view(1, 3, 1, 1)
@@ -146,14 +146,15 @@ def test_back_modes_against_hand_computation(x, active):
     mask = (pre > 0).astype(float)
     np.testing.assert_array_equal(mask, active)
     out = W2 @ (pre * mask)
-    seed = np.array([out[0], 0.0])            # channel 0's own activation, others zero
+    seed = np.zeros(2)
+    seed[channel] = out[channel]               # the channel's own activation, others zero
     up = W2.T @ seed                            # gradient arriving at the ReLU's output
     want = {
         "gradient": W1.T @ (up * mask),
         "deconv": W1.T @ np.maximum(up, 0),     # ignores the forward mask
         "guided": W1.T @ (np.maximum(up, 0) * mask),
     }
-    got = {m: backprop(b, xin, "out", 0, m)[0].flatten().numpy() for m in want}
+    got = {m: backprop(b, xin, "out", channel, m)[0].flatten().numpy() for m in want}
     for m in want:
         np.testing.assert_allclose(got[m], want[m], rtol=1e-6, err_msg=m)
     # the case was chosen so that the modes actually disagree

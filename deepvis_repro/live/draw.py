@@ -8,6 +8,7 @@ import numpy as np
 import pygame
 
 from .backprop import MODES
+from .app import HELP
 
 BG = (24, 24, 28)
 FG = (230, 230, 230)

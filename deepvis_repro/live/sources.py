@@ -119,6 +119,7 @@ class VideoSource(Source):
         self._advance()
         if self.frame is None:
             raise DeepvisError(f"cannot decode video {self.path}: no frames")
+        self._t_next = time.perf_counter() + self.period  # the first frame is shown for its period
 
     def _advance(self):
         import av
