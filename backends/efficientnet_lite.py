@@ -192,7 +192,7 @@ class EfficientNetLiteBackend(HookBackend):
 
     def __init__(self, variant: str = "lite0", weights: str | None = None, input_size=None,
                  crop: bool = True, lr_scale: float | None = 19.0, fuse_bn: bool = True,
-                 device: str = "cpu"):
+                 channels_last: bool = True, device: str = "cpu"):
         if variant not in PACKAGED:
             raise DeepvisError(f"unknown EfficientNet variant '{variant}'; valid: {', '.join(PACKAGED)}")
         path = weights or packaged_weights_path(variant)
@@ -208,7 +208,8 @@ class EfficientNetLiteBackend(HookBackend):
             # The weights expect (pixel - 127.5) / 128; with the mean at 127.5, that is x / 128.
             to_input=lambda x: x * (1.0 / 128.0),
             mean=[127.5, 127.5, 127.5], input_size=size, labels=imagenet_labels(),
-            crop=crop, lr_scale=lr_scale, name=f"efficientnet_{variant}", device=device)
+            crop=crop, lr_scale=lr_scale, name=f"efficientnet_{variant}", device=device,
+            channels_last=channels_last)
 
 
 class EfficientNetLite0Backend(EfficientNetLiteBackend):

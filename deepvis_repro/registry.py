@@ -68,7 +68,9 @@ def instantiate_backend(cfg, **overrides):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    cfg = OmegaConf.merge(cfg, overrides) if overrides else cfg
+    if overrides:  # any argument of the backend, listed in its yaml or not
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+        cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
     target = cfg.get("_target_", "?")
     try:
         return instantiate(cfg, _convert_="all")
