@@ -46,6 +46,9 @@ class Backend:
     #: Multiplies the paper's learning rates, which assume CaffeNet's gradient scale. None means
     #: "calibrate": see deepvis_repro.optimize.calibrate_lr_scale (and the README).
     lr_scale: float | None = 1.0
+    #: Multiplies the 'progress' policies' desired objective gain per step (in the unit's own
+    #: units, which differ between networks); 1 for Caffe models.
+    progress_scale: float = 1.0
     #: Extra names accepted for layers (e.g. Caffe's conv1 for torchvision AlexNet's features.1).
     aliases: dict[str, str] = {}
     crop: bool = True
@@ -113,7 +116,8 @@ class HookBackend(Backend):
     def __init__(self, module: nn.Module, layer_paths: Sequence[tuple[str, str]], *,
                  to_input: Callable[[torch.Tensor], torch.Tensor], mean, input_size,
                  labels=None, prob: bool = True, aliases=None, crop=True, lr_scale=1.0,
-                 name="backend", device="cpu", channels_last: bool = False):
+                 name="backend", device="cpu", channels_last: bool = False,
+                 progress_scale: float = 1.0):
         self.module = freeze(module)
         # NHWC convolutions are faster on CPU (oneDNN) and on GPU tensor cores for conv nets.
         self.channels_last = bool(channels_last)
@@ -131,6 +135,7 @@ class HookBackend(Backend):
         self.aliases = dict(aliases or {})
         self.crop = bool(crop)
         self.lr_scale = None if lr_scale in (None, "auto") else float(lr_scale)
+        self.progress_scale = float(progress_scale)
         self._submodules = dict(self.module.named_modules())
         # Hooks live on the shared module: one forward at a time (the live view has two threads).
         self._lock = threading.RLock()

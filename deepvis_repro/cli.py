@@ -197,3 +197,59 @@ def live_task(cfg) -> None:
 
 def live_main() -> None:
     run_app("live", live_task)
+
+
+# ----- deepvis-reproduce ------------------------------------------------------------------------
+def reproduce_task(cfg) -> None:
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from .outputs import versions
+    from .registry import instantiate_backend
+    from .reproduce.harness import (compare, default_reference_dir, failure_table, run_profile,
+                                    write_outputs, write_references)
+
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    backend = instantiate_backend(cfg.backend).to(device)
+    judge = None
+    if cfg.judge is not None:
+        judge = instantiate_backend(cfg.judge).to(device)
+    profile = OmegaConf.to_container(cfg.profile)
+    ref_dir = Path(cfg.references) if cfg.references else default_reference_dir(backend.name, profile["name"])
+    command = "deepvis-reproduce " + " ".join(sys.argv[1:])
+    info = {"backend": backend.name, "profile": profile["name"], "seed": int(cfg.seed),
+            "ssim_threshold": float(cfg.ssim_threshold), "references": str(ref_dir),
+            "judge": getattr(judge, "name", None), "command": command, "versions": versions(),
+            "profile_config": profile}
+    run = run_profile(backend, profile, seed=int(cfg.seed), judge=judge)
+    failures = []
+    if cfg.update_references and not run.interrupted:
+        write_references(run, ref_dir, {k: info[k] for k in ("backend", "profile", "seed", "command", "versions")})
+    else:
+        failures = compare(run, ref_dir, float(cfg.ssim_threshold))
+    out = Path(output_dir())
+    metrics = write_outputs(out, backend, run, info, failures)
+    for s in metrics["summary"]:
+        rank = "-" if s["median_judge_rank"] is None else f"{s['median_judge_rank']:.0f}"
+        print(f"{s['setting']:<8} activation {s['mean_activation']:8.2f}  TV {s['mean_total_variation']:.4f}  "
+              f"HF {s['mean_hf_energy']:.4f}  median judge rank {rank}")
+    missing = sum(r["reference"] == "missing" for r in run.records)
+    if cfg.update_references and not run.interrupted:
+        print(f"wrote {len(run.records)} references to {ref_dir}")
+    elif missing:
+        print(f"note: {missing} image(s) have no reference in {ref_dir}; "
+              "make them with update_references=true", file=sys.stderr)
+    print(f"report: {out / 'report.html'}")
+    if run.interrupted:
+        print("interrupted: the report holds what was finished", file=sys.stderr)
+        sys.exit(130)
+    if failures:
+        print(failure_table(failures, float(cfg.ssim_threshold)), file=sys.stderr)
+        sys.exit(1)
+
+
+def reproduce_main() -> None:
+    run_app("reproduce", reproduce_task)

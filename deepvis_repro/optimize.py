@@ -179,6 +179,7 @@ class OptimizationResult:
     stopped: dict = field(default_factory=dict)  # unit index -> (step, reason)
     interrupted: bool = False
     lr_scale: float = 1.0
+    progress_scale: float = 1.0
 
     def images_without_mean(self) -> np.ndarray:
         """x itself, centred on grey and scaled to fill 0..255 (the original's 'no mean' image)."""
@@ -202,19 +203,21 @@ def start_images(backend, n: int, start: str, seed: int) -> torch.Tensor:
     return x0.unsqueeze(0).repeat(n, 1, 1, 1).to(backend.device)
 
 
-def _learning_rate(p: Preset, g: torch.Tensor, obj: torch.Tensor, lr_scale: float) -> torch.Tensor:
+def _learning_rate(p: Preset, g: torch.Tensor, obj: torch.Tensor, lr_scale: float,
+                   progress_scale: float = 1.0) -> torch.Tensor:
     """Per-image learning rate (N,) under the preset's policy."""
     if p.lr_policy == "constant":
         return torch.full_like(obj, p.lr * lr_scale)
     gnorm2 = g.double().flatten(1).pow(2).sum(1).clamp_min(1e-300)
     if p.lr_policy == "progress":
-        desired = torch.full_like(gnorm2, p.desired_prog)
+        desired = torch.full_like(gnorm2, p.desired_prog * progress_scale)
     else:  # progress01, for units in 0..1 such as softmax outputs
-        desired = torch.minimum(torch.full_like(gnorm2, p.early_prog), p.late_prog_mult * (1 - obj.double()))
+        desired = torch.minimum(torch.full_like(gnorm2, p.early_prog * progress_scale),
+                                p.late_prog_mult * progress_scale * (1 - obj.double()))
     return torch.minimum(desired / gnorm2, torch.full_like(gnorm2, p.max_lr * lr_scale)).to(obj.dtype)
 
 
-def _run_batch(backend, units, p: Preset, x, bar, lr_scale):
+def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale):
     n = len(units)
     layers = sorted({u.layer for u in units}, key=backend.layers.index)
     mean = backend.mean_image().to(x.device)
@@ -260,7 +263,7 @@ def _run_batch(backend, units, p: Preset, x, bar, lr_scale):
                     break
                 # 4.-5. step and regularize, except on the last iteration
                 if ii < p.steps - 1:
-                    lr = _learning_rate(p, g, obj, lr_scale)
+                    lr = _learning_rate(p, g, obj, lr_scale, progress_scale)
                     g = torch.nan_to_num(g)
                     new = x + lr.view(-1, 1, 1, 1) * g
                     new = regularize(new, g, step=ii, **p.regularization())
@@ -284,12 +287,13 @@ def backend_lr_scale(backend) -> float:
 
 def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: int = 0,
              batch_size: int | None = None, progress: bool = True, lr_scale: float | None = None,
-             **overrides) -> OptimizationResult:
+             progress_scale: float | None = None, **overrides) -> OptimizationResult:
     """Find, for each unit, the image that maximizes it under a preset's regularization.
 
     units: "layer:channel" or "layer:channel:y:x" strings (conv units default to the centre).
     preset: a name in PRESETS, a Preset or a dict; keyword overrides change single fields.
-    lr_scale: multiplies the preset's learning rates; default the backend's own (see Backend).
+    lr_scale: multiplies the preset's learning rates (lr, max_lr); default the backend's own.
+    progress_scale: multiplies the progress policies' desired progress; default the backend's own.
     batch_size: units per batch (all at once by default; halved automatically on CUDA OOM).
     Ctrl-C stops early and returns the best images so far (result.interrupted is True).
     """
@@ -298,6 +302,7 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     p = get_preset(preset, steps=steps, **overrides)
     units = resolve_units(backend, units)
     lr_scale = float(backend_lr_scale(backend) if lr_scale is None else lr_scale)
+    progress_scale = float(getattr(backend, "progress_scale", 1.0) if progress_scale is None else progress_scale)
     n = len(units)
     x0 = start_images(backend, n, p.start, seed)
     size = int(batch_size or n)
@@ -308,7 +313,7 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
         while start < n:
             chunk = slice(start, min(n, start + size))
             try:
-                out = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale)
+                out = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale, progress_scale)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -342,7 +347,8 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
         x=best_x, best_activation=np.concatenate([o[1] for _, o in parts]) if parts else np.zeros(0),
         best_step=np.concatenate([o[2] for _, o in parts]) if parts else np.zeros(0, int),
         history=stack(lambda o: o[3], np.nan), argmax=stack(lambda o: o[4], -1).astype(int),
-        stopped=stopped, interrupted=any(o[6] for _, o in parts), lr_scale=lr_scale)
+        stopped=stopped, interrupted=any(o[6] for _, o in parts), lr_scale=lr_scale,
+        progress_scale=progress_scale)
 
 
 def calibrate_lr_scale(backend, layer: str = "fc", n_units: int = 32, seed: int = 0) -> float:

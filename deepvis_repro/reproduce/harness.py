@@ -1,0 +1,171 @@
+"""The reproduction harness: every (setting, unit) of a profile, compared with stored references
+and measured. Writes PNGs, a labelled grid, metrics.json and report.html into one folder; an
+interruption still leaves a valid report of what was done."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DeepvisError
+from ..images import figure_grid, save_png
+from ..optimize import PRESETS, get_preset, optimize
+from ..outputs import unit_label, versions
+from ..units import layer_shapes
+from .metrics import class_ranks, high_frequency_energy, ssim, total_variation
+
+
+def default_reference_dir(backend_name: str, profile: str) -> Path:
+    """reference_outputs/<backend>/<profile> of the source tree (next to the package)."""
+    here = Path(__file__).resolve().parents[2] / "reference_outputs"
+    root = here if here.is_dir() else Path.cwd() / "reference_outputs"
+    return root / backend_name.replace(":", "_") / profile
+
+
+def profile_units(backend, profile) -> list[tuple[str, int | None]]:
+    """(unit, class index or None) for the profile: its classes on the output layer (the last
+    before 'prob'), then hidden units at fractions of the layer list."""
+    layers = [l for l in backend.layers if l != "prob"]
+    out_layer = layers[-1]
+    units = []
+    n_out = layer_shapes(backend, [out_layer])[out_layer][0]
+    for c in profile.get("classes") or []:
+        if backend.labels and int(c) < n_out:
+            units.append((f"{out_layer}:{int(c)}", int(c)))
+    for frac, channel in profile.get("hidden") or []:
+        layer = layers[min(len(layers) - 2, max(0, int(round(float(frac) * (len(layers) - 1)))))]
+        n = layer_shapes(backend, [layer])[layer][0]
+        units.append((f"{layer}:{int(channel) % n}", None))
+    if not units:
+        raise DeepvisError("the profile names no units (classes need a backend with labels)")
+    return units
+
+
+@dataclass
+class Run:
+    records: list = field(default_factory=list)
+    images: dict = field(default_factory=dict)  # (setting, unit) -> HxWx3 uint8
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def run_profile(backend, profile, *, seed=0, judge=None, progress=True) -> Run:
+    from tqdm.auto import tqdm
+
+    units = profile_units(backend, profile)
+    run = Run()
+    t0 = time.perf_counter()
+    settings = list(profile["settings"])
+    for name in tqdm(settings, desc="settings", disable=not progress):
+        preset = get_preset(name, steps=profile.get("steps"))
+        result = optimize(backend, [u for u, _ in units], preset=preset, seed=seed, progress=progress)
+        ranks = class_ranks(judge, result.images, [c for _, c in units[:len(result.units)]])
+        own = class_ranks(backend, result.images, [c for _, c in units[:len(result.units)]])
+        for i, (u, c) in enumerate(units[:len(result.units)]):
+            img = result.images[i]
+            run.images[(name, u)] = img
+            run.records.append({
+                "setting": name, "unit": u, "label": unit_label(backend, result.units[i]),
+                "activation": float(result.best_activation[i]), "best_step": int(result.best_step[i]),
+                "steps": preset.steps, "total_variation": total_variation(img),
+                "hf_energy": high_frequency_energy(img), "judge_rank": ranks[i], "own_rank": own[i],
+                "stopped": result.stopped.get(i, [None])[0] if i in result.stopped else None,
+                "image": f"images/{name}__{u.replace(':', '_')}.png",
+                "ssim": None, "reference": "missing",
+            })
+        if result.interrupted:
+            run.interrupted = True
+            break
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def compare(run: Run, ref_dir: Path, threshold: float) -> list[dict]:
+    """Fill each record's ssim and reference status; return the failures."""
+    failures = []
+    for r in run.records:
+        path = ref_dir / Path(r["image"]).name
+        if not path.is_file():
+            r["reference"], r["ssim"] = "missing", None
+            continue
+        ref = np.asarray(Image.open(path).convert("RGB"))
+        r["ssim"] = ssim(run.images[(r["setting"], r["unit"])], ref)
+        ok = r["ssim"] >= threshold
+        r["reference"] = "match" if ok else "differs"
+        if not ok:
+            failures.append(r)
+    return failures
+
+
+def write_references(run: Run, ref_dir: Path, manifest: dict) -> None:
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    for r in run.records:
+        save_png(ref_dir / Path(r["image"]).name, run.images[(r["setting"], r["unit"])])
+        r["reference"], r["ssim"] = "written", 1.0
+    with open(ref_dir / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> dict:
+    from .report import write_report
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for r in run.records:
+        save_png(out / r["image"], run.images[(r["setting"], r["unit"])])
+    settings = list(dict.fromkeys(r["setting"] for r in run.records))
+    units = list(dict.fromkeys(r["unit"] for r in run.records))
+    if run.records:
+        rows = [[run.images.get((s, u)) for u in units] for s in settings]
+        labels = {r["unit"]: r["label"] for r in run.records}
+        cols = [f"{u} {labels[u] or ''}".strip() for u in units]
+        save_png(out / "grid.png", figure_grid(rows, row_labels=settings, col_labels=cols, tile=160))
+        # The same images contrast-stretched around grey (the original's 'without mean' view):
+        # faint images show what structure they hold.
+        stretched = [[None if im is None else stretch(im) for im in row] for row in rows]
+        save_png(out / "grid_stretched.png", figure_grid(stretched, row_labels=settings, col_labels=cols, tile=160))
+    metrics = {**info, "interrupted": run.interrupted, "seconds": run.seconds,
+               "summary": summarize(run.records), "failures": [f"{r['setting']} {r['unit']}" for r in failures],
+               "results": run.records}
+    with open(out / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=1)
+    write_report(out / "report.html", metrics, has_grid=bool(run.records))
+    return metrics
+
+
+def stretch(image: np.ndarray) -> np.ndarray:
+    """Contrast-stretch an image around mid-grey so its largest deviation reaches 0 or 255."""
+    x = image.astype(np.float64) - 127.5
+    m = max(np.abs(x).max(), 1e-6)
+    return np.clip(np.round(127.5 + 127.5 * x / m), 0, 255).astype(np.uint8)
+
+
+def summarize(records: list) -> list[dict]:
+    """Per setting: mean activation, mean smoothness measures, median judge rank of class units."""
+    out = []
+    for s in dict.fromkeys(r["setting"] for r in records):
+        rs = [r for r in records if r["setting"] == s]
+        ranks = [r["judge_rank"] for r in rs if r["judge_rank"] is not None]
+        out.append({
+            "setting": s, "units": len(rs),
+            "mean_activation": float(np.mean([r["activation"] for r in rs])),
+            "mean_total_variation": float(np.mean([r["total_variation"] for r in rs])),
+            "mean_hf_energy": float(np.mean([r["hf_energy"] for r in rs])),
+            "median_judge_rank": float(np.median(ranks)) if ranks else None,
+            "judge_top5": int(sum(r <= 5 for r in ranks)) if ranks else None,
+            "class_units": len(ranks),
+        })
+    return out
+
+
+def failure_table(failures: list, threshold: float) -> str:
+    lines = [f"{len(failures)} image(s) differ from their references (SSIM < {threshold}):",
+             f"  {'setting':<10}{'unit':<22}{'ssim':>8}"]
+    lines += [f"  {r['setting']:<10}{r['unit']:<22}{r['ssim']:>8.3f}" for r in failures]
+    return "\n".join(lines)

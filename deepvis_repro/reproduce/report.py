@@ -1,0 +1,70 @@
+"""report.html: the grid, the measures per setting and per image, the reference comparison and
+how the run was made; one self-contained page that reads offline (images are relative links)."""
+from __future__ import annotations
+
+import html
+import json
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def write_report(path, metrics: dict, has_grid: bool = True) -> None:
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>deepvis-reproduce: {e(metrics['backend'])}, profile {e(metrics['profile'])}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "th{background:#eee}td.l,th.l{text-align:left}.bad{background:#fdd}.miss{color:#888}"
+        "img.t{width:96px;height:96px;image-rendering:auto}</style>",
+        "</head>", "<body>",
+        f"<h1>Reproduction of Yosinski et al. (2015), Table 1 settings</h1>",
+        f"<p>Backend <b>{e(metrics['backend'])}</b>, profile <b>{e(metrics['profile'])}</b>, "
+        f"seed {metrics['seed']}, {metrics['seconds']:.0f} s.</p>",
+    ]
+    if metrics.get("interrupted"):
+        parts.append("<p class='bad'><b>Interrupted</b>: this report holds the settings finished before Ctrl-C.</p>")
+    if metrics.get("failures"):
+        parts.append(f"<p class='bad'><b>{len(metrics['failures'])} image(s) differ from their references</b> "
+                     f"(SSIM &lt; {metrics['ssim_threshold']}): {e(', '.join(metrics['failures']))}</p>")
+    if has_grid:
+        parts.append('<h2>Images</h2><p>Rows: settings; columns: units.</p>'
+                     '<img src="grid.png" alt="grid of optimized images" style="max-width:100%">'
+                     '<p>The same, contrast-stretched around grey (faint images show their structure):</p>'
+                     '<img src="grid_stretched.png" alt="contrast-stretched grid" style="max-width:100%">')
+    parts.append("<h2>Per setting</h2><table><tr><th class='l'>setting</th><th>mean activation</th>"
+                 "<th>mean total variation</th><th>mean HF energy</th><th>median rank by judge</th>"
+                 "<th>class units in judge's top-5</th></tr>")
+    for s in metrics["summary"]:
+        top5 = f"{s['judge_top5']}/{s['class_units']}" if s["judge_top5"] is not None else "–"
+        parts.append(f"<tr><td class='l'>{e(s['setting'])}</td><td>{_fmt(s['mean_activation'], 2)}</td>"
+                     f"<td>{_fmt(s['mean_total_variation'], 4)}</td><td>{_fmt(s['mean_hf_energy'], 4)}</td>"
+                     f"<td>{_fmt(s['median_judge_rank'], 1)}</td><td>{top5}</td></tr>")
+    parts.append("</table>")
+    parts.append(f"<p>Judge: {e(str(metrics.get('judge')))} (rank 1 = the image is classified as the "
+                 "unit's class). Total variation: mean |neighbour difference| on a 0..1 scale. HF energy: "
+                 "share of spectral power above 0.25 cycles/pixel.</p>")
+    parts.append("<h2>Per image</h2><table><tr><th class='l'>setting</th><th class='l'>unit</th>"
+                 "<th class='l'>label</th><th>image</th><th>activation</th><th>best step</th><th>TV</th>"
+                 "<th>HF</th><th>judge rank</th><th>own rank</th><th>SSIM</th><th class='l'>reference</th></tr>")
+    for r in metrics["results"]:
+        cls = "bad" if r["reference"] == "differs" else ("miss" if r["reference"] == "missing" else "")
+        parts.append(
+            f"<tr class='{cls}'><td class='l'>{e(r['setting'])}</td><td class='l'>{e(r['unit'])}</td>"
+            f"<td class='l'>{_fmt(r['label'])}</td><td><img class='t' src='{e(r['image'])}' alt='{e(r['unit'])}'></td>"
+            f"<td>{_fmt(r['activation'], 2)}</td><td>{r['best_step']}</td><td>{_fmt(r['total_variation'], 4)}</td>"
+            f"<td>{_fmt(r['hf_energy'], 4)}</td><td>{_fmt(r['judge_rank'])}</td><td>{_fmt(r['own_rank'])}</td>"
+            f"<td>{_fmt(r['ssim'])}</td><td class='l'>{e(r['reference'])}</td></tr>")
+    parts.append("</table>")
+    parts.append("<h2>How this run was made</h2><pre>" + e(json.dumps(
+        {k: metrics[k] for k in ("command", "backend", "profile", "seed", "references", "versions", "profile_config")
+         if k in metrics}, indent=1)) + "</pre>")
+    parts += ["</body>", "</html>"]
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
