@@ -36,18 +36,18 @@ def test_same_seed_same_image_and_other_seed_differs(lite0):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_batch_equals_single_runs(lite0, preset):
     """Each image in a batch follows its own single run. Batched and single convolutions round
-    differently (~1e-7), and long ascents amplify that, so the check covers the first steps,
-    where the two must agree to float precision."""
+    differently (~1e-7), and long ascents amplify that (paper_4's 90th-percentile clipping
+    within two steps), so the check covers the first update, where they agree to float precision."""
     units = ["fc:130", "fc:366", "blocks.5:3", "stem:7:50:60"]
-    batch = optimize(lite0, units, preset=preset, steps=3, seed=1, progress=False)
+    batch = optimize(lite0, units, preset=preset, steps=2, seed=1, progress=False)
     for i, u in enumerate(units):
-        single = optimize(lite0, [u], preset=preset, steps=3, seed=1, progress=False)
+        single = optimize(lite0, [u], preset=preset, steps=2, seed=1, progress=False)
         assert str(batch.units[i]) == str(single.units[0])
-        np.testing.assert_allclose(batch.history[:, i], single.history[:, 0], rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(batch.history[:, i], single.history[:, 0], rtol=1e-4, atol=1e-4)
         diff = np.abs(batch.images[i].astype(int) - single.images[0].astype(int))
         assert diff.max() <= 1, (u, diff.max())
-    split = optimize(lite0, units, preset=preset, steps=3, seed=1, progress=False, batch_size=3)
-    np.testing.assert_allclose(split.history, batch.history, rtol=2e-3, atol=2e-3)
+    split = optimize(lite0, units, preset=preset, steps=2, seed=1, progress=False, batch_size=3)
+    np.testing.assert_allclose(split.history, batch.history, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -73,7 +73,7 @@ def test_bad_units_and_values(lite0, units, kw, msg):
 
 
 class _NaNAfter(nn.Module):
-    """A small real network whose second output turns NaN from the 4th forward on."""
+    """A small real network whose output 1 of image 1 turns NaN from the 4th batch-of-2 forward on."""
 
     def __init__(self):
         super().__init__()
@@ -82,10 +82,11 @@ class _NaNAfter(nn.Module):
         self.calls = 0
 
     def forward(self, x):
-        self.calls += 1
+        self.calls += x.shape[0] == 2
         y = torch.relu(self.conv(x)).mean((2, 3))
         if self.calls >= 4:
-            y = torch.cat([y[:, :1], y[:, 1:2] * torch.nan, y[:, 2:]], 1)
+            y = y.clone()
+            y[1, 1] = torch.nan  # only image 1's unit: the other image's gradient stays clean
         return y
 
 
@@ -94,7 +95,8 @@ def test_nan_stops_that_unit_only_and_keeps_its_best():
     b = HookBackend(nn.Sequential(net), [("out", "0")], to_input=lambda x: x / 255,
                     mean=[128.0] * 3, input_size=(16, 16), prob=False)
     r = optimize(b, ["out:0", "out:1"], preset="paper_3", steps=8, progress=False)
-    assert r.stopped == {1: (3, "NaN or inf in the objective or gradient")}
-    assert np.isnan(r.history[3:, 1]).all() and np.isfinite(r.history[:, 0]).all()
+    assert r.stopped[1] == (3, "NaN or inf in the objective or gradient")
+    assert "NaN" not in r.stopped.get(0, (0, ""))[1]  # the other unit is not stopped by it
+    assert np.isnan(r.history[3:, 1]).all() and np.isfinite(r.history[:4, 0]).all()
     assert r.best_step[1] in (0, 1, 2) and np.isfinite(r.best_activation[1])
     assert np.isfinite(r.x.numpy()).all()
