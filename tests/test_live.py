@@ -211,7 +211,9 @@ def test_real_window_under_xvfb(image_dir, tmp_path):
     xvfb = subprocess.Popen(["Xvfb", display, "-screen", "0", "1400x900x24", "-nolisten", "tcp"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(1.0)
+        deadline = time.time() + 20  # wait for the server's socket, not a fixed delay
+        while not os.path.exists("/tmp/.X11-unix/X97") and time.time() < deadline:
+            time.sleep(0.1)
         env = {k: v for k, v in ENV.items() if k != "SDL_VIDEODRIVER"}
         env["DISPLAY"] = display
         shot = tmp_path / "x11.png"
