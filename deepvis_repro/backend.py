@@ -126,7 +126,9 @@ class HookBackend(Backend):
         self.name = name
         self._to_input = to_input
         self._paths = dict(layer_paths)
-        self.layers = [n for n, _ in layer_paths] + (["prob"] if prob else [])
+        # prob=True adds a 'prob' layer: the softmax of the module's output (for models without one).
+        self._synthetic_prob = bool(prob) and "prob" not in self._paths
+        self.layers = [n for n, _ in layer_paths] + (["prob"] if self._synthetic_prob else [])
         self._order = {n: i for i, n in enumerate(self.layers)}
         self.labels = labels
         self.input_size = (int(input_size[0]), int(input_size[1]))
@@ -166,14 +168,15 @@ class HookBackend(Backend):
             return self._forward_locked(x, layers, names, wanted, deepest, out, handles, make_hook)
 
     def _forward_locked(self, x, layers, names, wanted, deepest, out, handles, make_hook):
-        for n in wanted - {"prob"}:
+        synthetic = {"prob"} if self._synthetic_prob else set()
+        for n in wanted - synthetic:
             handles.append(self._submodules[self._paths[n]].register_forward_hook(make_hook(n)))
         try:
             inp = self._to_input(x)
             if self.channels_last and inp.dim() == 4:
                 inp = inp.contiguous(memory_format=torch.channels_last)
             final = self.module(inp)
-            if "prob" in wanted:
+            if synthetic & wanted:
                 out["prob"] = torch.softmax(final.flatten(1), dim=1)
         except _StopForward:
             pass
