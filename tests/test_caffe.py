@@ -120,7 +120,6 @@ def test_bad_inputs_are_clear_errors(caffenet_files, tmp_path):
     data = weights.read_bytes()
     trunc = tmp_path / "trunc.caffemodel"
     trunc.write_bytes(data[: len(data) // 2])
-    kw = dict(cache_dir=None)
     with pytest.raises(DeepvisError, match="is corrupt or truncated"):
         dv.load_backend("caffe", prototxt=str(proto), weights=str(trunc), cache_dir="")
     bad = tmp_path / "syntax.prototxt"
