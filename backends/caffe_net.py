@@ -6,7 +6,6 @@ caffemodel is read with the protobuf descriptor of caffe.proto (backends/caffe_p
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np

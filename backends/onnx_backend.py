@@ -21,7 +21,6 @@ def clean_graph(model):
     - Constant nodes become initializers;
     - initializers are removed from the graph inputs (older exporters list weights as inputs)."""
     import onnx
-    from onnx import numpy_helper
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}

@@ -7,7 +7,6 @@ import os
 
 import torch
 import torchvision
-from torch import nn
 
 from deepvis_repro.backend import HookBackend, discover_layers
 from deepvis_repro.errors import DeepvisError, did_you_mean

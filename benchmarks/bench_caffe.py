@@ -7,7 +7,6 @@ cache write) and second load (from the cache).
 from __future__ import annotations
 
 import os
-import struct
 import tempfile
 import time
 

@@ -139,7 +139,6 @@ class HookBackend(Backend):
         self.lr_scale = None if lr_scale in (None, "auto") else float(lr_scale)
         self.progress_scale = float(progress_scale)
         self._submodules = dict(self.module.named_modules())
-        # Hooks live on the shared module: one forward at a time (the live view has two threads).
         self._lock = threading.RLock()
         for n, p in self._paths.items():
             if p not in self._submodules:
@@ -147,15 +146,13 @@ class HookBackend(Backend):
         self.to(device)
 
     def forward(self, x: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
-        if isinstance(layers, str):
-            layers = [layers]
+        layers = [layers] if isinstance(layers, str) else list(layers)
         names = [self.resolve_layer(n) for n in layers]
         if not names:
             return {}
-        wanted = set(names)
         deepest = max(names, key=self._order.__getitem__)
+        synthetic = {"prob"} if self._synthetic_prob else set()
         out: dict[str, torch.Tensor] = {}
-        handles = []
 
         def make_hook(name):
             def hook(_mod, _inp, output):
@@ -164,27 +161,24 @@ class HookBackend(Backend):
                     raise _StopForward
             return hook
 
+        # Hooks live on the shared module: one forward at a time (the live view has two threads).
         with self._lock:
-            return self._forward_locked(x, layers, names, wanted, deepest, out, handles, make_hook)
-
-    def _forward_locked(self, x, layers, names, wanted, deepest, out, handles, make_hook):
-        synthetic = {"prob"} if self._synthetic_prob else set()
-        for n in wanted - synthetic:
-            handles.append(self._submodules[self._paths[n]].register_forward_hook(make_hook(n)))
-        try:
-            inp = self._to_input(x)
-            if self.channels_last and inp.dim() == 4:
-                inp = inp.contiguous(memory_format=torch.channels_last)
-            final = self.module(inp)
-            if synthetic & wanted:
-                out["prob"] = torch.softmax(final.flatten(1), dim=1)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+            handles = [self._submodules[self._paths[n]].register_forward_hook(make_hook(n))
+                       for n in set(names) - synthetic]
+            try:
+                inp = self._to_input(x)
+                if self.channels_last and inp.dim() == 4:
+                    inp = inp.contiguous(memory_format=torch.channels_last)
+                final = self.module(inp)
+                if synthetic & set(names):
+                    out["prob"] = torch.softmax(final.flatten(1), dim=1)
+            except _StopForward:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
         # Requested aliases come back under the name the caller used.
-        return {n: out[self.resolve_layer(n)] for n in layers}
+        return {asked: out[name] for asked, name in zip(layers, names)}
 
 
 def discover_layers(module: nn.Module, example: torch.Tensor,

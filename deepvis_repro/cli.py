@@ -83,6 +83,7 @@ def inspect_task(cfg) -> None:
 
     from .images import load_image
     from .registry import instantiate_backend
+    from .units import layer_shapes
 
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
     if cfg.image:
@@ -99,13 +100,12 @@ def inspect_task(cfg) -> None:
             print(f"{v:.4f}  {i:4d}  {backend.labels[i]}")
         return
     h, w = backend.input_size
-    with torch.no_grad():
-        acts = backend.forward(torch.zeros(1, 3, h, w, device=backend.device), backend.layers)
+    shapes = layer_shapes(backend, backend.layers)
     inverse_alias = {v: k for k, v in backend.aliases.items()}
     print(f"backend {backend.name}: input {h}x{w} RGB, {len(backend.layers)} layers")
     print(f"{'layer':<24}{'output shape':<22}{'channels':>8}")
     for name in backend.layers:
-        shape = tuple(acts[name].shape[1:])
+        shape = shapes[name]
         label = name + (f" ({inverse_alias[name]})" if name in inverse_alias else "")
         print(f"{label:<24}{str(shape):<22}{shape[0]:>8}")
 
@@ -168,25 +168,16 @@ def optimize_main() -> None:
 
 # ----- deepvis-live -----------------------------------------------------------------------------
 def live_task(cfg) -> None:
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from .live.app import LiveApp
-    from .registry import instantiate_backend
+    from .registry import instantiate_backend, instantiate_config
 
     if OmegaConf.is_missing(cfg.source, "path"):
         raise DeepvisError(f"source {cfg.source._target_.rsplit('.', 1)[-1]} needs a path: "
                            "add source.path=...")
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
-    try:
-        source = instantiate(cfg.source, _convert_="all")
-    except Exception as e:  # Hydra wraps the source's own DeepvisError
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, DeepvisError):
-            raise cause from None
-        raise
+    source = instantiate_config(cfg.source, "source")
     live = OmegaConf.to_container(cfg.live)
     app = LiveApp(backend, source, **live)
     stats = app.run()
@@ -203,7 +194,6 @@ def live_main() -> None:
 def reproduce_task(cfg) -> None:
     from pathlib import Path
 
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from .outputs import versions

@@ -8,8 +8,7 @@ batch of N gives the images of N single runs.
 from __future__ import annotations
 
 import math
-import signal
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 
 import numpy as np
@@ -217,7 +216,19 @@ def _learning_rate(p: Preset, g: torch.Tensor, obj: torch.Tensor, lr_scale: floa
     return torch.minimum(desired / gnorm2, torch.full_like(gnorm2, p.max_lr * lr_scale)).to(obj.dtype)
 
 
-def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale):
+@dataclass
+class _Batch:
+    """One batch's outcome; history and argmax are (steps run, units in the batch)."""
+    best_x: torch.Tensor
+    best: np.ndarray
+    best_step: np.ndarray
+    history: np.ndarray
+    argmax: np.ndarray
+    stopped: dict
+    interrupted: bool
+
+
+def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale) -> _Batch:
     n = len(units)
     layers = sorted({u.layer for u in units}, key=backend.layers.index)
     mean = backend.mean_image().to(x.device)
@@ -271,7 +282,17 @@ def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale):
             bar.update(n)
     except KeyboardInterrupt:
         interrupted = True
-    return best_x, best.cpu().numpy(), best_step.numpy(), history, argmax, stopped, interrupted
+    return _Batch(best_x, best.cpu().numpy(), best_step.numpy(),
+                  torch.stack(history).numpy() if history else np.zeros((0, n)),
+                  torch.stack(argmax).numpy() if argmax else np.zeros((0, n), dtype=np.int64),
+                  stopped, interrupted)
+
+
+def _pad_rows(a: np.ndarray, rows: int, fill) -> np.ndarray:
+    """a (r, k) -> (rows, k), the missing steps filled (an interrupted batch ran fewer)."""
+    out = np.full((rows, a.shape[1]), fill, dtype=float)
+    out[:len(a)] = a
+    return out
 
 
 def backend_lr_scale(backend) -> float:
@@ -306,48 +327,38 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     n = len(units)
     x0 = start_images(backend, n, p.start, seed)
     size = int(batch_size or n)
-    parts = []
+    parts: list[tuple[slice, _Batch]] = []
     with tqdm(total=p.steps * n, desc=f"optimize {p.name}", unit="unit-step", disable=not progress,
               leave=False) as bar:
         start = 0
         while start < n:
             chunk = slice(start, min(n, start + size))
             try:
-                out = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale, progress_scale)
+                batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale, progress_scale)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
                 size = max(1, size // 2)
                 torch.cuda.empty_cache()
                 continue
-            parts.append((chunk, out))
+            parts.append((chunk, batch))
             start = chunk.stop
-            if out[-1]:  # interrupted
+            if batch.interrupted:
                 break
-    done = parts[-1][0].stop if parts else 0
-    units = units[:done]
-    best_x = torch.cat([o[0] for _, o in parts]) if parts else x0[:0]
-    steps_run = max((len(o[3]) for _, o in parts), default=0)
-
-    def stack(seqs, fill):
-        cols = []
-        for _, o in parts:
-            rows = [r.numpy() for r in seqs(o)]
-            arr = np.full((steps_run, len(rows[0]) if rows else 0), fill, dtype=float)
-            for t, r in enumerate(rows):
-                arr[t, :len(r)] = r
-            cols.append(arr)
-        return np.concatenate(cols, axis=1) if cols else np.zeros((0, 0))
-
-    stopped = {}
-    for chunk, o in parts:
-        stopped.update({chunk.start + i: v for i, v in o[5].items()})
+    batches = [b for _, b in parts]
+    units = units[:parts[-1][0].stop if parts else 0]
+    best_x = torch.cat([b.best_x for b in batches]) if batches else x0[:0]
+    steps_run = max((len(b.history) for b in batches), default=0)
+    stopped = {chunk.start + i: v for chunk, b in parts for i, v in b.stopped.items()}
     return OptimizationResult(
         units=units, preset=p, images=backend.deprocess(best_x).reshape(len(units), *backend.input_size, 3),
-        x=best_x, best_activation=np.concatenate([o[1] for _, o in parts]) if parts else np.zeros(0),
-        best_step=np.concatenate([o[2] for _, o in parts]) if parts else np.zeros(0, int),
-        history=stack(lambda o: o[3], np.nan), argmax=stack(lambda o: o[4], -1).astype(int),
-        stopped=stopped, interrupted=any(o[6] for _, o in parts), lr_scale=lr_scale,
+        x=best_x, best_activation=np.concatenate([b.best for b in batches]) if batches else np.zeros(0),
+        best_step=np.concatenate([b.best_step for b in batches]) if batches else np.zeros(0, int),
+        history=np.concatenate([_pad_rows(b.history, steps_run, np.nan) for b in batches], axis=1)
+        if batches else np.zeros((0, 0)),
+        argmax=np.concatenate([_pad_rows(b.argmax, steps_run, -1) for b in batches], axis=1).astype(int)
+        if batches else np.zeros((0, 0), int),
+        stopped=stopped, interrupted=any(b.interrupted for b in batches), lr_scale=lr_scale,
         progress_scale=progress_scale)
 
 

@@ -62,13 +62,13 @@ def backend_config(name: str) -> DictConfig:
         return compose(config_name=f"backend/{name}").backend
 
 
-def instantiate_backend(cfg, **overrides):
-    """Instantiate a backend config (``_target_`` plus arguments), turning a user's mistake
-    (a bad option, a missing file) into one DeepvisError."""
+def instantiate_config(cfg, what: str = "backend", **overrides):
+    """Instantiate a config (``_target_`` plus arguments: a backend, a live-view source), turning
+    a user's mistake (a bad option, a missing file) that Hydra wraps into one DeepvisError."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    if overrides:  # any argument of the backend, listed in its yaml or not
+    if overrides:  # any argument of the target, listed in its yaml or not
         cfg = OmegaConf.create(OmegaConf.to_container(cfg))
         cfg = OmegaConf.merge(cfg, OmegaConf.create(overrides))
     target = cfg.get("_target_", "?")
@@ -81,10 +81,14 @@ def instantiate_backend(cfg, **overrides):
         if isinstance(cause, DeepvisError):
             raise cause from None
         if isinstance(cause, TypeError) and "argument" in str(cause):
-            raise DeepvisError(f"backend {target}: {cause}") from None
+            raise DeepvisError(f"{what} {target}: {cause}") from None
         if cause is None and "Error locating target" in str(e):
-            raise DeepvisError(f"backend _target_ '{target}' cannot be imported") from None
+            raise DeepvisError(f"{what} _target_ '{target}' cannot be imported") from None
         raise
+
+
+def instantiate_backend(cfg, **overrides):
+    return instantiate_config(cfg, "backend", **overrides)
 
 
 def load_backend(name: str = "efficientnet_lite0", **overrides):

@@ -23,22 +23,22 @@ def blob_order(layers):
     return order
 
 
-@pytest.fixture(scope="module")
-def caffenet_files(tmp_path_factory):
-    layers, size = caffenet_shaped()
-    blobs, _ = random_weights(layers, size, seed=1)
-    folder = tmp_path_factory.mktemp("caffenet")
+def _model_files(shape, seed, folder):
+    """(layers, size, blobs, prototxt path, caffemodel path) of a net built with random weights."""
+    layers, size = shape()
+    blobs, _ = random_weights(layers, size, seed=seed)
     proto, weights = write_model(layers, size, blobs, folder)
     return layers, size, blobs, proto, weights
+
+
+@pytest.fixture(scope="module")
+def caffenet_files(tmp_path_factory):
+    return _model_files(caffenet_shaped, 1, tmp_path_factory.mktemp("caffenet"))
 
 
 @pytest.fixture(scope="module")
 def resnet_files(tmp_path_factory):
-    layers, size = resnet_shaped()
-    blobs, _ = random_weights(layers, size, seed=2)
-    folder = tmp_path_factory.mktemp("resnet")
-    proto, weights = write_model(layers, size, blobs, folder)
-    return layers, size, blobs, proto, weights
+    return _model_files(resnet_shaped, 2, tmp_path_factory.mktemp("resnet"))
 
 
 @pytest.mark.parametrize("files", ["caffenet_files", "resnet_files"])
@@ -143,8 +143,8 @@ def test_bad_inputs_are_clear_errors(caffenet_files, tmp_path):
 
 
 def test_caffenet_backend_ships_the_papers_prototxt(tmp_path):
-    """The real CaffeNet's layout, with random weights of the real shapes (233 MB is not needed
-    to check the structure: a reduced fc6/fc7 would not load, so the full sizes are built)."""
+    """The shipped prototxt is the paper's CaffeNet layout (benchmarks/bench_caffe.py loads it
+    with random weights of the real shapes, 233 MB)."""
     from deepvis_repro_backends.caffe_backend import caffenet_prototxt
     from deepvis_repro_backends.caffe_net import read_prototxt
 

@@ -1,6 +1,5 @@
 """deepvis-inspect end to end, as a user runs it."""
 import subprocess
-import sys
 
 import pytest
 from PIL import Image

@@ -1,7 +1,6 @@
 """The onnx backend on an exported torchvision model, and an unsupported operator."""
 import warnings
 
-import numpy as np
 import onnx
 import pytest
 import torch

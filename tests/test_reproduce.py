@@ -1,7 +1,6 @@
 """The reproduction harness: metrics on hand-made images, the quick profile against its stored
 references, a deliberately altered and a missing reference, the report, and Ctrl-C."""
 import json
-import os
 import shutil
 import signal
 import subprocess

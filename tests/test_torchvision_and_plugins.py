@@ -1,7 +1,5 @@
 """The torchvision backend (random init and local state dicts) and third-party plugins."""
 import sys
-import textwrap
-from importlib import metadata
 
 import pytest
 import torch

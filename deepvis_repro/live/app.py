@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ..errors import DeepvisError
+from ..units import layer_shapes
 from .backprop import MODES, backprop, gradient_image
 from .sources import Source, WebcamSource
 from .tiles import grid_shape, tile_layer
@@ -55,7 +56,6 @@ class ViewSettings:
     boost: int = 0
     gamma: int = 0
     crop: bool = True
-    version: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,6 @@ class LiveApp:
         self.sync_timeout = sync_timeout
         self.camera_factory = camera_factory
         start = backend.layers.index(backend.resolve_layer(layer)) if layer else 0
-        from ..units import layer_shapes
-
         # Channel counts up front: the drawing thread must never run the network itself.
         self.channels = {k: v[0] for k, v in layer_shapes(backend, backend.layers).items()}
         self.settings = ViewSettings(layer=start, crop=backend.crop)
@@ -205,7 +203,7 @@ class LiveApp:
 
     # ----- settings (drawing thread only) ---------------------------------------------------
     def update(self, **kw):
-        self.settings = replace(self.settings, version=self.settings.version + 1, **kw)
+        self.settings = replace(self.settings, **kw)
 
     def n_channels(self, layer_index: int) -> int:
         return self.channels[self.backend.layers[layer_index]]

@@ -140,7 +140,6 @@ class Painter:
         app, s = self.app, self.app.settings
         H = self.screen.get_height()
         pygame.draw.rect(self.screen, (10, 10, 12), (0, H - 26, self.screen.get_width(), 26))
-        net = app.net
         net_fps = 1.0 / snap.seconds if snap.seconds else 0.0
         disp = len(self._frame_times)
         back = MODES[s.back] + (" norm" if s.back_norm and s.back else "")

@@ -4,9 +4,6 @@ interruption still leaves a valid report of what was done."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +13,8 @@ from PIL import Image
 
 from ..errors import DeepvisError
 from ..images import figure_grid, save_png
-from ..optimize import PRESETS, get_preset, optimize
-from ..outputs import unit_label, versions
+from ..optimize import get_preset, optimize
+from ..outputs import unit_label
 from ..units import layer_shapes
 from .metrics import class_ranks, high_frequency_energy, ssim, total_variation
 
@@ -76,7 +73,7 @@ def run_profile(backend, profile, *, seed=0, judge=None, progress=True) -> Run:
                 "activation": float(result.best_activation[i]), "best_step": int(result.best_step[i]),
                 "steps": preset.steps, "total_variation": total_variation(img),
                 "hf_energy": high_frequency_energy(img), "judge_rank": ranks[i], "own_rank": own[i],
-                "stopped": result.stopped.get(i, [None])[0] if i in result.stopped else None,
+                "stopped": result.stopped[i][0] if i in result.stopped else None,
                 "image": f"images/{name}__{u.replace(':', '_')}.png",
                 "ssim": None, "reference": "missing",
             })

@@ -24,7 +24,7 @@ def write_report(path, metrics: dict, has_grid: bool = True) -> None:
         "th{background:#eee}td.l,th.l{text-align:left}.bad{background:#fdd}.miss{color:#888}"
         "img.t{width:96px;height:96px;image-rendering:auto}</style>",
         "</head>", "<body>",
-        f"<h1>Reproduction of Yosinski et al. (2015), Table 1 settings</h1>",
+        "<h1>Reproduction of Yosinski et al. (2015), Table 1 settings</h1>",
         f"<p>Backend <b>{e(metrics['backend'])}</b>, profile <b>{e(metrics['profile'])}</b>, "
         f"seed {metrics['seed']}, {metrics['seconds']:.0f} s.</p>",
     ]
