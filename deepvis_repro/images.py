@@ -80,17 +80,12 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     Image.fromarray(to_rgb_uint8(image)).save(os.fspath(path))
 
 
-def tile_grid(tiles: np.ndarray, cols: int | None = None, pad: int = 1, pad_value: int = 255) -> np.ndarray:
-    """Tile N HxWx3 uint8 images into a near-square grid (cols = ceil(sqrt(N)) unless given)."""
-    tiles = np.asarray(tiles)
-    n, h, w = tiles.shape[:3]
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, 3), pad_value, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = tiles[i]
-    return out
+def stretch_around_grey(x: np.ndarray) -> np.ndarray:
+    """A signed HxWxC array centred on 0 (a mean-subtracted image, a gradient) -> uint8 with 0 at
+    mid-grey and the largest |value| at 0 or 255: faint structure made visible."""
+    x = np.asarray(x, dtype=np.float64)
+    m = max(float(np.abs(x).max()), 1e-12)
+    return np.clip(np.round(127.5 + 127.5 * x / m), 0, 255).astype(np.uint8)
 
 
 def _font(size: int):

@@ -182,10 +182,10 @@ class OptimizationResult:
 
     def images_without_mean(self) -> np.ndarray:
         """x itself, centred on grey and scaled to fill 0..255 (the original's 'no mean' image)."""
-        x = self.x.detach().cpu().float()
-        m = x.flatten(1).abs().amax(1).clamp_min(1e-8).view(-1, 1, 1, 1)
-        img = (127.5 + 127.5 * x / m).round().clamp(0, 255).to(torch.uint8)
-        return img.permute(0, 2, 3, 1).numpy()
+        from .images import stretch_around_grey
+
+        x = self.x.detach().cpu().permute(0, 2, 3, 1).numpy()
+        return np.stack([stretch_around_grey(im) for im in x]) if len(x) else x.astype(np.uint8)
 
 
 def start_images(backend, n: int, start: str, seed: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..images import stretch_around_grey
+
 MODES = ("off", "gradient", "deconv", "guided")
 RELU_TYPES = (nn.ReLU, nn.ReLU6)
 
@@ -65,5 +67,4 @@ def gradient_image(g: torch.Tensor, as_norm: bool = False) -> np.ndarray:
         n = n / n.max().clamp_min(1e-12)
         img = (n.sqrt() * 255).round().to(torch.uint8)  # sqrt: faint structure stays visible
         return img.unsqueeze(-1).expand(-1, -1, 3).numpy().copy()
-    m = g.abs().max().clamp_min(1e-12)
-    return (127.5 + 127.5 * g / m).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return stretch_around_grey(g.permute(1, 2, 0).numpy())

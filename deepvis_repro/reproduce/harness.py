@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DeepvisError
-from ..images import figure_grid, save_png
+from ..images import figure_grid, save_png, stretch_around_grey
 from ..optimize import get_preset, optimize
 from ..outputs import unit_label
 from ..units import layer_shapes
@@ -125,7 +125,8 @@ def write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> d
         save_png(out / "grid.png", figure_grid(rows, row_labels=settings, col_labels=cols, tile=160))
         # The same images contrast-stretched around grey (the original's 'without mean' view):
         # faint images show what structure they hold.
-        stretched = [[None if im is None else stretch(im) for im in row] for row in rows]
+        stretched = [[None if im is None else stretch_around_grey(im.astype(np.float64) - 127.5)
+                      for im in row] for row in rows]
         save_png(out / "grid_stretched.png", figure_grid(stretched, row_labels=settings, col_labels=cols, tile=160))
     metrics = {**info, "interrupted": run.interrupted, "seconds": run.seconds,
                "summary": summarize(run.records), "failures": [f"{r['setting']} {r['unit']}" for r in failures],
@@ -134,13 +135,6 @@ def write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> d
         json.dump(metrics, f, indent=1)
     write_report(out / "report.html", metrics, has_grid=bool(run.records))
     return metrics
-
-
-def stretch(image: np.ndarray) -> np.ndarray:
-    """Contrast-stretch an image around mid-grey so its largest deviation reaches 0 or 255."""
-    x = image.astype(np.float64) - 127.5
-    m = max(np.abs(x).max(), 1e-6)
-    return np.clip(np.round(127.5 + 127.5 * x / m), 0, 255).astype(np.uint8)
 
 
 def summarize(records: list) -> list[dict]:
