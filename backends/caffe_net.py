@@ -92,7 +92,7 @@ def input_shape(net) -> tuple[int, int] | None:
 
 
 # ----- layers ---------------------------------------------------------------------------------------
-def _pair(values, single, h, w, default):
+def _pair(values, h, w, default):
     """Caffe's kernel/stride/pad: repeated field, or the _h/_w pair, or a default."""
     if h or w:
         return int(h), int(w)
@@ -215,10 +215,10 @@ def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
     t = layer_type(layer)
     if t == "Convolution":
         p = layer.convolution_param
-        k = _pair(p.kernel_size, None, p.kernel_h, p.kernel_w, 1)
-        s = _pair(p.stride, None, p.stride_h, p.stride_w, 1)
-        pad = _pair(p.pad, None, p.pad_h, p.pad_w, 0)
-        dil = _pair(p.dilation, None, 0, 0, 1)
+        k = _pair(p.kernel_size, p.kernel_h, p.kernel_w, 1)
+        s = _pair(p.stride, p.stride_h, p.stride_w, 1)
+        pad = _pair(p.pad, p.pad_h, p.pad_w, 0)
+        dil = _pair(p.dilation, 0, 0, 1)
         g = p.group
         if channels % g or p.num_output % g:
             raise DeepvisError(f"layer '{layer.name}': group {g} does not divide its channels")
