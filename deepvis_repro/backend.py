@@ -52,6 +52,8 @@ class Backend:
     #: Extra names accepted for layers (e.g. Caffe's conv1 for torchvision AlexNet's features.1).
     aliases: dict[str, str] = {}
     crop: bool = True
+    #: (h, w): stretch to this size first, then centre-crop the input size (Caffe's transform).
+    resize: tuple[int, int] | None = None
     name: str = "backend"
 
     # ----- layers ---------------------------------------------------------------------------------
@@ -79,9 +81,19 @@ class Backend:
         h, w = self.input_size
         return self.mean.expand(3, h, w) if self.mean.shape[1:] != (h, w) else self.mean
 
+    def view(self, image: np.ndarray) -> np.ndarray:
+        """The image as the network sees it: HxWx3 uint8 at the input size, after this backend's
+        resize / crop. Crops of receptive fields are cut from this view."""
+        return resize_for_input(to_rgb_uint8(image), self.input_size, crop=self.crop, resize=self.resize)
+
+    def view_spec(self) -> dict:
+        """What view() depends on, as plain data (for loader processes and atlas manifests)."""
+        return {"input_size": list(self.input_size), "crop": bool(self.crop),
+                "resize": list(self.resize) if self.resize else None}
+
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """HxWx{1,3,4} image of any size and dtype -> (1,3,H,W) mean-subtracted RGB, 0..255 scale."""
-        img = resize_for_input(to_rgb_uint8(image), self.input_size, crop=self.crop)
+        img = self.view(image)
         t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().to(self.device)
         return (t - self.mean_image()).unsqueeze(0)
 
@@ -117,7 +129,7 @@ class HookBackend(Backend):
                  to_input: Callable[[torch.Tensor], torch.Tensor], mean, input_size,
                  labels=None, prob: bool = True, aliases=None, crop=True, lr_scale=1.0,
                  name="backend", device="cpu", channels_last: bool = False,
-                 progress_scale: float = 1.0):
+                 progress_scale: float = 1.0, resize=None):
         self.module = freeze(module)
         # NHWC convolutions are faster on CPU (oneDNN) and on GPU tensor cores for conv nets.
         self.channels_last = bool(channels_last)
@@ -136,6 +148,7 @@ class HookBackend(Backend):
         self.mean = mean.reshape(3, 1, 1) if mean.numel() == 3 else mean.reshape(3, *mean.shape[-2:])
         self.aliases = dict(aliases or {})
         self.crop = bool(crop)
+        self.resize = check_resize(resize, self.input_size)
         self.lr_scale = None if lr_scale in (None, "auto") else float(lr_scale)
         self.progress_scale = float(progress_scale)
         self._submodules = dict(self.module.named_modules())
@@ -144,6 +157,16 @@ class HookBackend(Backend):
             if p not in self._submodules:
                 raise DeepvisError(f"layer '{n}' names submodule '{p}', which the model does not have")
         self.to(device)
+
+    def __getstate__(self):
+        # A lock cannot be pickled; a copy (a Ray actor, a deepcopy) gets a lock of its own.
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def forward(self, x: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
         layers = [layers] if isinstance(layers, str) else list(layers)
@@ -179,6 +202,20 @@ class HookBackend(Backend):
                     h.remove()
         # Requested aliases come back under the name the caller used.
         return {asked: out[name] for asked, name in zip(layers, names)}
+
+
+def check_resize(resize, input_size) -> tuple[int, int] | None:
+    """None, or (h, w) at least the input size: the Caffe-style resize before the centre crop."""
+    if resize in (None, False, "", "null", "none"):
+        return None
+    try:
+        r = [int(v) for v in (resize if isinstance(resize, (list, tuple)) else [resize, resize])]
+    except (TypeError, ValueError):
+        raise DeepvisError(f"resize must be [height, width] in pixels, got {resize!r}") from None
+    if len(r) != 2 or r[0] < input_size[0] or r[1] < input_size[1]:
+        raise DeepvisError(f"resize {resize} must be [height, width] no smaller than the input "
+                           f"{input_size[0]}x{input_size[1]}")
+    return (r[0], r[1])
 
 
 def discover_layers(module: nn.Module, example: torch.Tensor,

@@ -38,7 +38,7 @@ def _rewrite_backend_args(argv: list[str]) -> list[str]:
                 raise DeepvisError(f"unknown backend '{value}'; " + did_you_mean(value, list_backends()))
         elif eq and key.startswith("backend.") and not key.startswith(("+", "~")):
             out.append("++" + a)
-        elif eq and key in ("regularization", "source", "profile") and value not in config_names(key):
+        elif eq and key in ("regularization", "source", "profile", "engine") and value not in config_names(key):
             raise DeepvisError(f"unknown {key} '{value}'; " + did_you_mean(value, config_names(key)))
         else:
             out.append(a)
@@ -243,3 +243,10 @@ def reproduce_task(cfg) -> None:
 
 def reproduce_main() -> None:
     run_app("reproduce", reproduce_task)
+
+
+# ----- deepvis-mine -------------------------------------------------------------------------------
+def mine_main() -> None:
+    from .atlas.cli import mine_task
+
+    run_app("mine", mine_task)

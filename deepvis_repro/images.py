@@ -2,17 +2,49 @@
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 
 import numpy as np
 from PIL import Image
 
 from .errors import DeepvisError
 
-Image.MAX_IMAGE_PIXELS = 20000 * 20000
+#: Larger images are refused with a clear message before they are decoded: a 3 MB PNG can
+#: declare 28000x28000 pixels (5.9 GB once decoded). 100 MP is a 10000x10000 photo.
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _scaled_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Floats and wide integers -> uint8 by their own range: floats in 0..1 (or 0..255) as such,
+    integers by their dtype's range when they use it (16-bit photos), else by their maximum."""
+    if np.issubdtype(a.dtype, np.floating):
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(a.min(initial=0.0)), float(a.max(initial=0.0))
+        if lo >= 0.0 and hi <= 1.0:
+            scale = 255.0
+        elif lo >= 0.0 and hi <= 255.0:
+            scale = 1.0
+        else:  # any other range: stretch min..max
+            a, scale = a - lo, 255.0 / max(hi - lo, 1e-12)
+        return (np.clip(a * scale, 0.0, 255.0) + 0.5).astype(np.uint8)
+    hi = int(a.max(initial=0))
+    lo = int(a.min(initial=0))
+    if lo >= 0 and hi <= 255:
+        return a.astype(np.uint8)
+    if lo >= 0 and hi <= 65535:
+        return (a.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
+    a = a.astype(np.float64) - min(lo, 0)
+    return (a * (255.0 / max(float(a.max()), 1.0)) + 0.5).astype(np.uint8)
 
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """Any HxW, HxWx1, HxWx3 or HxWx4 array (uint8, uint16, bool or float in 0..1) -> HxWx3 uint8."""
+    """Any HxW, HxWx1, HxWx3 or HxWx4 array -> HxWx3 uint8. uint8 as is; uint16 by its range;
+    bool as 0/255; floats in 0..1 (or 0..255) as such, other ranges stretched; other integers
+    by their range (never wrapped)."""
     a = np.asarray(image)
     if a.ndim == 2:
         a = a[:, :, None]
@@ -20,14 +52,10 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
         raise DeepvisError(f"expected an HxW or HxWxC image with C in 1..4, got shape {a.shape}")
     if a.dtype == np.uint8:
         pass
-    elif a.dtype == np.uint16:
-        a = (a.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     elif a.dtype == bool:
         a = a.astype(np.uint8) * 255
-    elif np.issubdtype(a.dtype, np.floating):
-        a = (np.clip(np.nan_to_num(a), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    elif np.issubdtype(a.dtype, np.integer):
-        a = np.clip(a, 0, 255).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer):
+        a = _scaled_to_uint8(a)
     else:
         raise DeepvisError(f"unsupported image dtype {a.dtype}")
     c = a.shape[2]
@@ -43,29 +71,72 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB, with one clear error for a missing or unreadable file."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DeepvisError(f"image not found: {path}")
-    if os.path.isdir(path):
-        raise DeepvisError(f"image path is a folder, not a file: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im).astype(np.uint16)
-            elif im.mode in ("RGB", "L", "RGBA", "LA"):
-                arr = np.asarray(im)
-            else:
-                arr = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DeepvisError(f"image not found: {path}") from None
+    except OSError as e:
+        raise DeepvisError(f"cannot read image {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DeepvisError(f"image path is a folder, not a file: {path}")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block the reader forever
+        raise DeepvisError(f"cannot read image {path}: not a regular file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise Image.DecompressionBombError(f"{w}x{h}")
+                im.load()
+                if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    arr = np.asarray(im)  # 16/32-bit integers, 32-bit floats: scaled by range below
+                    if arr.dtype.byteorder not in ("=", "|"):
+                        arr = arr.astype(arr.dtype.newbyteorder("="))
+                elif im.mode in ("RGB", "L", "RGBA", "LA"):
+                    arr = np.asarray(im)
+                else:
+                    arr = np.asarray(im.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DeepvisError(f"cannot read image {path}: {image_size_text(path)} is more than the "
+                           f"{MAX_PIXELS // 1_000_000} MP limit (a decompression bomb, or resize it first)") from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as e:
         raise DeepvisError(f"cannot read image {path}: {e}") from None
     return to_rgb_uint8(arr)
 
 
-def resize_for_input(image: np.ndarray, size: tuple[int, int], crop: bool = True) -> np.ndarray:
+def image_size_text(path) -> str:
+    """'28000x28000 = 784 MP' from the header only (never decodes the pixels)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+        return f"{w}x{h} = {w * h / 1e6:.0f} MP"
+    except Exception:
+        return "its size"
+
+
+def resize_for_input(image: np.ndarray, size: tuple[int, int], crop: bool = True,
+                     resize: tuple[int, int] | None = None) -> np.ndarray:
     """Fit an RGB uint8 image to (H, W): crop=True resizes the shorter side and centre-crops
-    (keeps the aspect ratio, like the original's default); crop=False stretches."""
+    (keeps the aspect ratio, like the original's default); crop=False stretches.
+    resize=(h, w) first stretches the image to that size and then centre-crops (H, W): Caffe's
+    transform (256x256, then a 227 crop), as CaffeNet and other Caffe-era models were trained."""
     h, w = size
     img = Image.fromarray(to_rgb_uint8(image))
+    if resize:
+        rh, rw = int(resize[0]), int(resize[1])
+        if rh < h or rw < w:
+            raise DeepvisError(f"resize {rh}x{rw} is smaller than the input {h}x{w}")
+        img = img.resize((rw, rh), Image.BILINEAR)
+        top, left = (rh - h) // 2, (rw - w) // 2
+        return np.asarray(img.crop((left, top, left + w, top + h)))
     if not crop:
         return np.asarray(img.resize((w, h), Image.BILINEAR))
     iw, ih = img.size
@@ -77,7 +148,10 @@ def resize_for_input(image: np.ndarray, size: tuple[int, int], crop: bool = True
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
-    Image.fromarray(to_rgb_uint8(image)).save(os.fspath(path))
+    """Written atomically: the file is whole or absent, whatever happens while writing."""
+    from .files import save_image
+
+    save_image(path, image)
 
 
 def stretch_around_grey(x: np.ndarray) -> np.ndarray:

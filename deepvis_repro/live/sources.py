@@ -10,9 +10,7 @@ import time
 import numpy as np
 
 from ..errors import DeepvisError
-from ..images import load_image
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+from ..images import IMAGE_EXTENSIONS, load_image
 
 
 class Source:

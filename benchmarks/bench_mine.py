@@ -1,0 +1,172 @@
+"""Mining speed and memory, side by side in one run.
+
+    python benchmarks/bench_mine.py                 # throughput and memory on this machine's CPU
+    python benchmarks/bench_mine.py --device cuda   # on a GPU (JPEG decoding in worker processes)
+    python benchmarks/bench_mine.py --ray           # also the Ray engine on the same corpus
+
+1. Throughput (images/s), embedded model, every layer, k=9: mining vs a plain forward pass to the
+   deepest mined layer over the same images, batches and DataLoader workers. The ratio is what the
+   bookkeeping (spatial max and position per channel, the top-k merge) costs.
+2. Peak RSS of a mining run over 200 and 2,000 images (each in a fresh process): the state is
+   O(channels * k), so it must not grow with the corpus.
+3. With --ray: the Ray engine (local cluster) against the local engine, startup reported apart.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def corpus_list(n: int, folder: str) -> str:
+    from deepvis_repro.atlas.corpus import demo_corpus
+
+    items = demo_corpus().items
+    path = os.path.join(folder, f"corpus_{n}.txt")
+    with open(path, "w") as f:
+        f.write("\n".join((items * (n // len(items) + 1))[:n]))
+    return path
+
+
+def throughput(args) -> None:
+    import torch
+
+    import deepvis_repro as dv
+    from deepvis_repro.atlas import mine
+    from deepvis_repro.atlas.corpus import open_corpus
+    from deepvis_repro.atlas.engine import LocalEngine, _BatchDataset
+    from deepvis_repro.atlas.mining import MiningJob
+
+    backend = dv.load_backend().to(args.device)
+    corpus = open_corpus(corpus_list(args.images, args.tmp))
+    layers = list(backend.layers)
+    job = MiningJob(backend, layers, 9, False, corpus, args.batch_size)
+    engine = LocalEngine(workers=args.workers)
+    mean = backend.mean_image().to(backend.device).unsqueeze(0)
+
+    def plain():
+        loader = torch.utils.data.DataLoader(_BatchDataset(job, range(job.n_batches)), batch_size=None,
+                                             num_workers=engine.workers, collate_fn=lambda b: b,
+                                             pin_memory=backend.device.type == "cuda")
+        t = time.perf_counter()
+        for b in loader:
+            x = b["images"].to(backend.device, non_blocking=True).permute(0, 3, 1, 2).float() - mean
+            with torch.no_grad():
+                out = backend.forward(x, [layers[-1]])
+            out[layers[-1]].sum().item()  # wait for the device
+        return len(corpus) / (time.perf_counter() - t)
+
+    def mining():
+        t = time.perf_counter()
+        r = mine(backend, corpus, layers, top_k=9, batch_size=args.batch_size, engine=engine, progress=False)
+        r.values[layers[-1]].sum()
+        return len(corpus) / (time.perf_counter() - t)
+
+    plain()  # warm-up: first batches, worker start, allocator
+    rates = {"plain": [], "mine": []}
+    for _ in range(args.repeats):
+        rates["plain"].append(plain())
+        rates["mine"].append(mining())
+    p, m = max(rates["plain"]), max(rates["mine"])
+    print(f"device {args.device}, {len(corpus)} images, batch {args.batch_size}, {engine.workers} decode "
+          f"worker(s), torch threads {torch.get_num_threads()}, all {len(layers)} layers, k=9")
+    print(f"  plain forward to {layers[-1]}: {p:7.1f} images/s   (runs: {', '.join(f'{r:.1f}' for r in rates['plain'])})")
+    print(f"  mining:                 {m:7.1f} images/s   (runs: {', '.join(f'{r:.1f}' for r in rates['mine'])})")
+    print(f"  mining / plain = {m / p:.3f}")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not carry over the parent's peak
+    through fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_child(args) -> None:
+    import deepvis_repro as dv
+    from deepvis_repro.atlas import mine
+
+    backend = dv.load_backend()
+    path = corpus_list(args.rss, args.tmp)
+    before = peak_rss_mb()
+    mine(backend, path, None, top_k=9, batch_size=args.batch_size, progress=False)
+    print(f"{args.rss} {before:.0f} {peak_rss_mb():.0f}")
+
+
+def memory(args) -> None:
+    print("peak RSS of a mining run (embedded model, every layer, k=9), each in a fresh process:")
+    for n in (200, 2000):
+        out = subprocess.run([sys.executable, __file__, "--rss", str(n), "--tmp", args.tmp,
+                              "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
+        n_, before, after = out.stdout.split()
+        print(f"  {n_:>5} images: {after} MB (before mining, model loaded: {before} MB)")
+
+
+def ray_vs_local(args) -> None:
+    import ray
+
+    import deepvis_repro as dv
+    from deepvis_repro.atlas import mine
+    from deepvis_repro.atlas.corpus import open_corpus
+
+    backend = dv.load_backend()
+    corpus = open_corpus(corpus_list(args.ray_images, args.tmp))
+    layers = list(backend.layers)
+    t = time.perf_counter()
+    local = mine(backend, corpus, layers, top_k=9, batch_size=args.batch_size, progress=False)
+    t_local = time.perf_counter() - t
+    t = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), object_store_memory=300_000_000, include_dashboard=False,
+             log_to_driver=False, logging_level="ERROR")
+    t_start = time.perf_counter() - t
+    t = time.perf_counter()
+    remote = mine(backend, corpus, layers, top_k=9, batch_size=args.batch_size, progress=False, engine="ray",
+                  engine_options={"actors": args.actors, "num_cpus": 2 / (args.actors + 2), "decode_cpus": 0.5})
+    t_ray = time.perf_counter() - t
+    ray.shutdown()
+    same = all((remote.values[l] == local.values[l]).all() and (remote.image_ids[l] == local.image_ids[l]).all()
+               for l in layers)
+    print(f"Ray vs local, {len(corpus)} images, all layers, k=9 ({args.actors} actor(s)):")
+    print(f"  local: {t_local:6.1f} s ({len(corpus) / t_local:.1f} images/s)")
+    print(f"  ray:   {t_ray:6.1f} s ({len(corpus) / t_ray:.1f} images/s), plus {t_start:.1f} s ray.init; "
+          f"{t_ray / t_local:.2f}x the local time; identical result: {same}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ray", action="store_true")
+    ap.add_argument("--ray-images", type=int, default=200)
+    ap.add_argument("--actors", type=int, default=1)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--rss", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.tmp is None:
+        import tempfile
+
+        args.tmp = tempfile.mkdtemp(prefix="bench_mine_")
+    if args.rss:
+        return rss_child(args)
+    throughput(args)
+    if not args.no_memory:
+        memory(args)
+    if args.ray:
+        ray_vs_local(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""deepvis-mine: mine a corpus into a unit atlas, then write each unit's montages."""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import DeepvisError
+
+
+def _layers(value):
+    from omegaconf import ListConfig
+
+    if value in (None, "all"):
+        return None
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def _positive_int(name, value):
+    try:
+        v = int(value)
+        if str(value).strip() not in (str(v), f"{v}.0") and not isinstance(value, int):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DeepvisError(f"{name} must be a whole number, got {value!r}") from None
+    if v < 1:
+        raise DeepvisError(f"{name} must be at least 1, got {v}")
+    return v
+
+
+def mine_task(cfg) -> None:
+    from ..cli import resolve_device
+    from ..registry import instantiate_backend, instantiate_config
+    from .corpus import open_corpus
+    from .mining import mine
+    from .page import write_index
+    from .patches import render_montages, resolve_mode
+    from .store import layer_slug
+
+    top_k = _positive_int("top_k", cfg.top_k)
+    batch_size = _positive_int("batch_size", cfg.batch_size)
+    every = _positive_int("corpus.every", cfg.corpus.every)
+    device = resolve_device(cfg.device)
+    engine = instantiate_config(cfg.engine, "engine")
+    backend = instantiate_backend(cfg.backend).to(device)
+    mode = resolve_mode(backend, str(cfg.deconv))  # every option checked before any work
+    tile = None if cfg.tile is None else _positive_int("tile", cfg.tile)
+    corpus = open_corpus(cfg.corpus.path, every)
+    atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
+    print(f"corpus: {corpus.kind} {corpus.source or ''} ({len(corpus)} images); atlas: {atlas_dir}", flush=True)
+    r = mine(backend, corpus, _layers(cfg.layers), top_k=top_k, engine=engine,
+             negatives=bool(cfg.negatives), batch_size=batch_size, atlas_dir=atlas_dir,
+             checkpoint_seconds=float(cfg.checkpoint_seconds))
+    if not r.complete:
+        print(f"interrupted after {r.images_done} of {len(r.paths)} images; the state is saved in "
+              f"{atlas_dir}: rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
+    rate = f", {r.images_done / r.seconds:.1f} images/s" if r.seconds > 0.5 else ""
+    print(f"mined {len(r.paths)} images over {len(r.layers)} layer(s) in {r.seconds:.1f} s{rate}")
+    if r.skipped:
+        print(f"{len(r.skipped)} unreadable image(s) skipped, listed in {os.path.join(atlas_dir, 'skipped.tsv')}: "
+              + ", ".join(os.path.basename(p) for _, p, _ in r.skipped[:3])
+              + (" ..." if len(r.skipped) > 3 else ""), file=sys.stderr)
+    if cfg.montages:
+        written = render_montages(backend, atlas_dir, layers=r.layers, mode=mode, tile=tile,
+                                  batch_size=8)
+        print(f"montages: {sum(written.values())} unit(s) written")
+    write_index(atlas_dir)
+    print(f"atlas: {atlas_dir} (open {os.path.join(atlas_dir, 'index.html')})")

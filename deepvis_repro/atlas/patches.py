@@ -1,0 +1,233 @@
+"""A unit's pictures from the mined atlas: its top-k image patches and their deconv, as montages.
+
+A patch is the unit's receptive field at the position of its maximum, cut from the image as the
+network saw it (after the backend's resize and crop), zero-filled where the field leaves the
+image; when the field is larger than the whole input (deep layers, fc) the patch is the whole
+input, as the original did for fc layers. Its deconv is the backward pass of the live view's back
+mode seeded, as the original's max_deconv, with a one-hot 1.0 at (channel, y, x) of that image,
+cropped the same way and shown with grey at zero and a symmetric scale per patch (the original's
+norm01c, scaled to the 99th percentile of |value| so that a few extreme pixels do not flatten the
+rest to grey). Montages are near-square grids, 3x3 for k=9.
+
+Which back mode: ``auto`` is deconv for models with max-pooling (CaffeNet, as the original) and
+guided backprop for the others. A deconvnet ignores the forward ReLU masks, so without max-pooling
+switches its backward pass does not depend on the image at all: on EfficientNet every patch of a
+unit gets the identical deconv image. Guided backprop keeps the masks and shows what in each patch
+the unit responded to.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DeepvisError
+from ..files import save_image
+from ..progress import progress as progress_bar
+from .corpus import BatchDecoder, load_items
+from .receptive import crop_box, layer_geometry
+from .store import AtlasStore
+
+PAD = 2
+PAD_COLOR = 40
+
+
+class ViewCache:
+    """Decoded network views of corpus items, least recently used dropped first."""
+
+    def __init__(self, items: list[str], view: dict, size: int = 512):
+        self.items, self.decoder, self.size = items, BatchDecoder(view), size
+        self._cache: OrderedDict[int, np.ndarray | None] = OrderedDict()
+
+    def get_many(self, ids) -> list[np.ndarray | None]:
+        missing = sorted({int(i) for i in ids if int(i) >= 0 and int(i) not in self._cache})
+        if missing:
+            for i, img in zip(missing, load_items([self.items[i] for i in missing])):
+                self._cache[i] = None if isinstance(img, Exception) else self.decoder.fit(img)
+        out = []
+        for i in ids:
+            i = int(i)
+            if i < 0:
+                out.append(None)
+                continue
+            self._cache.move_to_end(i)
+            out.append(self._cache[i])
+        while len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return out
+
+
+def unit_backprop(backend, views: np.ndarray, layer: str, channels, positions, mode: str = "deconv") -> np.ndarray:
+    """Input-space backward pass of each (image, channel, y, x), seeded with a one-hot 1.0 at the
+    unit -> (N, H, W, 3) float32, in RGB like the views."""
+    from ..live.backprop import relu_backward
+
+    mean = backend.mean_image().to(backend.device).unsqueeze(0)
+    x = torch.from_numpy(np.ascontiguousarray(views)).to(backend.device).permute(0, 3, 1, 2).float() - mean
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad(), relu_backward(backend.module, mode):
+        a = backend.forward(x, [layer])[layer]
+        seed = torch.zeros_like(a)
+        n = torch.arange(len(views))
+        c = torch.as_tensor(np.asarray(channels), dtype=torch.long)
+        if a.dim() == 4:
+            p = torch.as_tensor(np.asarray(positions), dtype=torch.long)
+            seed[n, c, p[:, 0], p[:, 1]] = 1.0
+        else:
+            seed.view(len(views), -1)[n, c] = 1.0
+        (g,) = torch.autograd.grad(a, x, grad_outputs=seed, allow_unused=True)
+    if g is None:
+        return np.zeros(views.shape, np.float32)
+    return g.detach().permute(0, 2, 3, 1).float().cpu().numpy()
+
+
+def has_max_pooling(module) -> bool:
+    """Max-pooling modules (torch's, or a Caffe MAX pooling layer) anywhere in the model."""
+    from torch import nn
+
+    pools = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+    return any(isinstance(m, pools) or (type(m).__name__ == "Pool" and getattr(m, "max", False))
+               for m in module.modules())
+
+
+def resolve_mode(backend, mode: str) -> str:
+    from ..live.backprop import MODES
+
+    if mode == "auto":
+        return "deconv" if has_max_pooling(backend.module) else "guided"
+    if mode not in MODES or mode == "off":
+        raise DeepvisError(f"deconv mode must be auto, {', '.join(m for m in MODES if m != 'off')}; got '{mode}'")
+    return mode
+
+
+def render_signed(patch: np.ndarray, pct: float = 99.0) -> np.ndarray:
+    """A signed HxWx3 array as uint8: grey at zero, +-(99th percentile of |value|) at 255 / 0."""
+    a = np.asarray(patch, np.float64)
+    m = float(np.percentile(np.abs(a), pct)) if a.size else 0.0
+    if m <= 0:
+        m = float(np.abs(a).max()) if a.size else 0.0
+    if m <= 0:
+        return np.full(a.shape, 128, np.uint8)
+    return np.clip(np.round(127.5 + 127.5 * a / m), 0, 255).astype(np.uint8)
+
+
+def display_box(geometry, y: int, x: int, input_size) -> tuple[int, int, int, int]:
+    """The unit's field, or the whole input where the field covers more than all of it."""
+    H, W = input_size
+    if geometry.whole or (geometry.size_y >= H and geometry.size_x >= W):
+        return 0, 0, H, W
+    return geometry.box(y, x)
+
+
+def fit_tile(patch: np.ndarray, tile: int) -> np.ndarray:
+    """A patch scaled to fit a tile x tile square (nearest neighbour when enlarging a lot, so
+    the pixels of a small field stay visible), centred on the pad colour."""
+    h, w = patch.shape[:2]
+    s = tile / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    resample = Image.NEAREST if s >= 2 else Image.BILINEAR
+    img = np.asarray(Image.fromarray(patch).resize((nw, nh), resample))
+    out = np.full((tile, tile, 3), PAD_COLOR, np.uint8)
+    t, l = (tile - nh) // 2, (tile - nw) // 2
+    out[t:t + nh, l:l + nw] = img
+    return out
+
+
+def montage(tiles: list[np.ndarray | None], tile: int, cols: int | None = None) -> np.ndarray:
+    """Tiles in a near-square grid (3x3 for 9), a thin dark border between; None is black."""
+    n = max(1, len(tiles))
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.full((rows * (tile + PAD) + PAD, cols * (tile + PAD) + PAD, 3), PAD_COLOR, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        y, x = PAD + r * (tile + PAD), PAD + c * (tile + PAD)
+        out[y:y + tile, x:x + tile] = 0 if t is None else t
+    return out
+
+
+def default_tile(geometry, input_size, largest: int = 128, smallest: int = 64) -> int:
+    h, w = input_size
+    size = max(h, w) if geometry.whole else max(geometry.size_y, geometry.size_x)
+    return int(min(largest, max(smallest, size)))
+
+
+def render_montages(backend, atlas_dir, layers=None, units=None, mode: str = "auto", tile: int | None = None,
+                    batch_size: int = 8, progress: bool = True) -> dict:
+    """Write max_im / max_deconv (and min_im with negatives) montages for every unit of the mined
+    layers (or the given ones). Units whose files exist are skipped: an interrupted run resumes.
+    Returns {layer: units written}."""
+    mode = resolve_mode(backend, mode)
+    store = AtlasStore(atlas_dir)
+    manifest = store.manifest()
+    if manifest is None or "layers" not in manifest:
+        raise DeepvisError(f"{store.root} holds no finished mining: run deepvis-mine first")
+    if manifest.get("mining", {}).get("backend", {}).get("name") != backend.name:
+        raise DeepvisError(f"atlas {store.root} was mined with backend "
+                           f"{manifest.get('mining', {}).get('backend', {}).get('name')}, not {backend.name}")
+    mined = list(manifest["layers"])
+    layers = mined if layers in (None, "all") else [backend.resolve_layer(l) for l in layers]
+    for l in layers:
+        if l not in mined:
+            raise DeepvisError(f"layer {l} was not mined in {store.root}; mined: {', '.join(mined)}")
+    cache = ViewCache(store.corpus(), backend.view_spec())
+    written = {}
+    for layer in layers:
+        arrays = store.layer_arrays(layer)
+        geometry = layer_geometry(backend, layer)
+        t = int(tile or default_tile(geometry, backend.input_size))
+        channels = arrays["values"].shape[0]
+        todo = [u for u in (range(channels) if units is None else units) if 0 <= int(u) < channels]
+        sides = [("max_im", "max_deconv", "")] + ([("min_im", None, "min_")] if "min_values" in arrays else [])
+        todo = [u for u in todo if not all(os.path.isfile(store.unit_file(k, layer, u)) for s in sides
+                                           for k in s[:2] if k)]
+        bar = progress_bar(total=len(todo), desc=f"montages {layer}", unit="unit", enabled=progress)
+        per_chunk = max(1, batch_size // max(1, arrays["values"].shape[1]))
+        for start in range(0, len(todo), per_chunk):
+            chunk = todo[start:start + per_chunk]
+            for im_kind, deconv_kind, prefix in sides:
+                _render_chunk(backend, store, cache, layer, geometry, arrays, chunk, t, mode, batch_size,
+                              im_kind, deconv_kind, prefix)
+            bar.update(len(chunk))
+        bar.close()
+        written[layer] = len(todo)
+        manifest = store.manifest()
+        manifest["layers"][layer].update(receptive_field=geometry.as_dict(), tile=t)
+        manifest.setdefault("montages", {})[layer] = {"mode": mode, "tile": t}
+        manifest.pop("format", None)
+        store.write_manifest(manifest)
+    return written
+
+
+def _render_chunk(backend, store, cache, layer, geometry, arrays, units, tile, mode, batch_size,
+                  im_kind, deconv_kind, prefix):
+    ids = arrays[f"{prefix}image_ids"][units]        # (U, k)
+    pos = arrays[f"{prefix}positions"][units]        # (U, k, 2)
+    k = ids.shape[1]
+    flat_ids = ids.reshape(-1)
+    views = cache.get_many(flat_ids)
+    boxes = [display_box(geometry, y, x, backend.input_size) for y, x in pos.reshape(-1, 2)]
+    patches = [None if v is None else fit_tile(crop_box(v, b), tile) for v, b in zip(views, boxes)]
+    deconvs: list = [None] * len(views)
+    if deconv_kind:
+        have = [i for i, v in enumerate(views) if v is not None]
+        chans = np.repeat(np.asarray(units), k)
+        for s in range(0, len(have), batch_size):
+            sel = have[s:s + batch_size]
+            g = unit_backprop(backend, np.stack([views[i] for i in sel]), layer, chans[sel],
+                              pos.reshape(-1, 2)[sel], mode)
+            for j, i in enumerate(sel):
+                deconvs[i] = fit_tile(render_signed(crop_box(g[j], boxes[i])), tile)
+    for u_i, u in enumerate(units):
+        part = slice(u_i * k, (u_i + 1) * k)
+        path = store.unit_file(im_kind, layer, u)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if deconv_kind:
+            dpath = store.unit_file(deconv_kind, layer, u)
+            os.makedirs(os.path.dirname(dpath), exist_ok=True)
+            save_image(dpath, montage(deconvs[part], tile))
+        save_image(path, montage(patches[part], tile))  # last: its presence means both are done

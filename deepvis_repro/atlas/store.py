@@ -1,0 +1,163 @@
+"""The atlas on disk: a documented layout that the live view and other tools read.
+
+    <atlas>/
+      manifest.json                 what made it: backend (name, weights hash), corpus (kind, count,
+                                    hash), layers (channels, map shape, receptive-field geometry),
+                                    k, negatives, the network's view of an image, versions, state
+      corpus.txt                    the images, one per line; line i (from 0) is image id i
+      skipped.tsv                   unreadable images: id, path, reason
+      layers/<layer>.npz            per layer: values (C, k) float32 in descending order,
+                                    image_ids (C, k) int64 (-1: fewer than k images), positions
+                                    (C, k, 2) int32 (y, x) in the layer's map; with negatives also
+                                    min_values / min_image_ids / min_positions (ascending)
+      max_im/<layer>/<layer>_%04d.jpg       3x3 montage of the unit's top-9 patches
+      max_deconv/<layer>/<layer>_%04d.jpg   3x3 montage of their deconv (or guided backprop)
+      min_im/<layer>/<layer>_%04d.jpg       the 9 most negative patches (with negatives)
+      regularized_opt/<layer>/<layer>_%04d.jpg   the unit's optimized image (deepvis-optimize)
+      regularized_opt/<layer>/whole_layer.jpg    every unit's optimized image, one square sprite
+      checkpoint/                   mining state while a run is unfinished (resume from it)
+
+The image names follow the original toolbox's unit_jpg_vis folder, so its tools read ours and our
+live view reads its downloads (see :class:`AtlasReader`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+
+from ..errors import DeepvisError
+from ..files import write_json, write_text
+
+FORMAT = "deepvis-atlas/1"
+#: The original toolbox showed pooling layers with their conv layer's images.
+CAFFENET_REMAP = {"pool1": "conv1", "pool2": "conv2", "pool5": "conv5"}
+KINDS = ("regularized_opt", "max_im", "max_deconv", "min_im")
+
+
+def layer_slug(layer: str) -> str:
+    """A file-name-safe form of a layer name ('layer3/0/conv1' -> 'layer3-0-conv1')."""
+    slug = re.sub(r"[^A-Za-z0-9._+-]", "-", str(layer)).strip(".")
+    return slug or "layer"
+
+
+def unit_file(root: str, kind: str, layer: str, unit: int, suffix: str = ".jpg") -> str:
+    slug = layer_slug(layer)
+    return os.path.join(root, kind, slug, f"{slug}_{int(unit):04d}{suffix}")
+
+
+def backend_identity(backend) -> dict:
+    """Name, input view and a hash of every weight and buffer (layout-independent): two atlases
+    with the same identity were made by the same function of the pixels."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(backend.module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    mean = backend.mean.detach().cpu().float().contiguous().numpy()
+    h.update(mean.tobytes())
+    return {"name": backend.name, "weights_sha256": h.hexdigest(), **backend.view_spec()}
+
+
+class AtlasStore:
+    """Paths and files of one atlas folder (ours); reading and writing, atomically."""
+
+    def __init__(self, root):
+        self.root = os.fspath(root)
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def manifest_path(self) -> str:
+        return self.path("manifest.json")
+
+    def manifest(self) -> dict | None:
+        if not os.path.isfile(self.manifest_path):
+            return None
+        try:
+            with open(self.manifest_path, encoding="utf-8") as f:
+                m = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DeepvisError(f"atlas {self.root}: manifest.json is unreadable ({e}); "
+                               "move the folder away or give another atlas.dir") from None
+        if m.get("format") != FORMAT:
+            raise DeepvisError(f"atlas {self.root}: manifest.json is not a {FORMAT} manifest")
+        return m
+
+    def write_manifest(self, manifest: dict) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        write_json(self.manifest_path, {"format": FORMAT, **manifest})
+
+    def write_corpus(self, items: list[str]) -> None:
+        write_text(self.path("corpus.txt"), "".join(f"{p}\n" for p in items))
+
+    def corpus(self) -> list[str]:
+        with open(self.path("corpus.txt"), encoding="utf-8") as f:
+            return [l.rstrip("\n") for l in f]
+
+    def write_skipped(self, skipped: list[tuple[int, str, str]]) -> None:
+        lines = ["id\tpath\treason\n"] + [f"{i}\t{p}\t{r.replace(chr(9), ' ').replace(chr(10), ' ')}\n"
+                                         for i, p, r in skipped]
+        write_text(self.path("skipped.tsv"), "".join(lines))
+
+    def layer_arrays_path(self, layer: str) -> str:
+        return self.path("layers", f"{layer_slug(layer)}.npz")
+
+    def layer_arrays(self, layer: str) -> dict[str, np.ndarray]:
+        p = self.layer_arrays_path(layer)
+        if not os.path.isfile(p):
+            raise DeepvisError(f"atlas {self.root} has no mined data for layer {layer}")
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def unit_file(self, kind: str, layer: str, unit: int, suffix: str = ".jpg") -> str:
+        return unit_file(self.root, kind, layer, unit, suffix)
+
+    def whole_layer(self, layer: str) -> str:
+        return self.path("regularized_opt", layer_slug(layer), "whole_layer.jpg")
+
+
+class AtlasReader:
+    """Finds a unit's pictures in an atlas folder: one of ours (manifest.json), or the original
+    toolbox's downloaded unit_jpg_vis folder (no manifest; its regularized_opt images are
+    ``<layer>_%04d_montage.jpg`` montages, whose bottom-left quadrant the pane shows, and its
+    pool layers use their conv layer's images)."""
+
+    def __init__(self, root):
+        self.root = os.fspath(root)
+        if not os.path.isdir(self.root):
+            raise DeepvisError(f"atlas folder not found: {self.root}")
+        store = AtlasStore(self.root)
+        self.manifest = store.manifest()
+        self.original = self.manifest is None
+        if self.original and not any(os.path.isdir(os.path.join(self.root, k)) for k in KINDS):
+            raise DeepvisError(f"{self.root} is not an atlas: no manifest.json and none of "
+                               f"{', '.join(k + '/' for k in KINDS)}")
+
+    def layer_folder(self, layer: str) -> str:
+        if self.original:
+            return CAFFENET_REMAP.get(layer, layer)
+        return layer_slug(layer)
+
+    def files(self, layer: str, unit: int) -> dict[str, tuple[str, bool]]:
+        """kind -> (path, crop the bottom-left quadrant?) for each kind; paths may not exist."""
+        name = self.layer_folder(layer)
+        out = {}
+        for kind in KINDS:
+            folder = os.path.join(self.root, kind, name)
+            if kind == "regularized_opt":
+                montage = os.path.join(folder, f"{name}_{int(unit):04d}_montage.jpg")
+                if self.original or os.path.isfile(montage):
+                    out[kind] = (montage, True)
+                    continue
+            out[kind] = (os.path.join(folder, f"{name}_{int(unit):04d}.jpg"), False)
+        return out
+
+    def whole_layer(self, layer: str) -> str:
+        return os.path.join(self.root, "regularized_opt", self.layer_folder(layer), "whole_layer.jpg")

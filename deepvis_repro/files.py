@@ -1,0 +1,160 @@
+"""Files that are complete or absent.
+
+Every output of the project goes through here: it is written to a hidden temporary name in its
+own folder, flushed, and renamed into place (``os.replace`` is atomic on POSIX and Windows), so a
+reader, a crash or a kill at any moment sees the previous file or the new one, never a part.
+A full disk becomes one DeepvisError line and leaves no temporary behind. JSON is strict (NaN and
+infinities become null), so every results file parses with any JSON reader.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import math
+import os
+import signal
+import tempfile
+import threading
+
+from .errors import DeepvisError
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+TMP_SUFFIX = ".partial"
+
+
+def disk_error(path, e: OSError) -> DeepvisError:
+    """One line for a failed write: full disk, no permission, or what the system said."""
+    path = os.fspath(path)
+    if e.errno in _FULL:
+        return DeepvisError(f"disk full while writing {path}: free some space and rerun "
+                            "(finished files were kept; nothing was half-written)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DeepvisError(f"cannot write {path}: {e.strerror} (a read-only or protected folder)")
+    return DeepvisError(f"cannot write {path}: {e.strerror or e}")
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb", fsync: bool = True):
+    """``with atomic_write(p) as f: f.write(...)``: p appears whole when the block ends, or not
+    at all (an exception, Ctrl-C or a kill inside the block leaves p as it was)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX, dir=folder)
+    except OSError as e:
+        raise disk_error(path, e) from None
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs follow the umask
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, DeepvisError):
+            raise disk_error(path, e) from None
+        raise
+
+
+def write_bytes(path, data: bytes, fsync: bool = True) -> None:
+    with atomic_write(path, "wb", fsync=fsync) as f:
+        f.write(data)
+
+
+def write_text(path, text: str, fsync: bool = True) -> None:
+    write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def strict(obj):
+    """A copy of obj that strict JSON can hold: NaN / inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path, obj, indent: int | None = 1) -> None:
+    write_text(path, json.dumps(strict(obj), indent=indent, allow_nan=False) + "\n")
+
+
+def save_image(path, image, quality: int = 92, fsync: bool = False) -> None:
+    """An HxWx{1,3} uint8 image as PNG or JPEG (by the suffix), written atomically."""
+    from PIL import Image
+
+    from .images import to_rgb_uint8
+
+    path = os.fspath(path)
+    fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
+    buf = io.BytesIO()
+    kw = {"quality": quality} if fmt == "JPEG" else {}
+    Image.fromarray(to_rgb_uint8(image)).save(buf, fmt, **kw)
+    write_bytes(path, buf.getvalue(), fsync=fsync)
+
+
+def save_npz(path, **arrays) -> None:
+    """numpy arrays, written atomically; read back with np.load(path, allow_pickle=False)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(path, buf.getvalue())
+
+
+def remove_stale_partials(folder) -> int:
+    """Delete temporaries a killed run left in folder (SIGKILL cannot be cleaned up after)."""
+    n = 0
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+                    n += 1
+    return n
+
+
+def check_writable_file(path, what: str) -> None:
+    """Before any work: the folder of an output file exists and can be written to."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise DeepvisError(f"{what}: folder {folder} does not exist (for {path})")
+    if not os.access(folder, os.W_OK):
+        raise DeepvisError(f"{what}: folder {folder} is not writable (for {path})")
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Let a writing phase finish: SIGINT / SIGTERM arriving inside the block are held and
+    delivered (as KeyboardInterrupt / SystemExit(143)) when it ends. Only in the main thread;
+    elsewhere a no-op (Python delivers signals to the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {}
+
+    def hold(signum, _frame):
+        got.append(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        old[s] = signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if got:
+            if got[0] == signal.SIGTERM:
+                raise SystemExit(143)
+            raise KeyboardInterrupt
