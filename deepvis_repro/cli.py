@@ -12,6 +12,9 @@ from .errors import DeepvisError, did_you_mean
 def resolve_device(device: str) -> str:
     import torch
 
+    from .validate import device_name
+
+    device = None if device is None else device_name(device)
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -132,33 +135,86 @@ def output_dir() -> str:
     return HydraConfig.get().runtime.output_dir
 
 
+def optimize_units(cfg) -> list:
+    """The units asked for: ``units`` if given (an empty list is an error, not fc:130), else ``unit``."""
+    from omegaconf import ListConfig
+
+    if cfg.units is not None:
+        units = list(cfg.units) if isinstance(cfg.units, (list, tuple, ListConfig)) else [cfg.units]
+        if not units:
+            raise DeepvisError("units=[] names no units; give at least one, e.g. 'units=[fc:130]' "
+                               "or a whole layer, 'units=[blocks.10:all]'")
+        return [str(u) for u in units]
+    if cfg.unit in (None, ""):
+        raise DeepvisError("no unit given; e.g. unit=fc:130")
+    return [str(cfg.unit)]
+
+
 def optimize_task(cfg) -> None:
     from omegaconf import OmegaConf
 
-    from .optimize import optimize
+    from .optimize import get_preset, optimize
     from .outputs import write_optimization
     from .registry import instantiate_backend
+    from .validate import number, whole
 
-    units = list(cfg.units) if cfg.units else [cfg.unit]
+    units = optimize_units(cfg)
     o = cfg.optimize
-    seed_everything(int(o.seed))
+    # every option is checked before any work
+    steps = whole("optimize.steps", o.steps, 1, allow_none=True)
+    seed = whole("optimize.seed", o.seed, 0)
+    batch_size = whole("optimize.batch_size", o.batch_size, 1, allow_none=True)
+    lr_scale = number("optimize.lr_scale", o.lr_scale, positive=True, allow_none=True)
+    preset = get_preset(OmegaConf.to_container(cfg.regularization), steps=steps, start=o.start)
+    atlas_mode = cfg.atlas.dir is not None or any(u.endswith(":all") for u in units)
+    engine = None
+    if atlas_mode:
+        from .registry import instantiate_config
+
+        engine = instantiate_config(cfg.engine, "engine")
+    elif cfg.engine.get("_target_", "").endswith("RayEngine"):
+        raise DeepvisError("engine=ray runs whole layers into an atlas: give 'units=[LAYER:all]' "
+                           "or atlas.dir=DIR")
+    seed_everything(seed)
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
-    preset = OmegaConf.to_container(cfg.regularization)
-    result = optimize(backend, units, preset=preset, steps=o.steps, seed=int(o.seed),
-                      batch_size=o.batch_size, lr_scale=o.lr_scale, start=o.start)
+    if lr_scale is not None:
+        backend.lr_scale = lr_scale
+    if atlas_mode:
+        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine)
+    result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size, lr_scale=lr_scale)
     out = output_dir()
-    record = write_optimization(out, backend, result)
-    for i, r in enumerate(record["results"]):
+    record = write_optimization(out, backend, result, interrupted_ok=True)
+    for r in record["results"]:
         label = f" ({r['label']})" if r["label"] else ""
         top = r["image_top5"][0][0] if r["image_top5"] else "-"
-        print(f"{r['unit']}{label}: best {r['best_activation']:.3f} at step {r['best_step']}; "
-              f"the image's top class: {top}")
+        best = "none (no finite value)" if r["best_activation"] is None else f"{r['best_activation']:.3f}"
+        print(f"{r['unit']}{label}: best {best} at step {r['best_step']}; the image's top class: {top}")
         if r["stopped"]:
             print(f"warning: {r['unit']} stopped at step {r['stopped']['step']}: "
                   f"{r['stopped']['reason']}; kept its best image", file=sys.stderr)
     print(f"wrote {out}")
+    if record.get("report_error"):
+        print(f"warning: {record['report_error']}", file=sys.stderr)
     if result.interrupted:
         print("interrupted: saved the best images so far", file=sys.stderr)
+        sys.exit(130)
+
+
+def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine) -> None:
+    """Whole layers (or the given units) into an atlas, resumable."""
+    from .atlas.optimized import optimize_into_atlas
+    from .atlas.page import write_index
+    from .atlas.store import layer_slug
+
+    atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
+    r = optimize_into_atlas(backend, atlas_dir, units, preset=preset, seed=seed, batch_size=batch_size,
+                            engine=engine)
+    write_index(atlas_dir)
+    print(f"{r['written']} unit(s) optimized with {preset.name} ({preset.steps} steps), {r['skipped']} "
+          f"already in the atlas; atlas: {atlas_dir}")
+    if r["interrupted"]:
+        print(f"interrupted: {r['written'] + r['skipped']} of {r['units']} units are in {atlas_dir}; "
+              "rerun the same command to continue", file=sys.stderr)
         sys.exit(130)
 
 

@@ -118,18 +118,24 @@ class Preset:
                 ("decay", "blur_radius", "blur_every", "small_norm_pct", "small_contrib_pct")}
 
     def validate(self) -> "Preset":
-        check_regularization(**self.regularization())
-        if self.lr_policy not in ("constant", "progress", "progress01"):
-            raise DeepvisError(f"lr_policy must be constant, progress or progress01, got '{self.lr_policy}'")
-        if self.start not in ("mean_plus_rand", "mean", "randu"):
-            raise DeepvisError(f"start must be mean_plus_rand, mean or randu, got '{self.start}'")
-        if int(self.steps) < 1:
-            raise DeepvisError(f"steps must be at least 1, got {self.steps}")
+        """A copy with every field checked and converted (a typed 'abc' or 2.5 steps is a
+        DeepvisError naming the field), or the error."""
+        from .validate import number, whole
+
+        numeric = {k: number(k, getattr(self, k)) for k in (
+            "decay", "blur_radius", "small_norm_pct", "small_contrib_pct", "lr", "max_lr", "desired_prog",
+            "early_prog", "late_prog_mult")}
+        p = replace(self, **numeric, blur_every=whole("blur_every", self.blur_every, 0),
+                    steps=whole("steps", self.steps, 1))
+        check_regularization(**p.regularization())
+        if p.lr_policy not in ("constant", "progress", "progress01"):
+            raise DeepvisError(f"lr_policy must be constant, progress or progress01, got '{p.lr_policy}'")
+        if p.start not in ("mean_plus_rand", "mean", "randu"):
+            raise DeepvisError(f"start must be mean_plus_rand, mean or randu, got '{p.start}'")
         for k in ("lr", "max_lr", "desired_prog"):
-            v = getattr(self, k)
-            if not (math.isfinite(v) and v > 0):
-                raise DeepvisError(f"{k} must be a positive number, got {v}")
-        return self
+            if getattr(p, k) <= 0:
+                raise DeepvisError(f"{k} must be a positive number, got {getattr(p, k)}")
+        return p
 
 
 def _load_presets() -> dict[str, Preset]:
@@ -228,7 +234,7 @@ class _Batch:
     interrupted: bool
 
 
-def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale) -> _Batch:
+def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale, on_step=None) -> _Batch:
     n = len(units)
     layers = sorted({u.layer for u in units}, key=backend.layers.index)
     mean = backend.mean_image().to(x.device)
@@ -240,6 +246,8 @@ def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale) -> _
     interrupted = False
     try:
         for ii in range(p.steps):
+            if on_step is not None:
+                on_step(ii, p.steps)  # may wait (a paused background job) or raise to cancel
             # 1. keep x + mean a valid image
             x = (torch.clamp(x + mean, 0.0, 255.0) - mean).detach().requires_grad_(True)
             # 2. forward only as deep as the deepest unit; the objective is each unit's value
@@ -308,7 +316,7 @@ def backend_lr_scale(backend) -> float:
 
 def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: int = 0,
              batch_size: int | None = None, progress: bool = True, lr_scale: float | None = None,
-             progress_scale: float | None = None, **overrides) -> OptimizationResult:
+             progress_scale: float | None = None, on_step=None, **overrides) -> OptimizationResult:
     """Find, for each unit, the image that maximizes it under a preset's regularization.
 
     units: "layer:channel" or "layer:channel:y:x" strings (conv units default to the centre).
@@ -316,25 +324,31 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     lr_scale: multiplies the preset's learning rates (lr, max_lr); default the backend's own.
     progress_scale: multiplies the progress policies' desired progress; default the backend's own.
     batch_size: units per batch (all at once by default; halved automatically on CUDA OOM).
+    on_step: called as on_step(step, steps) before each step (it may sleep, or raise to stop).
     Ctrl-C stops early and returns the best images so far (result.interrupted is True).
     """
-    from tqdm.auto import tqdm
+    from .progress import progress as progress_bar
+    from .validate import number, whole
 
     p = get_preset(preset, steps=steps, **overrides)
     units = resolve_units(backend, units)
-    lr_scale = float(backend_lr_scale(backend) if lr_scale is None else lr_scale)
-    progress_scale = float(getattr(backend, "progress_scale", 1.0) if progress_scale is None else progress_scale)
+    # a negative scale would minimize, 0 / nan / inf would return the start noise as "optimized"
+    lr_scale = number("lr_scale", backend_lr_scale(backend) if lr_scale is None else lr_scale, positive=True)
+    progress_scale = number("progress_scale", getattr(backend, "progress_scale", 1.0)
+                            if progress_scale is None else progress_scale, positive=True)
+    seed = whole("seed", seed, 0)
     n = len(units)
     x0 = start_images(backend, n, p.start, seed)
-    size = int(batch_size or n)
+    size = whole("batch_size", batch_size or n, 1)
     parts: list[tuple[slice, _Batch]] = []
-    with tqdm(total=p.steps * n, desc=f"optimize {p.name}", unit="unit-step", disable=not progress,
-              leave=False) as bar:
+    with progress_bar(total=p.steps * n, desc=f"optimize {p.name}", unit="unit-step", enabled=progress,
+                      leave=False) as bar:
         start = 0
         while start < n:
             chunk = slice(start, min(n, start + size))
             try:
-                batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale, progress_scale)
+                batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale, progress_scale,
+                                   on_step)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise

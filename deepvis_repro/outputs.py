@@ -2,7 +2,6 @@
 record of parameters and results, as the original toolbox kept them."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -22,43 +21,63 @@ def unit_label(backend, unit) -> str | None:
 
 
 def top_k(backend, x: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
-    """Each image's own top-k classes under the model."""
-    if not backend.labels:
+    """Each image's own top classes under the model (k, or fewer when the model has fewer)."""
+    if not backend.labels or "prob" not in backend.layers:
         return [[] for _ in range(len(x))]
     with torch.no_grad():
         p = backend.forward(x.to(backend.device), ["prob"])["prob"]
-    v, i = p.topk(k, dim=1)
-    return [[(backend.labels[j], round(float(q), 5)) for q, j in zip(vr, ir)] for vr, ir in zip(v.tolist(), i.tolist())]
+    v, i = p.topk(min(k, p.shape[1]), dim=1)
+    return [[(backend.labels[j] if j < len(backend.labels) else str(j), round(float(q), 5))
+             for q, j in zip(vr, ir)] for vr, ir in zip(v.tolist(), i.tolist())]
 
 
-def write_optimization(out_dir: str, backend, result, command: str | None = None) -> dict:
+def _finite(v):
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def write_optimization(out_dir: str, backend, result, command: str | None = None,
+                       interrupted_ok: bool = True) -> dict:
+    """Images first (each written whole, atomically), then what describes them; a failure while
+    describing (the image's own top-5 on a broken model) is recorded, never loses the images.
+    Signals arriving while writing are held until everything is written."""
+    from .files import signals_deferred, write_json
+
     os.makedirs(out_dir, exist_ok=True)
-    nomean = result.images_without_mean()
-    tops = top_k(backend, result.x)
-    records = []
-    for i, u in enumerate(result.units):
-        save_png(os.path.join(out_dir, f"{u.slug}.png"), result.images[i])
-        save_png(os.path.join(out_dir, f"{u.slug}_nomean.png"), nomean[i])
-        stop = result.stopped.get(i)
-        records.append({
-            "unit": str(u), "label": unit_label(backend, u),
-            "best_activation": float(result.best_activation[i]), "best_step": int(result.best_step[i]),
-            "stopped": None if stop is None else {"step": stop[0], "reason": stop[1]},
-            "image_top5": tops[i], "image": f"{u.slug}.png", "image_without_mean": f"{u.slug}_nomean.png",
-            "objective_per_step": [None if np.isnan(v) else float(v) for v in result.history[:, i]],
-            "argmax_per_step": [int(v) for v in result.argmax[:, i]],
-        })
-    if len(result.units) > 1:
-        captions = [f"{u} {unit_label(backend, u) or ''}".strip() for u in result.units]
-        save_png(os.path.join(out_dir, "grid.png"), figure_grid([list(result.images)], col_labels=captions))
-    record = {
-        "backend": backend.name, "preset": asdict(result.preset), "lr_scale": result.lr_scale,
-        "progress_scale": result.progress_scale,
-        "interrupted": result.interrupted, "command": command or " ".join(sys.argv),
-        "versions": versions(), "results": records,
-    }
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    with signals_deferred():
+        nomean = result.images_without_mean()
+        for i, u in enumerate(result.units):
+            save_png(os.path.join(out_dir, f"{u.slug}.png"), result.images[i])
+            save_png(os.path.join(out_dir, f"{u.slug}_nomean.png"), nomean[i])
+        report_error = None
+        try:
+            tops = top_k(backend, result.x)
+        except Exception as e:  # the images are saved; say what failed and carry on
+            tops = [[] for _ in result.units]
+            report_error = f"could not classify the images ({type(e).__name__}: {e})"
+        records = []
+        for i, u in enumerate(result.units):
+            stop = result.stopped.get(i)
+            records.append({
+                "unit": str(u), "label": unit_label(backend, u),
+                "best_activation": _finite(result.best_activation[i]), "best_step": int(result.best_step[i]),
+                "stopped": None if stop is None else {"step": stop[0], "reason": stop[1]},
+                "image_top5": tops[i], "image": f"{u.slug}.png", "image_without_mean": f"{u.slug}_nomean.png",
+                "objective_per_step": [_finite(v) for v in result.history[:, i]],
+                "argmax_per_step": [int(v) for v in result.argmax[:, i]],
+            })
+        if len(result.units) > 1:
+            captions = [f"{u} {unit_label(backend, u) or ''}".strip() for u in result.units]
+            save_png(os.path.join(out_dir, "grid.png"), figure_grid([list(result.images)], col_labels=captions))
+        record = {
+            "backend": backend.name, "preset": asdict(result.preset), "lr_scale": result.lr_scale,
+            "progress_scale": result.progress_scale,
+            "interrupted": result.interrupted, "command": command or " ".join(sys.argv),
+            "versions": versions(), "results": records,
+        }
+        if report_error:
+            record["report_error"] = report_error
+        write_json(os.path.join(out_dir, "results.json"), record)
     return record
 
 

@@ -7,6 +7,10 @@ merges them. The batches are fixed by global position, so every engine computes 
 - :class:`RayEngine`: Ray Data, for a cluster: a decode stage (tasks) streams batches into a pool
   of actors that each hold the model and return the batch's own top-k; the driver merges them.
   ``pip install -e ".[ray]"``; joins a running cluster (``address``) or starts a local one.
+
+Both also have ``map(make_worker, batches)`` for other batched work (every unit's optimized
+image): the worker is built once per process (per actor on Ray) and results come back as they
+finish, as ``(batch, result)``.
 """
 from __future__ import annotations
 
@@ -52,6 +56,11 @@ class LocalEngine:
         if self.workers < 0:
             raise DeepvisError(f"engine.workers must be >= 0, got {workers}")
         self.prefetch = int(prefetch)
+
+    def map(self, make_worker, batches):
+        worker = make_worker()
+        for b in batches:
+            yield b, worker(b)
 
     def run(self, job, todo):
         from .mining import Miner
@@ -142,6 +151,16 @@ class _MinerActor:
                 "errors": np.array(out["errors"], dtype=object)}
 
 
+class _MapActor:
+    def __init__(self, make_worker, threads):
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.worker = make_worker()
+
+    def run(self, key, batch):
+        return key, self.worker(batch)
+
+
 def _unpack_ok(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, np.uint8).astype(bool)
 
@@ -191,6 +210,26 @@ class RayEngine:
         else:
             ray.init(num_cpus=os.cpu_count(), object_store_memory=self.object_store_memory, **kw)
         return True
+
+    def map(self, make_worker, batches):
+        """Batches over a pool of actors, each holding one worker (make_worker must pickle:
+        a callable class instance whose __call__(batch) returns the result)."""
+        import ray
+        from ray.util import ActorPool
+
+        batches = list(batches)
+        if not batches:
+            return
+        started = self._init()
+        try:
+            remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus or None)(_MapActor)
+            threads = self.threads or torch.get_num_threads()
+            pool = ActorPool([remote.remote(make_worker, threads) for _ in range(min(self.actors, len(batches)))])
+            for i, result in pool.map_unordered(lambda a, ib: a.run.remote(*ib), list(enumerate(batches))):
+                yield batches[i], result
+        finally:
+            if started:
+                ray.shutdown()
 
     def run(self, job, todo):
         import copy

@@ -1,194 +1,45 @@
 """The live view: a pygame window of every layer's activations while the network watches a
-camera, a video or images (the paper's first tool).
+camera, a video or images (the paper's first tool), with the unit pane of an atlas beside it.
 
-Three threads, as in the original: capture (newest frame), network (always takes the newest frame
-and the newest view settings, publishes an immutable snapshot) and drawing (the main thread:
-events, keys, blitting). The drawing never reads a snapshot while the network writes it: the
-network builds a new one and swaps a single reference.
+Threads, as in the original: capture (newest frame; also steps through files), network (newest
+frame and settings in, an immutable snapshot out), the pane loader and the on-demand optimizer
+(an atlas's pictures, off the drawing thread), and drawing (the main thread: events, keys,
+blitting). The drawing thread never reads a file and never runs the network.
 """
 from __future__ import annotations
 
-import json
-import threading
+import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
-import torch
 
 from ..errors import DeepvisError
 from ..units import layer_shapes
-from .backprop import MODES, backprop, gradient_image
+from .backprop import MODES
+from .network import Capture, Network
+from .settings import BOOST_GAMMA, BOOST_INDIV, ViewSettings
 from .sources import Source, WebcamSource
-from .tiles import grid_shape, tile_layer
+from .tiles import grid_shape
 
-BOOST_INDIV = (0.0, 0.3, 0.5, 0.8, 1.0)
-BOOST_GAMMA = (1.0, 0.7, 0.5, 0.3)
-
-HELP = [
-    ("arrows / i j k l", "move the selected unit (capitals: by 3)"),
-    ("u / o", "previous / next layer"),
-    ("b", "back mode: off, gradient, deconv, guided"),
-    ("n", "back image raw / as a norm"),
-    ("a", "grid: activations / back diffs"),
-    ("d", "freeze the backprop unit while the cursor roams"),
-    ("z", "zoom: the selected unit fills the grid pane"),
-    ("t / T", "boost: per-channel / gamma"),
-    ("f", "freeze the frame"),
-    ("c", "camera / files"),
-    ("e / w", "next / previous file"),
-    ("0", "crop / stretch the input"),
-    ("h", "this help"),
-    ("q", "quit"),
-]
-
-
-@dataclass(frozen=True)
-class ViewSettings:
-    """What the user chose; replaced (never mutated) by the drawing thread, read by the network."""
-    layer: int = 0
-    unit: int = 0
-    back: int = 0
-    back_norm: bool = False
-    back_diffs: bool = False
-    frozen: tuple | None = None  # (layer name, channel) of a frozen backprop unit
-    zoom: bool = False
-    boost: int = 0
-    gamma: int = 0
-    crop: bool = True
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """One network pass, published whole."""
-    settings: ViewSettings
-    frame_id: int
-    input_image: np.ndarray
-    grid: np.ndarray
-    grid_rc: tuple
-    tile_hw: tuple
-    n_channels: int
-    unit_map: np.ndarray
-    top5: list
-    back_image: np.ndarray | None
-    seconds: float
-
-
-class Capture(threading.Thread):
-    """Reads the source continuously; keeps only the newest frame (and a counter)."""
-
-    def __init__(self, source: Source, period: float = 1 / 30):
-        super().__init__(daemon=True, name="capture")
-        self.source, self.period = source, period
-        self.lock = threading.Lock()
-        self.frame, self.frame_id, self.frozen = None, 0, False
-        self.stop = threading.Event()
-        self._last = None
-
-    def poll(self):
-        with self.lock:
-            src = self.source
-        f = src.read()
-        with self.lock:
-            if f is not None and f is not self._last and not self.frozen and src is self.source:
-                self._last, self.frame = f, f
-                self.frame_id += 1
-
-    def run(self):
-        while not self.stop.is_set():
-            try:
-                self.poll()
-            except Exception as e:  # a broken camera or stream must not kill the view
-                self.source.message = f"capture error: {e}"
-            self.stop.wait(self.period)
-
-    def latest(self):
-        with self.lock:
-            return self.frame, self.frame_id
-
-    def switch(self, source: Source):
-        with self.lock:
-            self.source, self._last = source, None
-        self.poll()
-
-
-class Network(threading.Thread):
-    def __init__(self, backend, capture: Capture, app: "LiveApp"):
-        super().__init__(daemon=True, name="network")
-        self.backend, self.capture, self.app = backend, capture, app
-        self.snapshot: Snapshot | None = None
-        self.passes, self.busy_seconds = 0, 0.0
-        self.first_pass = None
-        self.error = None
-        self.stop = threading.Event()
-
-    def run(self):
-        last = None
-        while not self.stop.is_set():
-            frame, fid = self.capture.latest()
-            s = self.app.settings
-            if frame is None or (fid, s) == last:
-                self.stop.wait(0.003)
-                continue
-            t = time.perf_counter()
-            try:
-                snap = self.compute(frame, fid, s)
-            except Exception as e:  # shown in the status line; the window stays responsive
-                self.error = f"network error: {e}"
-                last = (fid, s)
-                continue
-            self.snapshot = snap  # one reference swap: the drawing never sees a half-made one
-            last = (fid, s)
-            dt = time.perf_counter() - t
-            self.passes += 1
-            self.busy_seconds += dt
-            self.first_pass = self.first_pass or t
-
-    @torch.no_grad()
-    def _forward(self, x, layer):
-        b = self.backend
-        want = [layer] + (["prob"] if b.labels and "prob" in b.layers else [])
-        return b.forward(x, want)
-
-    def compute(self, frame, fid, s: ViewSettings) -> Snapshot:
-        b = self.backend
-        t = time.perf_counter()
-        b.crop = s.crop
-        x = b.preprocess(frame)
-        layer = b.layers[s.layer]
-        acts = self._forward(x, layer)
-        a = acts[layer][0].float().cpu().numpy()
-        back_img, grid_src = None, a
-        mode = MODES[s.back]
-        if mode != "off":
-            bl, bc = s.frozen or (layer, s.unit)
-            gx, g_layer, _ = backprop(b, x, bl, bc, mode, also=layer if s.back_diffs else None)
-            back_img = gradient_image(gx, s.back_norm)
-            if s.back_diffs:
-                grid_src = np.zeros_like(a) if g_layer is None else g_layer.float().cpu().numpy()
-        grid, rc, hw = tile_layer(grid_src, BOOST_INDIV[s.boost], BOOST_GAMMA[s.gamma])
-        unit = min(s.unit, len(a) - 1)
-        um = grid_src[unit] if grid_src.ndim == 3 else grid_src[unit:unit + 1][:, None]
-        lo, hi = float(grid_src.min()), float(grid_src.max())
-        unit_map = ((um - lo) / (hi - lo) if hi > lo else np.zeros_like(um)).astype(np.float32)
-        top5 = []
-        if "prob" in acts:
-            p = acts["prob"][0]
-            v, i = p.topk(5)
-            top5 = [(b.labels[j], float(q)) for q, j in zip(v.tolist(), i.tolist())]
-        return Snapshot(s, fid, b.deprocess(x), grid, rc, hw, len(a), unit_map, top5, back_img,
-                        time.perf_counter() - t)
+#: The user counts as moving (the on-demand job pauses) this long after a key.
+ACTIVE_SECONDS = 0.4
 
 
 class LiveApp:
     def __init__(self, backend, source: Source, *, window=(1280, 720), fps: int = 30,
                  max_frames: int | None = None, keys=(), screenshot: str | None = None,
                  stats: str | None = None, layer: str | None = None, sync_timeout: float = 30.0,
-                 camera_factory=WebcamSource):
+                 camera_factory=WebcamSource, atlas: str | None = None, on_demand: dict | None = None):
+        from ..files import check_writable_file
+
         self.backend, self.source, self.files_source = backend, source, source
         self.window, self.fps = tuple(window), int(fps)
         self.max_frames, self.keys = max_frames, [str(k) for k in (keys or [])]
         self.screenshot, self.stats_path = screenshot, stats
+        for path, what in ((screenshot, "live.screenshot"), (stats, "live.stats")):
+            if path:  # checked before the window opens, not after the run
+                check_writable_file(path, what)
         self.sync_timeout = sync_timeout
         self.camera_factory = camera_factory
         start = backend.layers.index(backend.resolve_layer(layer)) if layer else 0
@@ -198,8 +49,24 @@ class LiveApp:
         self.message = ""
         self.show_help = False
         self.running = True
+        self.fatal: str | None = None
         self.frames = 0
         self.keys_handled: list[str] = []
+        self.last_key = 0.0
+        self.atlas_dir = atlas
+        self.on_demand_options = dict(on_demand or {})
+        self.reader = self._open_atlas(atlas) if atlas else None
+        self.loader = self.on_demand = None
+
+    def _open_atlas(self, atlas: str):
+        from ..atlas.optimized import check_atlas_backend
+        from ..atlas.store import AtlasReader, AtlasStore
+
+        if not os.path.exists(atlas):  # a new atlas: on-demand images will fill it
+            os.makedirs(atlas, exist_ok=True)
+        if AtlasStore(atlas).manifest() is not None or not os.listdir(atlas):
+            check_atlas_backend(AtlasStore(atlas), self.backend)
+        return AtlasReader(atlas)
 
     # ----- settings (drawing thread only) ---------------------------------------------------
     def update(self, **kw):
@@ -207,6 +74,9 @@ class LiveApp:
 
     def n_channels(self, layer_index: int) -> int:
         return self.channels[self.backend.layers[layer_index]]
+
+    def user_active(self) -> bool:
+        return time.perf_counter() - self.last_key < ACTIVE_SECONDS
 
     def move(self, dy: int, dx: int):
         s = self.settings
@@ -220,6 +90,7 @@ class LiveApp:
         """One key by name: a character ('o', 'L', '0') or an arrow ('left', 'up', ...)."""
         s = self.settings
         self.keys_handled.append(name)
+        self.last_key = time.perf_counter()
         step = 3 if (len(name) == 1 and name.isupper()) or name.startswith("shift+") else 1
         base = name.split("+")[-1]
         low = base.lower() if len(base) == 1 else base
@@ -239,6 +110,11 @@ class LiveApp:
             self.update(back_diffs=not s.back_diffs)
         elif base == "d":
             self.update(frozen=None if s.frozen else (self.backend.layers[s.layer], s.unit))
+        elif base == "s":
+            if self.reader is None:
+                self.message = "pattern mode needs an atlas: live.atlas=DIR"
+            else:
+                self.update(pattern=not s.pattern)
         elif base == "z":
             self.update(zoom=not s.zoom)
         elif base == "t":
@@ -251,8 +127,7 @@ class LiveApp:
         elif base == "c":
             self.toggle_camera()
         elif base in ("e", "w"):
-            (self.source.next if base == "e" else self.source.prev)()
-            self.capture.poll()
+            self.capture.step(+1 if base == "e" else -1)  # read in the capture thread
         elif base == "0":
             self.update(crop=not s.crop)
         elif base == "h":
@@ -272,6 +147,39 @@ class LiveApp:
                 return
         self.capture.switch(self.source)
 
+    # ----- the unit pane ------------------------------------------------------------------------
+    def selected(self) -> tuple[str, int]:
+        s = self.settings
+        return self.backend.layers[s.layer], min(s.unit, self.n_channels(s.layer) - 1)
+
+    def pane_entry(self) -> dict | None:
+        """The selected unit's pictures (None while loading); asks for what is missing."""
+        if self.loader is None:
+            return None
+        layer, unit = self.selected()
+        self.loader.want(layer, unit)
+        entry = self.loader.get(layer, unit)
+        if self.on_demand is not None:
+            if entry is not None and entry.get("regularized_opt") is None:
+                self.on_demand.request(layer, unit)
+            elif entry is not None:
+                self.on_demand.withdraw()
+        return entry
+
+    def _start_atlas_threads(self, slot_size):
+        if self.reader is None:
+            return
+        from .pane import PaneLoader
+
+        self.loader = PaneLoader(self.reader, slot_size)
+        self.loader.start()
+        opts = dict(self.on_demand_options)
+        if opts.pop("enabled", True):
+            from .ondemand import OnDemand
+
+            self.on_demand = OnDemand(self.backend, self.atlas_dir, self.loader, user_active=self.user_active, **opts)
+            self.on_demand.start()
+
     # ----- main loop --------------------------------------------------------------------------
     def run(self) -> dict:
         import pygame
@@ -282,7 +190,7 @@ class LiveApp:
         pygame.font.init()
         pygame.display.set_caption(f"deepvis-live: {self.backend.name}")
         screen = pygame.display.set_mode(self.window)
-        painter = Painter(screen, self)
+        painter = Painter(screen, self, with_pane=self.reader is not None)
         self.capture = Capture(self.source)
         self.capture.poll()
         if self.capture.latest()[0] is None:
@@ -290,13 +198,15 @@ class LiveApp:
         self.capture.start()
         self.net = Network(self.backend, self.capture, self)
         self.net.start()
+        self._start_atlas_threads(painter.slot_size)
         clock = pygame.time.Clock()
         pending = list(self.keys)
         t0 = time.perf_counter()
+        elapsed = 0.0
         try:
             while self.running:
                 for event in pygame.event.get():
-                    if event.type == pygame.QUIT:
+                    if event.type == pygame.QUIT:  # also SIGTERM and SIGINT, which SDL turns into QUIT
                         self.running = False
                     elif event.type == pygame.KEYDOWN:
                         self.handle_key(key_name(event))
@@ -306,54 +216,98 @@ class LiveApp:
                 pygame.display.flip()
                 clock.tick(self.fps)
                 self.frames += 1
+                if self.net.fatal:
+                    self.fatal = self.net.fatal
+                    break
                 if self.max_frames and self.frames >= self.max_frames and not pending:
                     break
             elapsed = time.perf_counter() - t0
-            self.wait_for_network()
+            if self.fatal is None and self.running:
+                self.wait_for_workers(painter)
             painter.draw(self.net.snapshot)
             pygame.display.flip()
             if self.screenshot:
-                pygame.image.save(screen, self.screenshot)
+                from ..files import write_bytes
+
+                tmp = f"{self.screenshot}.{os.getpid()}.png"
+                pygame.image.save(screen, tmp)  # then renamed: the screenshot is whole or absent
+                with open(tmp, "rb") as f:
+                    data = f.read()
+                os.unlink(tmp)
+                write_bytes(self.screenshot, data)
         finally:
-            self.net.stop.set()
-            self.capture.stop.set()
+            for t in (self.net, self.capture, self.loader, self.on_demand):
+                if t is not None:
+                    t.stop.set()
             self.net.join(timeout=10)
-            self.capture.join(timeout=2)
+            self.capture.join(timeout=2)  # a read stuck in a file is left behind (a daemon thread)
             self.source.close()
             pygame.quit()
         stats = self.stats(elapsed)
         if self.stats_path:
-            with open(self.stats_path, "w") as f:
-                json.dump(stats, f, indent=1)
+            from ..files import write_json
+
+            write_json(self.stats_path, stats)
+        if self.fatal:
+            raise DeepvisError(f"the network keeps failing, stopped: {self.fatal}")
         return stats
 
-    def wait_for_network(self):
-        """Headless runs: let the network catch up with the last key before the screenshot."""
+    def wait_for_workers(self, painter):
+        """Headless runs: let the network catch up with the last key, and the pane and an
+        on-demand job finish, before the screenshot (at most sync_timeout seconds)."""
         t = time.perf_counter()
+        self.last_key = 0.0
         while time.perf_counter() - t < self.sync_timeout:
             snap = self.net.snapshot
-            if snap is not None and snap.settings == self.settings:
+            cap = self.capture
+            cap_ok = not cap._steps and cap.busy_since is None
+            net_ok = snap is not None and snap.settings == self.settings and (
+                self.source.live or snap.frame_id == cap.latest()[1])
+            entry = self.pane_entry() if self.loader is not None else {}
+            pane_ok = self.loader is None or (entry is not None and self.loader.idle)
+            od_ok = self.on_demand is None or not self.on_demand.busy
+            if cap_ok and net_ok and pane_ok and od_ok:
                 return
-            time.sleep(0.01)
+            painter.draw(snap)  # keep drawing: the window stays alive while waiting
+            time.sleep(0.02)
 
     def stats(self, elapsed: float) -> dict:
         net = self.net
         s = self.settings
-        span = max(time.perf_counter() - net.first_pass, 1e-9) if net.first_pass else elapsed
-        return {
+        layer, unit = self.selected()
+        out = {
             "frames": self.frames,
             "display_fps": self.frames / max(elapsed, 1e-9),
             "net_passes": net.passes,
-            "net_fps": net.passes / max(min(span, elapsed), 1e-9),
+            # one definition of network speed (status line, stats, README): passes per second
+            # of network time; net_passes_per_s is how often it ran (it idles on a still frame)
+            "net_fps": net.passes / net.busy_seconds if net.busy_seconds else 0.0,
             "net_ms_per_pass": 1000 * net.busy_seconds / max(net.passes, 1),
+            "net_passes_per_s": net.passes / max(elapsed, 1e-9),
             "seconds": elapsed,
             "keys": self.keys_handled,
-            "layer": self.backend.layers[s.layer], "unit": s.unit, "back_mode": MODES[s.back],
+            "layer": layer, "unit": unit, "back_mode": MODES[s.back], "pattern": s.pattern,
             "source": self.source.name, "message": self.status_message(),
+            "error": self.fatal or net.error,
         }
+        if self.loader is not None:
+            entry = self.loader.get(layer, unit) or {}
+            out["pane"] = {"atlas": self.atlas_dir, "layer": layer, "unit": unit,
+                           "shown": [k for k, v in entry.items() if v is not None],
+                           "missing": [k for k, v in entry.items() if v is None], "loads": self.loader.loads}
+        if self.on_demand is not None:
+            out["on_demand"] = {"done": self.on_demand.done, "failed": {f"{l}:{u}": r for (l, u), r in
+                                                                        self.on_demand.failed.items()},
+                                "setting": self.on_demand.preset.name, "steps": self.on_demand.preset.steps}
+        return out
 
     def status_message(self) -> str:
-        return " ".join(m for m in (self.message, self.source.message, self.net.error or "") if m)
+        parts = [self.message, self.source.message, self.net.error or ""]
+        if self.capture.stuck_for > 1.0:
+            parts.append(f"reading the next file for {self.capture.stuck_for:.0f} s...")
+        if self.on_demand is not None:
+            parts.append(self.on_demand.status())
+        return " ".join(m for m in parts if m)
 
 
 def key_name(event) -> str:

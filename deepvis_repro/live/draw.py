@@ -1,5 +1,9 @@
-"""Drawing the live view's panes with pygame. Surfaces are rebuilt only when a new snapshot
-arrives, so the display rate does not depend on the network's."""
+"""Drawing the live view's panes with pygame. Surfaces are rebuilt only when a new snapshot (or a
+new pane picture) arrives, so the display rate does not depend on the network's or the disk's.
+
+Layout (1280x720 by default): input and back image | selected unit, top-5, layers | the grid of the
+layer's channels | with an atlas, the unit pane (optimized image, top-9, their deconv).
+"""
 from __future__ import annotations
 
 import time
@@ -8,14 +12,19 @@ import numpy as np
 import pygame
 
 from .backprop import MODES
-from .app import HELP
+from .pane import SLOTS
+from .settings import HELP
 
 BG = (24, 24, 28)
 FG = (230, 230, 230)
 DIM = (150, 150, 160)
 ACCENT = (255, 200, 40)
 FROZEN = (80, 200, 255)
+ERROR = (255, 90, 80)
 PANE = 300
+UNIT_PANE = 220      # width of the atlas pane column
+STATUS_H = 26
+CAPTION_H = 18
 
 
 def surface_from(img: np.ndarray) -> pygame.Surface:
@@ -33,16 +42,23 @@ def fit(size, box):
 
 
 class Painter:
-    def __init__(self, screen, app):
+    def __init__(self, screen, app, with_pane: bool = False):
         self.screen, self.app = screen, app
         self.font = pygame.font.Font(None, 20)
         self.small = pygame.font.Font(None, 17)
         self.big = pygame.font.Font(None, 24)
         self._snap = None
         self._surf = {}
+        self._pane_key, self._pane_surf = None, {}
+        self._sprite_key, self._sprite_surf = None, None
         self._frame_times = []
         W, H = screen.get_size()
-        self.grid_box = pygame.Rect(2 * PANE + 24, 8, W - 2 * PANE - 32, H - 44)
+        right = UNIT_PANE + 8 if with_pane else 0
+        # the grid, its caption below it, then the status bar: nothing overlaps
+        self.grid_box = pygame.Rect(2 * PANE + 24, 8, W - 2 * PANE - 32 - right, H - STATUS_H - CAPTION_H - 16)
+        self.pane_box = pygame.Rect(W - UNIT_PANE - 8, 8, UNIT_PANE, H - STATUS_H - 16) if with_pane else None
+        slot_h = (self.pane_box.height // len(SLOTS) - CAPTION_H) if with_pane else 0
+        self.slot_size = (UNIT_PANE, slot_h)
 
     def text(self, s, pos, color=FG, font=None):
         self.screen.blit((font or self.font).render(str(s), True, color), pos)
@@ -53,7 +69,7 @@ class Painter:
         g = surface_from(snap.grid)
         self._grid_size = fit(g.get_size(), self.grid_box.size)
         self._surf["grid"] = scale(g, self._grid_size)
-        u = (np.clip(snap.unit_map, 0, 1) * 255).astype(np.uint8)
+        u = (np.clip(np.nan_to_num(snap.unit_map), 0, 1) * 255).astype(np.uint8)
         self._surf["unit"] = scale(surface_from(u), fit(u.shape[::-1], (PANE, PANE)))
         if snap.back_image is not None:
             self._surf["back"] = pygame.transform.smoothscale(surface_from(snap.back_image), (PANE, PANE))
@@ -65,7 +81,8 @@ class Painter:
         scr, app = self.screen, self.app
         scr.fill(BG)
         if snap is None:
-            self.text("starting the network...", (20, 20), FG, self.big)
+            msg = app.net.error if getattr(app, "net", None) is not None and app.net.error else "starting the network..."
+            self.text(msg, (20, 20), ERROR if "error" in msg else FG, self.big)
             return
         if snap is not self._snap:
             self._rebuild(snap)
@@ -91,28 +108,45 @@ class Painter:
         self.text(f"unit {layer_name}:{s.unit}", (x2 + 4, 10), ACCENT, self.small)
         y = PANE + 16
         if snap.top5:
-            self.text("top-5", (x2, y), DIM, self.small)
+            self.text(f"top-{len(snap.top5)}", (x2, y), DIM, self.small)
             for k, (label, p) in enumerate(snap.top5):
                 yy = y + 16 + k * 19
-                pygame.draw.rect(scr, (60, 90, 140), (x2, yy + 2, int(120 * p), 14))
+                pygame.draw.rect(scr, (60, 90, 140), (x2, yy + 2, int(120 * min(max(p, 0.0), 1.0)), 14))
                 self.text(f"{p:.3f} {label[:30]}", (x2 + 4, yy), FG)
             y += 16 + 5 * 19 + 8
-        self.draw_layer_list(x2, y, scr.get_height() - 36 - y, s.layer)
-        # the grid (or the zoomed unit)
+        self.draw_layer_list(x2, y, scr.get_height() - STATUS_H - 10 - y, s.layer)
+        # the grid (or the zoomed unit, or every unit's optimized image)
         gb = self.grid_box
+        what = "back diffs" if s.back_diffs and MODES[s.back] != "off" else "activations"
         if s.zoom:
             z = pygame.transform.scale(self._surf["unit"], fit(self._surf["unit"].get_size(), gb.size))
             scr.blit(z, gb.topleft)
+        elif s.pattern and self.draw_pattern(layer_name, snap.n_channels, s.unit):
+            what = "optimized images (pattern mode, s)"
         else:
             scr.blit(self._surf["grid"], gb.topleft)
             self.highlight(snap, s.unit, ACCENT)
             if s.frozen and s.frozen[0] == layer_name and s.frozen[1] != s.unit:
                 self.highlight(snap, s.frozen[1], FROZEN)
-        what = "back diffs" if s.back_diffs and MODES[s.back] != "off" else "activations"
-        self.text(f"{layer_name}: {snap.n_channels} channels, {what}", (gb.x, gb.bottom + 2), DIM, self.small)
+            if s.pattern:
+                what += " (pattern mode: loading the optimized images...)"
+        self.text(f"{layer_name}: {snap.n_channels} channels, {what}", (gb.x, gb.bottom + 4), DIM, self.small)
+        if self.pane_box is not None:
+            self.draw_pane()
+        problem = app.net.error or snap.warning
+        if problem:
+            self.banner(problem)
         self.draw_status(snap, layer_name)
         if app.show_help:
             self.draw_help()
+
+    def banner(self, msg):
+        gb = self.grid_box
+        box = pygame.Rect(gb.x, gb.y, gb.width, 28)
+        overlay = pygame.Surface(box.size, pygame.SRCALPHA)
+        overlay.fill((90, 0, 0, 220))
+        self.screen.blit(overlay, box.topleft)
+        self.text(msg[:110], (box.x + 8, box.y + 6), ERROR)
 
     def highlight(self, snap, unit, color):
         rows, cols = snap.grid_rc
@@ -125,33 +159,90 @@ class Painter:
                            max(3, int(tw * sx) + 2), max(3, int(th * sy) + 2))
         pygame.draw.rect(self.screen, color, rect, 2)
 
+    # ----- pattern mode and the unit pane ---------------------------------------------------------
+    def pattern_tile(self, channels: int) -> int:
+        cols = max(1, int(np.ceil(np.sqrt(channels))))
+        rows = int(np.ceil(channels / cols))
+        return max(4, min(self.grid_box.width // cols, self.grid_box.height // rows) - 2)
+
+    def draw_pattern(self, layer: str, channels: int, unit: int) -> bool:
+        loader = self.app.loader
+        if loader is None:
+            return False
+        tile = self.pattern_tile(channels)
+        got = loader.sprite(layer, tile)
+        if got is None:
+            loader.want_sprite(layer, channels, tile)
+            return False
+        img, layout, _ = got
+        if self._sprite_key != (layer, tile, id(img)):
+            surf = surface_from(img)
+            self._sprite_size = fit(surf.get_size(), self.grid_box.size)
+            self._sprite_surf = pygame.transform.smoothscale(surf, self._sprite_size)
+            self._sprite_key = (layer, tile, id(img))
+        self.screen.blit(self._sprite_surf, self.grid_box.topleft)
+        if layout is not None:
+            rows, cols, t, pad = layout
+            s = self._sprite_size[0] / img.shape[1]
+            r, c = divmod(unit, cols)
+            rect = pygame.Rect(self.grid_box.x + int((pad + c * (t + pad)) * s) - 2,
+                               self.grid_box.y + int((pad + r * (t + pad)) * s) - 2, int(t * s) + 4, int(t * s) + 4)
+            pygame.draw.rect(self.screen, ACCENT, rect, 2)
+        return True
+
+    def draw_pane(self):
+        app, pb = self.app, self.pane_box
+        layer, unit = app.selected()
+        entry = app.pane_entry()
+        key = (layer, unit, id(entry))
+        if key != self._pane_key:
+            self._pane_surf = {k: surface_from(v) for k, v in (entry or {}).items() if v is not None}
+            self._pane_key = key
+        slot_h = self.slot_size[1]
+        for i, (kind, title) in enumerate(SLOTS):
+            y = pb.y + i * (slot_h + CAPTION_H)
+            self.text(title, (pb.x, y + 2), ACCENT if kind in self._pane_surf else DIM, self.small)
+            box = pygame.Rect(pb.x, y + CAPTION_H, pb.width, slot_h)
+            pygame.draw.rect(self.screen, (40, 40, 46), box)
+            surf = self._pane_surf.get(kind)
+            if surf is not None:
+                self.screen.blit(surf, (box.x + (box.width - surf.get_width()) // 2, box.y))
+            else:
+                od = app.on_demand
+                busy = kind == "regularized_opt" and od is not None and od.current and \
+                    od.current["key"] == (layer, unit)
+                msg = "loading..." if entry is None else (od.status() if busy else "missing")
+                self.text(msg, (box.x + 8, box.y + slot_h // 2 - 8), DIM, self.small)
+
     def draw_layer_list(self, x, y, height, current):
         layers = self.app.backend.layers
         line = 17
-        fits = max(1, height // line)
-        start = max(0, min(current - fits // 2, len(layers) - fits))
-        self.text("layers (u / o)", (x, y), DIM, self.small)
-        for k, name in enumerate(layers[start:start + fits - 1]):
+        rows = max(1, height // line - 1)  # entries below the title
+        start = max(0, min(current - rows // 2, len(layers) - rows))  # the selection stays in view
+        self.text("layers (u / o)" + (f"  {start + 1}-{min(len(layers), start + rows)} of {len(layers)}"
+                                      if len(layers) > rows else ""), (x, y), DIM, self.small)
+        for k, name in enumerate(layers[start:start + rows]):
             i = start + k
             mark = "> " if i == current else "  "
-            self.text(mark + name, (x, y + line * (k + 1)), ACCENT if i == current else FG, self.small)
+            self.text(mark + name[:34], (x, y + line * (k + 1)), ACCENT if i == current else FG, self.small)
 
     def draw_status(self, snap, layer_name):
         app, s = self.app, self.app.settings
         H = self.screen.get_height()
-        pygame.draw.rect(self.screen, (10, 10, 12), (0, H - 26, self.screen.get_width(), 26))
-        net_fps = 1.0 / snap.seconds if snap.seconds else 0.0
+        pygame.draw.rect(self.screen, (10, 10, 12), (0, H - STATUS_H, self.screen.get_width(), STATUS_H))
         disp = len(self._frame_times)
         back = MODES[s.back] + (" norm" if s.back_norm and s.back else "")
+        net = app.net.fps  # the same definition as the stats' net_fps: passes per second of network time
         parts = [f"{layer_name}:{s.unit}", f"Back: {back}", f"Boost: {s.boost}/{s.gamma}",
-                 f"net {net_fps:.1f} fps", f"display {disp} fps",
+                 f"net {net:.1f} fps", f"display {disp} fps",
                  f"{'crop' if s.crop else 'stretch'}", app.source.name]
         msg = app.status_message()
-        self.text(" | ".join(parts) + (f" | {msg}" if msg else "") + "   (h: help)", (8, H - 21), FG)
+        color = ERROR if app.net.error else FG
+        self.text(" | ".join(parts) + (f" | {msg}" if msg else "") + "   (h: help)", (8, H - 21), color)
 
     def draw_help(self):
         W, H = self.screen.get_size()
-        box = pygame.Rect(W // 2 - 300, 60, 600, 40 + 24 * 15)
+        box = pygame.Rect(W // 2 - 300, 50, 600, 40 + 24 * len(HELP))
         overlay = pygame.Surface(box.size, pygame.SRCALPHA)
         overlay.fill((0, 0, 0, 215))
         self.screen.blit(overlay, box.topleft)

@@ -1,0 +1,205 @@
+"""Every unit's optimized image, into the atlas: ``regularized_opt/<layer>/<layer>_%04d.jpg``.
+
+One image per unit, made with one setting (paper_3 by default, the setting that made most of the
+paper's images): the best image of the run, cut to the unit's receptive field for conv units (the
+only pixels the unit sees; the rest is the start noise) and whole for fc units. The original's
+montage of several runs per unit cost 4x the compute for pictures that mostly agree; one image
+per unit keeps fc's 1,000 units a short job and the pane readable. ``results.json`` beside the
+images records the setting and, per unit, the activation reached and the step it was reached at;
+``whole_layer.jpg`` is every unit's image in one square sprite (pattern mode, and old tools).
+
+Resumable: units whose image exists are skipped, so a rerun of the same command continues; a rerun
+with another setting or another model into the same folder is refused.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import asdict
+
+import numpy as np
+
+from ..errors import DeepvisError
+from ..files import save_image, signals_deferred, write_json
+from ..progress import progress as progress_bar
+from ..units import Unit, layer_shapes, parse_unit, resolve_units
+from .patches import display_box
+from .receptive import crop_box, layer_geometry
+from .store import AtlasStore, backend_identity, layer_slug
+
+SPRITE_TILE = 64
+
+
+def expand_units(backend, specs) -> list[Unit]:
+    """'layer:all' -> every channel of the layer; other specs as resolve_units parses them."""
+    if isinstance(specs, (str, Unit)):
+        specs = [specs]
+    out = []
+    for spec in specs:
+        s = str(spec).strip()
+        if s.endswith(":all"):
+            layer = backend.resolve_layer(s[:-4])
+            out += [f"{layer}:{c}" for c in range(layer_shapes(backend, [layer])[layer][0])]
+        else:
+            out.append(spec)
+    return resolve_units(backend, out)
+
+
+def unit_image(backend, unit: Unit, image: np.ndarray) -> np.ndarray:
+    """What the atlas keeps of an optimized image: the unit's field (conv), or all of it (fc)."""
+    if unit.y is None:
+        return image
+    return crop_box(image, display_box(layer_geometry(backend, unit.layer), unit.y, unit.x, backend.input_size))
+
+
+def check_atlas_backend(store: AtlasStore, backend) -> None:
+    """An atlas holds one model's pictures: create its manifest, or check that it is this model."""
+    m = store.manifest()
+    ident = backend_identity(backend)
+    if m is None:
+        store.write_manifest({"state": "optimized", "backend": ident})
+        return
+    theirs = m.get("backend") or m.get("mining", {}).get("backend")
+    if theirs and theirs.get("weights_sha256") != ident["weights_sha256"]:
+        raise DeepvisError(f"atlas {store.root} holds pictures of another model ({theirs.get('name')} "
+                           f"weights {theirs.get('weights_sha256', '')[:12]}, not {ident['name']} "
+                           f"{ident['weights_sha256'][:12]}): give another atlas.dir")
+
+
+class LayerRecord:
+    """regularized_opt/<layer>/results.json: the setting and per-unit results."""
+
+    def __init__(self, store: AtlasStore, layer: str):
+        self.path = os.path.join(store.root, "regularized_opt", layer_slug(layer), "results.json")
+        self.data = {"layer": layer, "setting": None, "units": {}}
+        if os.path.isfile(self.path):
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    self.data = json.load(f)
+            except (OSError, ValueError):
+                pass  # rebuilt from what this run writes; the images themselves are intact
+
+    def check_setting(self, setting: dict) -> None:
+        old = self.data.get("setting")
+        if old and old != setting:
+            raise DeepvisError(
+                f"{os.path.dirname(self.path)} holds images made with {old.get('name')} "
+                f"({old.get('steps')} steps, seed {old.get('seed')}); this run asks {setting.get('name')} "
+                f"({setting.get('steps')} steps, seed {setting.get('seed')}): give another atlas.dir")
+        self.data["setting"] = setting
+
+    def add(self, channel: int, record: dict) -> None:
+        self.data["units"][str(int(channel))] = record
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_json(self.path, self.data)
+
+
+class OptimizeWorker:
+    """Optimizes a batch of units (strings); built once per process or Ray actor."""
+
+    def __init__(self, backend, preset, seed: int, lr_scale: float, progress_scale: float):
+        self.backend, self.preset, self.seed = backend, preset, int(seed)
+        self.lr_scale, self.progress_scale = lr_scale, progress_scale
+
+    def __call__(self, units: list[str]) -> dict:
+        from ..optimize import optimize
+
+        r = optimize(self.backend, units, preset=self.preset, seed=self.seed, progress=False,
+                     lr_scale=self.lr_scale, progress_scale=self.progress_scale)
+        return {"images": r.images, "best_activation": r.best_activation, "best_step": r.best_step,
+                "stopped": {int(k): v for k, v in r.stopped.items()}, "interrupted": r.interrupted,
+                "units": [str(u) for u in r.units]}
+
+
+def write_unit(backend, store: AtlasStore, unit: Unit, image: np.ndarray) -> str:
+    path = store.unit_file("regularized_opt", unit.layer, unit.channel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_image(path, unit_image(backend, unit, image), quality=95)
+    return path
+
+
+def write_sprite(store: AtlasStore, layer: str, channels: int, tile: int = SPRITE_TILE) -> str | None:
+    """whole_layer.jpg: every unit's image in a near-square grid (a black tile where missing)."""
+    from PIL import Image
+
+    cols = max(1, math.ceil(math.sqrt(channels)))
+    rows = math.ceil(channels / cols)
+    sprite = np.zeros((rows * tile, cols * tile, 3), np.uint8)
+    found = 0
+    for c in range(channels):
+        p = store.unit_file("regularized_opt", layer, c)
+        if os.path.isfile(p):
+            r, q = divmod(c, cols)
+            with Image.open(p) as im:
+                sprite[r * tile:(r + 1) * tile, q * tile:(q + 1) * tile] = np.asarray(
+                    im.convert("RGB").resize((tile, tile), Image.BILINEAR))
+            found += 1
+    if not found:
+        return None
+    path = store.whole_layer(layer)
+    save_image(path, sprite, quality=90)
+    return path
+
+
+def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int | None = None, seed: int = 0,
+                        batch_size: int = 8, engine="local", progress: bool = True,
+                        engine_options: dict | None = None) -> dict:
+    """Optimize every given unit ('layer:all' for a whole layer) that the atlas lacks, in batches,
+    and write its image. Returns {"written": n, "skipped": n already there, "interrupted": bool}."""
+    from ..optimize import backend_lr_scale, get_preset
+    from .mining import make_engine
+
+    p = get_preset(preset, steps=steps)
+    units = expand_units(backend, units)
+    if int(batch_size) < 1:
+        raise DeepvisError(f"batch_size must be at least 1, got {batch_size}")
+    eng = make_engine(engine, **(engine_options or {}))
+    store = AtlasStore(atlas_dir)
+    os.makedirs(store.root, exist_ok=True)
+    check_atlas_backend(store, backend)
+    setting = {**asdict(p), "seed": int(seed)}
+    records = {}
+    for layer in dict.fromkeys(u.layer for u in units):
+        records[layer] = LayerRecord(store, layer)
+        records[layer].check_setting(setting)
+    todo = [u for u in units if not os.path.isfile(store.unit_file("regularized_opt", u.layer, u.channel))]
+    by_layer: dict[str, list[Unit]] = {}
+    for u in todo:
+        by_layer.setdefault(u.layer, []).append(u)
+    batches = [[str(u) for u in us[i:i + int(batch_size)]] for us in by_layer.values()
+               for i in range(0, len(us), int(batch_size))]
+    lr_scale = backend_lr_scale(backend)
+    make_worker = functools.partial(OptimizeWorker, backend, p, seed, lr_scale,
+                                    float(getattr(backend, "progress_scale", 1.0)))
+    bar = progress_bar(total=len(units), initial=len(units) - len(todo),
+                       desc=f"optimize {p.name}, {p.steps} steps", unit="unit", enabled=progress)
+    written, interrupted = 0, False
+    try:
+        for batch, res in eng.map(make_worker, batches):
+            if res["interrupted"]:  # Ctrl-C inside the batch: its images are unfinished
+                raise KeyboardInterrupt
+            with signals_deferred():
+                for i, spec in enumerate(res["units"]):
+                    u = parse_unit(spec)
+                    write_unit(backend, store, u, res["images"][i])
+                    stop = res["stopped"].get(i)
+                    records[u.layer].add(u.channel, {
+                        "unit": spec, "best_activation": float(res["best_activation"][i]),
+                        "best_step": int(res["best_step"][i]),
+                        "stopped": None if stop is None else {"step": stop[0], "reason": stop[1]}})
+                records[parse_unit(res["units"][0]).layer].save()
+            written += len(batch)
+            bar.update(len(batch))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    if not interrupted:
+        for layer in records:
+            write_sprite(store, layer, layer_shapes(backend, [layer])[layer][0])
+    return {"written": written, "skipped": len(units) - len(todo), "interrupted": interrupted,
+            "units": len(units)}
