@@ -22,6 +22,9 @@ from .caffe_net import CaffeNet, blob_array, input_shape, read_caffemodel, read_
 from . import caffe_proto
 
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
+#: Largest input side accepted from a prototxt: far above any Caffe model's, far below what would
+#: exhaust memory before the first layer runs.
+MAX_SIDE = 4096
 
 
 def default_cache_dir() -> Path:
@@ -29,43 +32,76 @@ def default_cache_dir() -> Path:
     return Path(base) / "deepvis-repro" / "caffe"
 
 
-def _file_hash(*paths) -> str:
+def _file_hash(path) -> str:
     h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()[:32]
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def load_weights(prototxt: str, weights: str, cache_dir) -> dict[str, list[np.ndarray]]:
-    """Trained blobs per layer: from the cache when prototxt + caffemodel were seen before."""
+def cache_key(prototxt: str, weights: str) -> str:
+    """A hash of both files' hashes, each length-prefixed: no two different pairs share a key."""
+    a, b = _file_hash(prototxt), _file_hash(weights)
+    return hashlib.sha256(f"{len(a)}:{a}{len(b)}:{b}".encode()).hexdigest()[:40]
+
+
+def _tensors_digest(flat: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        t = flat[name].contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_cache(path: Path) -> dict[str, list[np.ndarray]] | None:
+    """The cached blobs, or None when the entry is absent, unreadable, incomplete or altered
+    (its tensors no longer hash to the digest stored with them): such an entry is rebuilt."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+        flat, digest = entry["blobs"], entry["digest"]
+        if not isinstance(flat, dict) or _tensors_digest(flat) != digest:
+            return None
+        out: dict[str, list] = {}
+        for key in sorted(flat, key=lambda k: (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))):
+            out.setdefault(key.rsplit("/", 1)[0], []).append(flat[key].numpy())
+        return out
+    except Exception:  # damaged, truncated, an older format: rebuilt, never trusted
+        return None
+
+
+def _write_cache(path: Path, blobs: dict) -> None:
+    """Best effort: a read-only or full cache folder means no cache, the same result."""
+    from deepvis_repro.files import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flat = {f"{name}/{i}": torch.from_numpy(np.ascontiguousarray(b)) for name, bs in blobs.items()
+                for i, b in enumerate(bs)}
+        with atomic_write(path, "wb") as f:
+            torch.save({"blobs": flat, "digest": _tensors_digest(flat)}, f)
+    except Exception:  # OSError, torch.save's RuntimeError on a full disk, DeepvisError from atomic_write
+        pass
+
+
+def load_weights(prototxt: str, weights: str, cache_dir, use_cache: bool = True):
+    """(trained blobs per layer, came from the cache?): from the cache when this prototxt +
+    caffemodel pair was seen before, else parsed from the caffemodel (and cached)."""
     if not os.path.isfile(weights):
         raise DeepvisError(f"caffemodel not found: {weights}")
     cache = None
     if cache_dir not in (None, "", False):
-        cache = Path(cache_dir) / f"{_file_hash(prototxt, weights)}.pt"
-        if cache.is_file():
-            try:
-                flat = torch.load(cache, map_location="cpu", weights_only=True)
-                out: dict[str, list] = {}
-                for key in sorted(flat, key=lambda k: (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))):
-                    out.setdefault(key.rsplit("/", 1)[0], []).append(flat[key].numpy())
-                return out
-            except Exception:  # a damaged cache entry is rebuilt, never trusted
-                cache.unlink(missing_ok=True)
+        cache = Path(cache_dir) / f"{cache_key(prototxt, weights)}.pt"
+        blobs = _read_cache(cache) if use_cache else None
+        if blobs is not None:
+            return blobs, True
     blobs = trained_blobs(read_caffemodel(weights))
     if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            flat = {f"{name}/{i}": torch.from_numpy(np.ascontiguousarray(b)) for name, bs in blobs.items()
-                    for i, b in enumerate(bs)}
-            tmp = cache.with_suffix(".tmp")
-            torch.save(flat, tmp)
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only home: no cache, same result
-    return blobs
+        _write_cache(cache, blobs)
+    return blobs, False
 
 
 def load_mean(mean, size: tuple[int, int]) -> torch.Tensor:
@@ -104,15 +140,28 @@ class CaffeBackend(HookBackend):
 
     def __init__(self, prototxt: str, weights: str, mean=IMAGENET_MEAN_BGR, labels=None,
                  input_size=None, crop: bool = True, input_scale: float = 1.0, lr_scale: float = 1.0,
-                 progress_scale: float = 1.0, cache_dir=None, device: str = "cpu", name: str = "caffe"):
+                 progress_scale: float = 1.0, cache_dir=None, device: str = "cpu", name: str = "caffe",
+                 resize=None):
         prototxt, weights = os.fspath(prototxt), os.fspath(weights)
         net = read_prototxt(prototxt)
-        size = tuple(input_size) if input_size else input_shape(net)
+        size = tuple(int(v) for v in input_size) if input_size else input_shape(net)
         if size is None:
             raise DeepvisError(f"prototxt {prototxt} declares no input size; give backend.input_size=[H,W]")
+        if not (1 <= size[0] <= MAX_SIDE and 1 <= size[1] <= MAX_SIDE):
+            raise DeepvisError(f"input size {size[0]}x{size[1]} (prototxt {prototxt}) is not in 1..{MAX_SIDE} "
+                               "pixels per side; give backend.input_size=[H,W]")
         cache = default_cache_dir() if cache_dir is None else cache_dir
-        blobs = load_weights(prototxt, weights, cache)
-        model = CaffeNet(net, blobs)
+        blobs, cached = load_weights(prototxt, weights, cache)
+        try:
+            model = CaffeNet(net, blobs)
+        except DeepvisError:
+            if not cached:
+                raise
+            # the cache entry does not fit (it should not happen): rebuild it from the caffemodel,
+            # so that any error names the caffemodel only when the caffemodel is at fault
+            blobs, _ = load_weights(prototxt, weights, cache, use_cache=False)
+            model = CaffeNet(net, blobs)
+        model.check_shapes(size)  # a mismatch names its layer, here rather than mid-run
         writers = [(b, m) for b, m in model.blob_writers() if b != model.input_blob]
         if labels == "imagenet":
             labels = imagenet_labels()
@@ -128,7 +177,7 @@ class CaffeBackend(HookBackend):
             to_input=lambda x: x.index_select(1, flip.to(x.device)) * scale,
             mean=load_mean(mean, size), input_size=size, labels=labels,
             prob=not has_prob and labels is not None, crop=crop, lr_scale=lr_scale,
-            progress_scale=progress_scale, name=name, device=device)
+            progress_scale=progress_scale, name=name, device=device, resize=resize)
 
 
 def caffenet_prototxt() -> str:
@@ -137,8 +186,10 @@ def caffenet_prototxt() -> str:
 
 class CaffeNetBackend(CaffeBackend):
     """The paper's CaffeNet: the user supplies only the caffemodel (and, if they have it,
-    ilsvrc_2012_mean.npy; else Caffe's per-channel BGR mean 104/117/123)."""
+    ilsvrc_2012_mean.npy; else Caffe's per-channel BGR mean 104/117/123). Images are stretched to
+    256x256 and centre-cropped to 227, as the original toolbox's find_maxes (caffe.Classifier with
+    image_dims 256x256, no oversampling) and CaffeNet's training did."""
 
-    def __init__(self, weights: str, mean=None, labels="imagenet", **kw):
+    def __init__(self, weights: str, mean=None, labels="imagenet", resize=(256, 256), **kw):
         super().__init__(caffenet_prototxt(), weights, mean=IMAGENET_MEAN_BGR if mean is None else mean,
-                         labels=labels, input_size=(227, 227), name="caffenet", **kw)
+                         labels=labels, input_size=(227, 227), name="caffenet", resize=resize, **kw)

@@ -220,11 +220,11 @@ def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
         pad = _pair(p.pad, p.pad_h, p.pad_w, 0)
         dil = _pair(p.dilation, 0, 0, 1)
         g = p.group
-        if channels % g or p.num_output % g:
+        if g < 1 or channels % g or p.num_output % g:
             raise DeepvisError(f"layer '{layer.name}': group {g} does not divide its channels")
-        m = nn.Conv2d(channels, p.num_output, k, s, pad, dil, g, bias=p.bias_term)
         shapes = [(p.num_output, channels // g, *k)] + ([(p.num_output,)] if p.bias_term else [])
-        _expect(layer, blobs, shapes)
+        _expect(layer, blobs, shapes)  # before allocating: the prototxt's sizes are only claims
+        m = nn.Conv2d(channels, p.num_output, k, s, pad, dil, g, bias=p.bias_term)
         with torch.no_grad():
             m.weight.copy_(torch.from_numpy(blobs[0].reshape(m.weight.shape)))
             if p.bias_term:
@@ -234,9 +234,12 @@ def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
         p = layer.inner_product_param
         if not blobs:
             raise DeepvisError(f"layer '{layer.name}': the caffemodel has no weights for it")
+        if p.num_output < 1 or blobs[0].size % p.num_output:
+            raise DeepvisError(f"layer '{layer.name}': its weights ({blobs[0].size} values, shape "
+                               f"{tuple(blobs[0].shape)}) do not fit num_output {p.num_output}")
         w = blobs[0].reshape(p.num_output, -1) if not p.transpose else blobs[0].reshape(-1, p.num_output).T
-        m = InnerProduct(w.shape[1], p.num_output, bias=p.bias_term)
         _expect(layer, blobs, [(p.num_output, w.shape[1])] + ([(p.num_output,)] if p.bias_term else []))
+        m = InnerProduct(w.shape[1], p.num_output, bias=p.bias_term)
         with torch.no_grad():
             m.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
             if p.bias_term:
@@ -326,6 +329,23 @@ class CaffeNet(nn.Module):
                 order.append(tops[0])
             last[tops[0]] = f"layers_.{key}"
         return [(b, last[b]) for b in order]
+
+    def check_shapes(self, size) -> None:
+        """Run a zero image through, layer by layer: a layer whose weights do not fit what
+        reaches it (an InnerProduct sized for another input) is named, with both shapes."""
+        blobs = {self.input_blob: torch.zeros(1, 3, *size)}
+        with torch.no_grad():
+            for key, bottoms, tops in self.steps:
+                ins = [blobs[b] for b in bottoms]
+                try:
+                    out = self.layers_[key](*ins)
+                except RuntimeError as e:
+                    name = key.split("_", 1)[1]
+                    shapes = ", ".join(str(tuple(t.shape[1:])) for t in ins)
+                    raise DeepvisError(f"layer '{name}' does not fit its input of shape {shapes}: "
+                                       f"{str(e).splitlines()[0][:160]}") from None
+                for t in tops:
+                    blobs[t] = out
 
     def forward(self, x):
         blobs = {self.input_blob: x}

@@ -1,9 +1,24 @@
 """Any .onnx file as a backend, converted to a torch.fx module by onnx2torch after a clean-up
-pass over the graph. Its input scaling is given in the config: mean and std on a 0..255 scale
-(RGB order), and the channel order the model expects."""
+pass over the graph.
+
+What works (tests/test_onnx.py builds each case): classification models exported by
+torch.onnx.export (TorchScript exporter, opset 9-17; the dynamo exporter's opset 18+ is converted
+to opset 17 with onnx's version converter), tf2onnx / paddle2onnx style graphs with NHWC inputs,
+graphs that end in their own Softmax, graphs full of shape arithmetic, and the files
+deepvis-convert writes from Caffe models (their metadata gives the channel order, mean and scale).
+What does not: operators onnx2torch has no converter for (the error names the operator and opset),
+and external-data files outside the model's folder (refused by onnx; the error says so).
+
+Layers are the tensors a user can look at: float activations with a batch and a channel axis, in
+graph order, shown as NCHW maps whatever the graph's own layout; bookkeeping nodes (Shape,
+Gather of shapes, Cast, Identity, ...) are not layers. ``prob`` is the model's own Softmax when
+the graph ends in one, else the softmax of its output (with labels).
+"""
 from __future__ import annotations
 
+import json
 import os
+import warnings
 
 import torch
 
@@ -11,7 +26,22 @@ from deepvis_repro.backend import HookBackend
 from deepvis_repro.errors import DeepvisError
 from deepvis_repro.labels import imagenet_labels, read_labels
 
-SKIP_MODULES = ("Dropout", "Identity")
+SKIP_MODULES = ("Dropout", "Identity", "OnnxCopyIdentity")
+#: ONNX operators that only move or relabel values (a transposed or reshaped copy of another
+#: layer, or of the input): never layers of their own.
+REARRANGING = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Expand", "Identity",
+               "Dropout", "Shape", "Size", "ConstantOfShape"}
+#: The opset onnx2torch converts fully; newer files are converted down to it first.
+TARGET_OPSET = 17
+#: Defaults where neither the user nor the file's metadata says: torchvision's ImageNet scaling.
+DEFAULT_MEAN, DEFAULT_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+#: ONNX operators whose outputs are NCHW by the standard's definition.
+CHANNEL_FIRST = {"Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
+                 "GlobalMaxPool", "LRN", "InstanceNormalization", "LpPool", "MaxUnpool", "Upsample",
+                 "DepthToSpace", "SpaceToDepth"}
+SAME_LAYOUT = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip",
+               "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Neg", "Abs", "Exp", "Sqrt", "Pow",
+               "Softplus", "Softsign", "Erf", "Gelu", "Mish", "Identity", "Dropout", "Cast", "Pad", "Resize"}
 
 
 def clean_graph(model):
@@ -50,59 +80,223 @@ def clean_graph(model):
 
 def load_onnx(path: str):
     import onnx
-    from google.protobuf.message import DecodeError
 
     if not os.path.isfile(path):
         raise DeepvisError(f"ONNX file not found: {path}")
     try:
-        model = onnx.load(path)
-    except (DecodeError, ValueError, OSError) as e:
-        raise DeepvisError(f"cannot read ONNX file {path}: not an ONNX model, or corrupt ({e})") from None
+        model = onnx.load(path)  # external data is read from the model's folder only (onnx refuses the rest)
+    except Exception as e:  # DecodeError, ValidationError (external data outside the folder), OSError ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "external" in msg.lower() or "outside" in msg.lower() or "directory" in msg.lower():
+            raise DeepvisError(f"cannot read ONNX file {path}: its external data is refused ({msg[:200]})") from None
+        raise DeepvisError(f"cannot read ONNX file {path}: not an ONNX model, or corrupt ({msg[:200]})") from None
     if not len(model.graph.node):
         raise DeepvisError(f"ONNX file {path} holds no graph")
+    if not len(model.graph.input):
+        raise DeepvisError(f"ONNX file {path} has no graph input")
     return clean_graph(model)
 
 
+def _opset(model) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
 def convert(model, path: str):
+    """onnx2torch, first as is; a file newer than opset 17 that it refuses is converted down to
+    opset 17 with onnx's version converter (the dynamo exporter writes ReduceMean at opset 18)."""
     import onnx2torch
+
+    def describe(e):
+        desc = str(e)
+        op = desc.split("operation_type='")[1].split("'")[0] if "operation_type='" in desc else desc[:120]
+        ver = desc.split("version=")[1].rstrip(")") if "version=" in desc else "?"
+        return op, ver
 
     try:
         return onnx2torch.convert(model)
     except NotImplementedError as e:
-        desc = str(e)
-        op = desc.split("operation_type='")[1].split("'")[0] if "operation_type='" in desc else desc
-        ver = desc.split("version=")[1].rstrip(")") if "version=" in desc else "?"
+        op, ver = describe(e)
+        if _opset(model) > TARGET_OPSET:
+            from onnx import version_converter
+
+            try:
+                down = version_converter.convert_version(model, TARGET_OPSET)
+                return onnx2torch.convert(down)
+            except NotImplementedError as e2:
+                op, ver = describe(e2)
+            except Exception as e2:
+                raise DeepvisError(
+                    f"ONNX file {path} uses operator {op} at opset {ver}, which onnx2torch cannot convert, and "
+                    f"onnx cannot convert the file to opset {TARGET_OPSET} ({str(e2).splitlines()[0][:120]}); "
+                    f"export it with opset_version={TARGET_OPSET} (torch.onnx.export(..., dynamo=False, "
+                    f"opset_version={TARGET_OPSET}))") from None
         raise DeepvisError(f"ONNX file {path} uses operator {op} (opset {ver}), which onnx2torch "
                            "cannot convert") from None
+
+
+def read_metadata(model) -> dict:
+    """The input conventions deepvis-convert records (keys deepvis.*), parsed."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    out = {}
+    for key in ("channel_order", "layout"):
+        if f"deepvis.{key}" in meta:
+            out[key] = meta[f"deepvis.{key}"]
+    for key in ("mean", "std", "input_scale", "blobs", "resize"):
+        if f"deepvis.{key}" in meta:
+            try:
+                out[key] = json.loads(meta[f"deepvis.{key}"])
+            except ValueError:
+                pass
+    return out
+
+
+def input_layout(model, layout: str | None) -> tuple[str, tuple[int, int] | None]:
+    """(NCHW | NHWC, (H, W) or None) of the graph's first input: from the shape, unless given."""
+    dims = [d.dim_value or None for d in model.graph.input[0].type.tensor_type.shape.dim]
+    if layout not in (None, "auto", ""):
+        layout = str(layout).upper()
+        if layout not in ("NCHW", "NHWC"):
+            raise DeepvisError(f"layout must be NCHW, NHWC or auto, got '{layout}'")
+    if len(dims) != 4:
+        raise DeepvisError(f"the model's input has shape {dims}; an image model takes [N, 3, H, W] or [N, H, W, 3]")
+    if layout in (None, "auto", ""):
+        layout = "NHWC" if dims[3] in (1, 3) and dims[1] not in (1, 3) else "NCHW"
+    h, w = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
+    return layout, ((h, w) if h and w else None)
+
+
+def value_layouts(model, layout: str) -> dict[str, str | None]:
+    """The layout of each 4-D value in the graph, propagated from the input: channel-first
+    operators make NCHW, transposes move it, elementwise operators keep it."""
+    lay = {model.graph.input[0].name: layout}
+    for node in model.graph.node:
+        first = next((lay.get(i) for i in node.input if lay.get(i)), None)
+        if node.op_type in CHANNEL_FIRST:
+            out = "NCHW"
+        elif node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            out = {(0, 2, 3, 1): "NHWC", (0, 3, 1, 2): "NCHW"}.get(tuple(perm or ()), None) if first else None
+            if perm == [0, 2, 3, 1] and first == "NHWC" or perm == [0, 3, 1, 2] and first == "NCHW":
+                out = None  # a transpose of an already-moved tensor: unknown
+        elif node.op_type in SAME_LAYOUT or node.op_type == "Concat":
+            out = first
+        else:
+            out = None
+        for o in node.output:
+            lay[o] = out
+    return lay
 
 
 class OnnxBackend(HookBackend):
     """Layers are the converted graph's modules, in order, named after the ONNX nodes."""
 
-    def __init__(self, path: str, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), channel_order: str = "RGB",
+    def __init__(self, path: str, mean=None, std=None, channel_order: str | None = None,
                  labels=None, input_size=None, crop: bool = True, lr_scale=None, progress_scale: float = 1.0,
-                 device: str = "cpu"):
+                 device: str = "cpu", layout: str | None = "auto", resize=None):
+        from onnx2torch.onnx_graph import OnnxGraph
+
         path = os.fspath(path)
         model = load_onnx(path)
+        meta = read_metadata(model)
+        layout, size = input_layout(model, layout if layout not in (None, "auto") else meta.get("layout", layout))
         if input_size is None:
-            dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-            if len(dims) != 4 or not dims[2] or not dims[3]:
+            if size is None:
                 raise DeepvisError(f"ONNX file {path} has no fixed input size; give backend.input_size=[H,W]")
-            input_size = (dims[2], dims[3])
+            input_size = size
+        graph = OnnxGraph(model.graph)
+        nodes = {name: node for name, node in graph.nodes.items()}
         module = convert(model, path)
-        paths = [(n.target, n.target) for n in module.graph.nodes if n.op == "call_module"
-                 and not type(module.get_submodule(n.target)).__name__.startswith(SKIP_MODULES)]
-        if channel_order.upper() not in ("RGB", "BGR"):
+        scale = float(meta.get("input_scale", 1.0))
+        mean = meta.get("mean", DEFAULT_MEAN) if mean is None else mean
+        std = meta.get("std", DEFAULT_STD if "mean" not in meta else (1.0 / scale,) * 3) if std is None else std
+        channel_order = channel_order or meta.get("channel_order", "RGB")
+        if str(channel_order).upper() not in ("RGB", "BGR"):
             raise DeepvisError(f"channel_order must be RGB or BGR, got '{channel_order}'")
-        order = torch.tensor([0, 1, 2] if channel_order.upper() == "RGB" else [2, 1, 0])
-        inv_std = 1.0 / torch.tensor([float(s) for s in std]).view(1, 3, 1, 1)
+        mean, std = _three("mean", mean), _three("std", std)
+        if any(s <= 0 for s in std):
+            raise DeepvisError(f"std must be three positive numbers, got {std}")
+        order = torch.tensor([0, 1, 2] if str(channel_order).upper() == "RGB" else [2, 1, 0])
+        inv_std = 1.0 / torch.tensor(std).view(1, 3, 1, 1)
+        nhwc = layout == "NHWC"
+
+        def to_input(x):
+            x = (x * inv_std.to(x.device)).index_select(1, order.to(x.device))
+            return x.permute(0, 2, 3, 1).contiguous() if nhwc else x
+
+        layouts = value_layouts(model, layout)
+        paths, self._nhwc_layers = self._layers(module, nodes, layouts, to_input, tuple(input_size))
+        # A graph that ends in its own Softmax: that is prob (a second softmax would flatten it)
+        last = paths[-1][1] if paths else None
+        own_prob = last is not None and nodes.get(last) is not None and nodes[last].operation_type == "Softmax"
+        aliases = {}
+        if own_prob:
+            aliases[paths[-1][0]] = "prob"
+            paths[-1] = ("prob", last)
         if labels == "imagenet":
             labels = imagenet_labels()
         elif labels:
             labels = read_labels(labels)
         super().__init__(
-            module, paths,
-            to_input=lambda x: (x * inv_std.to(x.device)).index_select(1, order.to(x.device)),
-            mean=[float(m) for m in mean], input_size=input_size, labels=labels,
-            prob=labels is not None, crop=crop, lr_scale=lr_scale, progress_scale=progress_scale,
-            name=f"onnx:{os.path.basename(path)}", device=device)
+            module, paths, to_input=to_input, mean=mean, input_size=input_size, labels=labels,
+            prob=labels is not None and not own_prob, crop=crop, lr_scale=lr_scale, progress_scale=progress_scale,
+            name=f"onnx:{os.path.basename(path)}", device=device, aliases=aliases, resize=resize)
+        self.layout = layout
+
+    @staticmethod
+    def _layers(module, nodes, layouts, to_input, size):
+        """(name, module path) of every module whose output is an activation: a float tensor with
+        the batch and a channel axis, computed once per forward (found with a batch of 2 zero
+        images); and the names of those whose 4-D output is NHWC."""
+        candidates = [n.target for n in module.graph.nodes if n.op == "call_module"
+                      and not type(module.get_submodule(n.target)).__name__.startswith(SKIP_MODULES)
+                      and not type(module.get_submodule(n.target)).__name__.endswith(SKIP_MODULES)]
+        seen: dict[str, list] = {}
+        handles = [module.get_submodule(t).register_forward_hook(
+            lambda m, i, o, t=t: seen.setdefault(t, []).append(o)) for t in candidates]
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module.eval()
+                module(to_input(torch.zeros(2, 3, *size)))
+        except Exception as e:
+            raise DeepvisError(f"the ONNX model does not run on a {size[0]}x{size[1]} image: "
+                               f"{str(e).splitlines()[0][:200]}") from None
+        finally:
+            for h in handles:
+                h.remove()
+        paths, nhwc = [], set()
+        for t in candidates:
+            outs = seen.get(t, [])
+            if len(outs) != 1:
+                continue
+            o = outs[0]
+            if not (isinstance(o, torch.Tensor) and o.is_floating_point() and o.dim() >= 2 and o.shape[0] == 2):
+                continue  # shape arithmetic, integer indices, constants: not something to look at
+            node = nodes.get(t)
+            if node is not None and node.operation_type in REARRANGING:
+                continue
+            if o.dim() == 4 and node is not None and layouts.get(node.output_values[0]) == "NHWC":
+                nhwc.add(t)
+            paths.append((t, t))
+        if not paths:
+            raise DeepvisError("the ONNX model has no layer with a batch and a channel axis to show")
+        return paths, nhwc
+
+    def forward(self, x, layers):
+        out = super().forward(x, layers)
+        if self._nhwc_layers:  # users see NCHW maps, whatever the graph's own layout
+            for name in list(out):
+                path = self._paths.get(self.resolve_layer(name))
+                if path in self._nhwc_layers and out[name].dim() == 4:
+                    out[name] = out[name].permute(0, 3, 1, 2)
+        return out
+
+
+def _three(name, v):
+    try:
+        vals = [float(x) for x in v]
+    except (TypeError, ValueError):
+        raise DeepvisError(f"{name} must be three numbers (RGB, 0..255), got {v!r}") from None
+    if len(vals) != 3:
+        raise DeepvisError(f"{name} must be three numbers (RGB, 0..255), got {v!r}")
+    return vals

@@ -24,11 +24,26 @@ ALEXNET_ALIASES = {
 }
 
 
+_warned: set = set()
+
+
+def _warn_random(arch: str) -> None:
+    """Random weights give random labels: say so, once per process."""
+    import sys
+
+    if arch not in _warned:
+        _warned.add(arch)
+        print(f"warning: torchvision {arch} has random weights (backend.weights=null): its labels and "
+              "pictures mean nothing; give backend.weights=DEFAULT (a download) or a state-dict file",
+              file=sys.stderr)
+
+
 def _build(arch: str, weights):
     names = torchvision.models.list_models(module=torchvision.models)
     if arch not in names:
         raise DeepvisError(f"unknown torchvision arch '{arch}'; " + did_you_mean(arch, names))
     if weights is None or str(weights).lower() in ("none", "null", ""):
+        _warn_random(arch)
         return torchvision.models.get_model(arch, weights=None), None
     looks_like_file = os.path.exists(str(weights)) or os.sep in str(weights) or str(weights).endswith(
         (".pt", ".pth", ".bin", ".safetensors"))
@@ -58,7 +73,7 @@ def _build(arch: str, weights):
 
 class TorchvisionBackend(HookBackend):
     def __init__(self, arch: str = "alexnet", weights=None, input_size=None, crop: bool = True,
-                 lr_scale=None, progress_scale: float = 1.0, device: str = "cpu"):
+                 lr_scale=None, progress_scale: float = 1.0, device: str = "cpu", resize=None):
         model, w = _build(arch, weights)
         mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
         labels = imagenet_labels()
@@ -79,4 +94,4 @@ class TorchvisionBackend(HookBackend):
             to_input=lambda x, s=scale.view(1, 3, 1, 1): x * s.to(x.device),
             mean=mean255, input_size=size, labels=labels if n_out in (None, 1000) else None,
             aliases=aliases, crop=crop, lr_scale=lr_scale, name=f"torchvision:{arch}", device=device,
-            progress_scale=progress_scale)
+            progress_scale=progress_scale, resize=resize)

@@ -36,7 +36,7 @@ def _rewrite_backend_args(argv: list[str]) -> list[str]:
             elif _is_yaml_path(value) or value in list_backends():
                 if _is_yaml_path(value) and not os.path.isfile(value):
                     raise DeepvisError(f"backend config file not found: {value}")
-                out += ["backend=_by_name", f"+backend.name={value}"]
+                out += ["backend=_by_name", f"++backend.name={value}"]
             else:
                 raise DeepvisError(f"unknown backend '{value}'; " + did_you_mean(value, list_backends()))
         elif eq and key.startswith("backend.") and not key.startswith(("+", "~")):
@@ -52,8 +52,90 @@ def _error(prog: str, msg: str) -> None:
     print(f"{prog}: error: {msg}", file=sys.stderr)
 
 
+#: What to give for a mandatory option (``???`` in a config) that the user left out.
+MISSING_HINTS = {
+    "backend.weights": "backend.weights=PATH (e.g. bvlc_reference_caffenet.caffemodel)",
+    "backend.prototxt": "backend.prototxt=PATH (the deploy.prototxt)",
+    "backend.path": "backend.path=PATH (the .onnx file)",
+    "source.path": "source.path=PATH",
+}
+
+
+def check_missing(cfg) -> None:
+    """One line for mandatory values left out (``backend=caffenet`` without its weights), before
+    anything is instantiated."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise DeepvisError("missing " + "; ".join(
+            f"{k}: give {MISSING_HINTS.get(k, k + '=...')}" for k in missing))
+
+
+def unique_run_dir(base: str) -> str:
+    """Hydra's run folder, made unique: two runs started in the same second get base and
+    base_1 (os.mkdir is atomic, so no two runs can both take one name)."""
+    parent = os.path.dirname(base)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    for n in range(10_000):
+        path = base if n == 0 else f"{base}_{n}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise DeepvisError(f"cannot make a new run folder next to {base}")
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("unique_dir"):
+        # use_cache: Hydra resolves hydra.run.dir more than once; the folder is made once
+        OmegaConf.register_new_resolver("unique_dir", lambda base: unique_run_dir(str(base)), use_cache=True)
+
+
+def _drop_empty_run_dir() -> None:
+    """A run that failed before writing anything leaves no folder behind (Hydra's own .hydra/
+    and log are not results)."""
+    import shutil
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        out = HydraConfig.get().runtime.output_dir
+    except Exception:
+        return
+    if os.path.abspath(out) == os.path.abspath(os.getcwd()) or not os.path.isdir(out):
+        return
+    left = [n for n in os.listdir(out) if n != ".hydra" and not n.endswith(".log")]
+    if not left:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+_terminated = False
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM ends a run as Ctrl-C does: what is done is saved (exit status 143)."""
+    global _terminated
+    from .files import Terminated
+
+    _terminated = True
+    raise Terminated
+
+
+def exit_interrupted() -> None:
+    sys.exit(143 if _terminated else 130)
+
+
 def run_app(config_name: str, task: Callable) -> None:
-    """Run ``task(cfg)`` as a Hydra app on conf/<config_name>.yaml."""
+    """Run ``task(cfg)`` as a Hydra app on conf/<config_name>.yaml. A user's mistake (a value, a
+    path, a config key) ends it with one line and exit status 2; Ctrl-C with 130, SIGTERM with 143,
+    after saving what there is."""
+    import signal
+
     import hydra
 
     prog = os.path.basename(sys.argv[0]) or f"deepvis-{config_name}"
@@ -62,22 +144,109 @@ def run_app(config_name: str, task: Callable) -> None:
     except DeepvisError as e:
         _error(prog, str(e))
         sys.exit(2)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _register_resolvers()
+    started = []
+    gate = _Gate(sys.stderr)
 
     @hydra.main(config_path="pkg://deepvis_repro_conf", config_name=config_name, version_base="1.3")
     def main(cfg):
+        started.append(True)
+        gate.open()  # from here on, stderr is the task's own, unbuffered
         try:
+            check_missing(cfg)
             task(cfg)
         except DeepvisError as e:
+            _drop_empty_run_dir()
             _error(prog, str(e))
             sys.exit(2)
         except BrokenPipeError:  # `deepvis-inspect | head`: the reader left, not an error
             sys.stderr.close()
             os._exit(0)
-        except KeyboardInterrupt:
-            _error(prog, "interrupted")
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            from .files import Terminated
 
-    main()
+            global _terminated
+            _terminated = _terminated or isinstance(e, Terminated)
+            _drop_empty_run_dir()
+            _error(prog, "terminated" if _terminated else "interrupted")
+            exit_interrupted()
+
+    import contextlib
+
+    helping = any(a in sys.argv for a in ("--help", "-h", "--cfg", "--info", "--hydra-help"))
+    if helping:
+        gate.open()
+    try:
+        # Until the task starts, what Hydra says goes through the gate: its errors (an unknown key,
+        # a bad override, an unwritable run folder) are the user's mistakes: one line, status 2.
+        with contextlib.redirect_stderr(gate):
+            main()
+    except SystemExit as e:
+        if started or e.code in (0, None) or helping:
+            gate.open()
+            raise
+        message = _hydra_message(gate.held())
+        gate.discard()  # replaced by the one line
+        gate.open()
+        _error(prog, message or f"invalid command line (status {e.code})")
+        sys.exit(2)
+    finally:
+        gate.open()
+
+
+class _Gate:
+    """stderr before the task starts: held (Hydra's reports, reduced to one line on error);
+    once opened, written straight through."""
+
+    def __init__(self, stream):
+        self.stream, self.is_open, self._held = stream, False, []
+
+    def write(self, text):
+        if self.is_open:
+            return self.stream.write(text)
+        self._held.append(text)
+        return len(text)
+
+    def flush(self):
+        if self.is_open:
+            self.stream.flush()
+
+    def open(self):
+        if not self.is_open:
+            self.is_open = True
+            self.stream.write("".join(self._held))
+            self._held = []
+
+    def held(self) -> str:
+        return "".join(self._held)
+
+    def discard(self):
+        self._held = []
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def fileno(self):
+        return self.stream.fileno()
+
+
+def _hydra_message(text: str) -> str:
+    """Hydra's error report, as one line: its first lines up to the hint about stack traces, or
+    for an error it met making the run folder (reported with a traceback), the final error."""
+    import re
+
+    if "Traceback" in text:
+        errors = re.findall(r"^(\w+(?:Error|Exception)): (.*)$", text, flags=re.M)
+        if errors:
+            kind, msg = errors[-1]
+            if kind in ("FileNotFoundError", "PermissionError", "NotADirectoryError", "OSError",
+                        "FileExistsError"):
+                return f"cannot make the run folder: {msg}"
+            return f"{kind}: {msg}"
+    lines = [l.strip() for l in text.strip().splitlines() if l.strip() and "HYDRA_FULL_ERROR" not in l]
+    keep = [l for l in lines if not l.startswith(("full_key", "object_type", "reference_type"))]
+    return " ".join(keep)[:300]
 
 
 # ----- deepvis-inspect --------------------------------------------------------------------------
@@ -93,12 +262,15 @@ def inspect_task(cfg) -> None:
         image = load_image(cfg.image)
         if backend.labels is None:
             raise DeepvisError(f"backend {backend.name} has no class labels to name what is in an image")
-        top_k = int(cfg.top_k)
-        if not 1 <= top_k <= len(backend.labels):
-            raise DeepvisError(f"top_k must be in 1..{len(backend.labels)}, got {top_k}")
+        from .validate import whole
+
+        top_k = whole("top_k", cfg.top_k, 1)
         with torch.no_grad():
             prob = backend.forward(backend.preprocess(image), ["prob"])["prob"][0]
-        values, idx = prob.topk(top_k)
+        if not torch.isfinite(prob).all():
+            raise DeepvisError(f"the model's output is NaN or infinite for {cfg.image}: it cannot classify "
+                               "it (broken weights, or an input scaling it was not trained with?)")
+        values, idx = prob.topk(min(top_k, prob.numel()))
         for v, i in zip(values.tolist(), idx.tolist()):
             print(f"{v:.4f}  {i:4d}  {backend.labels[i]}")
         return
@@ -197,7 +369,7 @@ def optimize_task(cfg) -> None:
         print(f"warning: {record['report_error']}", file=sys.stderr)
     if result.interrupted:
         print("interrupted: saved the best images so far", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted()
 
 
 def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine) -> None:
@@ -215,7 +387,7 @@ def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine) -> Non
     if r["interrupted"]:
         print(f"interrupted: {r['written'] + r['skipped']} of {r['units']} units are in {atlas_dir}; "
               "rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted()
 
 
 def optimize_main() -> None:
@@ -252,49 +424,74 @@ def reproduce_task(cfg) -> None:
 
     from omegaconf import OmegaConf
 
-    from .outputs import versions
+    from .outputs import machine, versions
     from .registry import instantiate_backend
-    from .reproduce.harness import (compare, default_reference_dir, failure_table, run_profile,
+    from .reproduce.harness import (check_profile, compare, default_reference_dir, failure_table, run_profile,
                                     write_outputs, write_references)
+    from .reproduce.report import fmt_rank
+    from .validate import number, whole
 
-    seed_everything(int(cfg.seed))
+    seed = whole("seed", cfg.seed, 0)
+    threshold = number("ssim_threshold", cfg.ssim_threshold, minimum=-1.0, maximum=1.0)
+    seed_everything(seed)
     device = resolve_device(cfg.device)
+    profile = OmegaConf.to_container(cfg.profile)
     backend = instantiate_backend(cfg.backend).to(device)
+    check_profile(backend, profile)  # every setting and unit, before any work (or the judge's load)
     judge = None
     if cfg.judge is not None:
         judge = instantiate_backend(cfg.judge).to(device)
-    profile = OmegaConf.to_container(cfg.profile)
     ref_dir = Path(cfg.references) if cfg.references else default_reference_dir(backend.name, profile["name"])
     command = "deepvis-reproduce " + " ".join(sys.argv[1:])
-    info = {"backend": backend.name, "profile": profile["name"], "seed": int(cfg.seed),
-            "ssim_threshold": float(cfg.ssim_threshold), "references": str(ref_dir),
+    info = {"backend": backend.name, "profile": profile["name"], "seed": seed,
+            "ssim_threshold": threshold, "references": str(ref_dir),
             "judge": getattr(judge, "name", None), "command": command, "versions": versions(),
-            "profile_config": profile}
-    run = run_profile(backend, profile, seed=int(cfg.seed), judge=judge)
+            "machine": machine(), "profile_config": profile}
+    run = run_profile(backend, profile, seed=seed, judge=judge)
     failures = []
     if cfg.update_references and not run.interrupted:
-        write_references(run, ref_dir, {k: info[k] for k in ("backend", "profile", "seed", "command", "versions")})
+        write_references(run, ref_dir, {k: info[k] for k in ("backend", "profile", "seed", "command", "versions",
+                                                             "machine")})
     else:
-        failures = compare(run, ref_dir, float(cfg.ssim_threshold))
+        failures = compare(run, ref_dir, threshold)
+        info["reference_machine"] = reference_machine(ref_dir)
     out = Path(output_dir())
     metrics = write_outputs(out, backend, run, info, failures)
     for s in metrics["summary"]:
-        rank = "-" if s["median_judge_rank"] is None else f"{s['median_judge_rank']:.0f}"
+        partial = "  (partial: interrupted)" if s["setting"] in metrics["partial_settings"] else ""
         print(f"{s['setting']:<8} activation {s['mean_activation']:8.2f}  TV {s['mean_total_variation']:.4f}  "
-              f"HF {s['mean_hf_energy']:.4f}  median judge rank {rank}")
+              f"HF {s['mean_hf_energy']:.4f}  median judge rank {fmt_rank(s['median_judge_rank'])}{partial}")
     missing = sum(r["reference"] == "missing" for r in run.records)
     if cfg.update_references and not run.interrupted:
         print(f"wrote {len(run.records)} references to {ref_dir}")
     elif missing:
         print(f"note: {missing} image(s) have no reference in {ref_dir}; "
               "make them with update_references=true", file=sys.stderr)
+    if metrics["verdict"]:
+        print(metrics["verdict"])
+        theirs = info.get("reference_machine")
+        if failures and theirs and (theirs.get("cpu"), theirs.get("isa")) != (info["machine"]["cpu"], info["machine"]["isa"]):
+            print(f"note: the references were made on another CPU ({theirs.get('cpu')}, {theirs.get('isa')}; this one: "
+                  f"{info['machine']['cpu']}, {info['machine']['isa']}); optimized images diverge across CPUs "
+                  "within tens of steps, so compare on the machine that made them, or make this machine's "
+                  "with update_references=true", file=sys.stderr)
     print(f"report: {out / 'report.html'}")
     if run.interrupted:
-        print("interrupted: the report holds what was finished", file=sys.stderr)
-        sys.exit(130)
+        print("interrupted: the report holds what was finished (the last setting marked partial)", file=sys.stderr)
+        exit_interrupted()
     if failures:
-        print(failure_table(failures, float(cfg.ssim_threshold)), file=sys.stderr)
+        print(failure_table(failures, threshold), file=sys.stderr)
         sys.exit(1)
+
+
+def reference_machine(ref_dir) -> dict | None:
+    import json
+
+    try:
+        with open(os.path.join(ref_dir, "manifest.json"), encoding="utf-8") as f:
+            return json.load(f).get("machine")
+    except (OSError, ValueError):
+        return None
 
 
 def reproduce_main() -> None:

@@ -20,6 +20,10 @@ import threading
 
 from .errors import DeepvisError
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the running work stops and what is done is saved."""
+
+
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -136,7 +140,7 @@ def check_writable_file(path, what: str) -> None:
 @contextlib.contextmanager
 def signals_deferred():
     """Let a writing phase finish: SIGINT / SIGTERM arriving inside the block are held and
-    delivered (as KeyboardInterrupt / SystemExit(143)) when it ends. Only in the main thread;
+    delivered (as KeyboardInterrupt / Terminated) when it ends. Only in the main thread;
     elsewhere a no-op (Python delivers signals to the main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -155,6 +159,4 @@ def signals_deferred():
         for s, h in old.items():
             signal.signal(s, h)
         if got:
-            if got[0] == signal.SIGTERM:
-                raise SystemExit(143)
-            raise KeyboardInterrupt
+            raise Terminated if got[0] == signal.SIGTERM else KeyboardInterrupt

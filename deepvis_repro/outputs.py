@@ -81,6 +81,31 @@ def write_optimization(out_dir: str, backend, result, command: str | None = None
     return record
 
 
+def machine() -> dict:
+    """The CPU that made a result (model and widest vector instructions) and torch's threads:
+    optimized images diverge, within tens of steps, across CPUs whose kernels round differently."""
+    import platform
+
+    import torch
+
+    cpu, isa = platform.processor() or platform.machine(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
+        for name in ("amx_tile", "avx512_fp16", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "avx"):
+            if name in flags:
+                isa = name
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "isa": isa, "arch": platform.machine(), "torch_threads": torch.get_num_threads()}
+
+
 def versions() -> dict:
     import platform
     from importlib import metadata

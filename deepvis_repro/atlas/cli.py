@@ -55,7 +55,9 @@ def mine_task(cfg) -> None:
     if not r.complete:
         print(f"interrupted after {r.images_done} of {len(r.paths)} images; the state is saved in "
               f"{atlas_dir}: rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+        from ..cli import exit_interrupted
+
+        exit_interrupted()
     rate = f", {r.images_done / r.seconds:.1f} images/s" if r.seconds > 0.5 else ""
     print(f"mined {len(r.paths)} images over {len(r.layers)} layer(s) in {r.seconds:.1f} s{rate}")
     if r.skipped:

@@ -166,12 +166,20 @@ def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int 
     for layer in dict.fromkeys(u.layer for u in units):
         records[layer] = LayerRecord(store, layer)
         records[layer].check_setting(setting)
-    todo = [u for u in units if not os.path.isfile(store.unit_file("regularized_opt", u.layer, u.channel))]
+    def done(u: Unit) -> bool:  # on the disk, and not a short on-demand image from the live view
+        return os.path.isfile(store.unit_file("regularized_opt", u.layer, u.channel)) and \
+            str(u.channel) not in records[u.layer].data.get("on_demand", {})
+
+    # Batches are fixed by position within each layer, whatever is already done: a batch's images
+    # depend on its composition (batched convolutions round differently), so a resumed run
+    # recomputes whole batches and gives exactly the images of an uninterrupted run.
     by_layer: dict[str, list[Unit]] = {}
-    for u in todo:
+    for u in units:
         by_layer.setdefault(u.layer, []).append(u)
     batches = [[str(u) for u in us[i:i + int(batch_size)]] for us in by_layer.values()
-               for i in range(0, len(us), int(batch_size))]
+               for i in range(0, len(us), int(batch_size))
+               if not all(done(u) for u in us[i:i + int(batch_size)])]
+    todo = [u for b in batches for u in b]
     lr_scale = backend_lr_scale(backend)
     make_worker = functools.partial(OptimizeWorker, backend, p, seed, lr_scale,
                                     float(getattr(backend, "progress_scale", 1.0)))
@@ -186,6 +194,7 @@ def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int 
                 for i, spec in enumerate(res["units"]):
                     u = parse_unit(spec)
                     write_unit(backend, store, u, res["images"][i])
+                    records[u.layer].data.get("on_demand", {}).pop(str(u.channel), None)
                     stop = res["stopped"].get(i)
                     records[u.layer].add(u.channel, {
                         "unit": spec, "best_activation": float(res["best_activation"][i]),

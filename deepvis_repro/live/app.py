@@ -53,6 +53,7 @@ class LiveApp:
         self.frames = 0
         self.keys_handled: list[str] = []
         self.last_key = 0.0
+        self.frame_log: list[float] = []  # when each display frame was shown (benchmarks)
         self.atlas_dir = atlas
         self.on_demand_options = dict(on_demand or {})
         self.reader = self._open_atlas(atlas) if atlas else None
@@ -199,42 +200,16 @@ class LiveApp:
         self.net = Network(self.backend, self.capture, self)
         self.net.start()
         self._start_atlas_threads(painter.slot_size)
-        clock = pygame.time.Clock()
-        pending = list(self.keys)
         t0 = time.perf_counter()
-        elapsed = 0.0
+        interrupted = None
         try:
-            while self.running:
-                for event in pygame.event.get():
-                    if event.type == pygame.QUIT:  # also SIGTERM and SIGINT, which SDL turns into QUIT
-                        self.running = False
-                    elif event.type == pygame.KEYDOWN:
-                        self.handle_key(key_name(event))
-                if pending and self.frames >= 1:
-                    self.handle_key(pending.pop(0))  # one scripted key per frame
-                painter.draw(self.net.snapshot)
-                pygame.display.flip()
-                clock.tick(self.fps)
-                self.frames += 1
-                if self.net.fatal:
-                    self.fatal = self.net.fatal
-                    break
-                if self.max_frames and self.frames >= self.max_frames and not pending:
-                    break
+            try:
+                self._loop(painter)
+            except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the view ends in any state, stats written
+                interrupted = e
             elapsed = time.perf_counter() - t0
-            if self.fatal is None and self.running:
-                self.wait_for_workers(painter)
-            painter.draw(self.net.snapshot)
-            pygame.display.flip()
-            if self.screenshot:
-                from ..files import write_bytes
-
-                tmp = f"{self.screenshot}.{os.getpid()}.png"
-                pygame.image.save(screen, tmp)  # then renamed: the screenshot is whole or absent
-                with open(tmp, "rb") as f:
-                    data = f.read()
-                os.unlink(tmp)
-                write_bytes(self.screenshot, data)
+            if interrupted is None:
+                self._finish(painter, screen)
         finally:
             for t in (self.net, self.capture, self.loader, self.on_demand):
                 if t is not None:
@@ -248,9 +223,54 @@ class LiveApp:
             from ..files import write_json
 
             write_json(self.stats_path, stats)
+        if interrupted is not None:
+            raise interrupted
         if self.fatal:
             raise DeepvisError(f"the network keeps failing, stopped: {self.fatal}")
         return stats
+
+    def _loop(self, painter):
+        """Events, one scripted key per frame, drawing at the frame-rate cap."""
+        import pygame
+
+        clock = pygame.time.Clock()
+        pending = list(self.keys)
+        while self.running:
+            for event in pygame.event.get():
+                if event.type == pygame.QUIT:
+                    self.running = False
+                elif event.type == pygame.KEYDOWN:
+                    self.handle_key(key_name(event))
+            if pending and self.frames >= 1:
+                self.handle_key(pending.pop(0))
+            painter.draw(self.net.snapshot)
+            pygame.display.flip()
+            clock.tick(self.fps)
+            self.frames += 1
+            self.frame_log.append(time.perf_counter())
+            if self.net.fatal:
+                self.fatal = self.net.fatal
+                return
+            if self.max_frames and self.frames >= self.max_frames and not pending:
+                return
+
+    def _finish(self, painter, screen):
+        """The last frame (after the workers caught up, in headless runs), and the screenshot."""
+        import pygame
+
+        if self.fatal is None and self.running:
+            self.wait_for_workers(painter)
+        painter.draw(self.net.snapshot)
+        pygame.display.flip()
+        if self.screenshot:
+            from ..files import write_bytes
+
+            tmp = f"{self.screenshot}.{os.getpid()}.png"
+            pygame.image.save(screen, tmp)  # then renamed: the screenshot is whole or absent
+            with open(tmp, "rb") as f:
+                data = f.read()
+            os.unlink(tmp)
+            write_bytes(self.screenshot, data)
 
     def wait_for_workers(self, painter):
         """Headless runs: let the network catch up with the last key, and the pane and an

@@ -114,6 +114,7 @@ class Network(threading.Thread):
         self.snapshot: Snapshot | None = None
         self.passes, self.busy_seconds = 0, 0.0
         self.recent = collections.deque(maxlen=10)  # seconds of the last passes (status line)
+        self.log = collections.deque(maxlen=100_000)  # (end time, seconds) of every pass (benchmarks)
         self.first_pass = None
         self.error = None
         self.failing_since: float | None = None
@@ -142,6 +143,7 @@ class Network(threading.Thread):
             self.passes += 1
             self.busy_seconds += dt
             self.recent.append(dt)
+            self.log.append((t + dt, dt))
             self.first_pass = self.first_pass or t
 
     @property

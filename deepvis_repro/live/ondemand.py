@@ -49,6 +49,7 @@ class OnDemand(threading.Thread):
         self.failed: dict = {}               # (layer, unit) -> reason (not retried)
         self.made: set = set()               # units made in this session (never made twice)
         self.stop = threading.Event()
+        self._requested_at = 0.0
 
     def request(self, layer: str, unit: int):
         key = (layer, int(unit))
@@ -93,6 +94,7 @@ class OnDemand(threading.Thread):
                 if self.request_unit != key:
                     continue
                 self.request_unit = None
+            self._requested_at = at
             self._job(*key)
 
     def _on_step(self, step, steps):
@@ -111,7 +113,7 @@ class OnDemand(threading.Thread):
         (unit,) = resolve_units(self.backend, [f"{layer}:{channel}"])
         t0 = time.perf_counter()
         self.current = {"key": (layer, channel), "unit": str(unit), "step": 0, "steps": self.preset.steps,
-                        "started": t0}
+                        "started": t0, "requested": self._requested_at}
         try:
             r = optimize(self.backend, [unit], preset=self.preset, seed=self.seed, progress=False,
                          lr_scale=self.lr_scale, on_step=self._on_step)
@@ -125,8 +127,12 @@ class OnDemand(threading.Thread):
             rec.save()
             self.made.add((layer, channel))
             self.loader.invalidate(layer, channel)
+            t1 = time.perf_counter()
             self.done.append({"unit": str(unit), "setting": self.preset.name, "steps": self.preset.steps,
-                              "seconds": round(time.perf_counter() - t0, 2), "path": path})
+                              "seconds": round(t1 - t0, 2), "path": path,
+                              # from the moment the cursor landed on the unit to the image on disk
+                              "seconds_since_selected": round(t1 - self._requested_at, 2),
+                              "started": t0, "finished": t1})
         except Cancelled:
             pass
         except Exception as e:  # shown in the status line; never retried for this unit

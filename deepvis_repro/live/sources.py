@@ -106,6 +106,12 @@ class VideoSource(Source):
             self.stream = self.container.streams.video[0]
         except (av.error.FFmpegError, IndexError, ValueError) as e:
             raise DeepvisError(f"cannot decode video {self.path}: {str(e) or 'no video stream'}") from None
+        fmt = self.container.format.name or ""
+        if self.path.lower().endswith(IMAGE_EXTENSIONS) and not self.path.lower().endswith(".gif") \
+                or fmt == "image2" or fmt.endswith("_pipe"):
+            self.container.close()
+            raise DeepvisError(f"cannot decode video {self.path}: it is an image; use source=image "
+                               f"source.path={self.path}")
         rate = self.stream.average_rate or self.stream.guessed_rate
         self.period = 1.0 / float(rate) if rate else 1.0 / 25
         self.name = os.path.basename(self.path)
@@ -127,9 +133,13 @@ class VideoSource(Source):
             self.frames_read += 1
         except StopIteration:
             if self.loop and self.frames_read:
-                self.container.seek(0)
-                self._frames = self.container.decode(self.stream)
-                self.frame = next(self._frames).to_ndarray(format="rgb24")
+                try:
+                    self.container.seek(0)
+                    self._frames = self.container.decode(self.stream)
+                    self.frame = next(self._frames).to_ndarray(format="rgb24")
+                except (StopIteration, av.error.FFmpegError, ValueError):
+                    self.loop = False  # it cannot rewind: keep showing the last frame
+                    self.message = "video ended (it cannot be rewound)"
         except (av.error.FFmpegError, ValueError) as e:
             self.message = f"video decode error: {e}"
 

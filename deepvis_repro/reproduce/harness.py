@@ -3,7 +3,6 @@ and measured. Writes PNGs, a labelled grid, metrics.json and report.html into on
 interruption still leaves a valid report of what was done."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,16 +52,33 @@ class Run:
     seconds: float = 0.0
 
 
-def run_profile(backend, profile, *, seed=0, judge=None, progress=True) -> Run:
-    from tqdm.auto import tqdm
+def check_profile(backend, profile) -> tuple[list, list]:
+    """Every setting and unit of a profile, checked before any work: (presets, units)."""
+    settings = profile.get("settings") or []
+    if not settings:
+        raise DeepvisError("the profile names no settings")
+    presets = [get_preset(name, steps=profile.get("steps")) for name in settings]
+    return presets, profile_units(backend, profile)
 
-    units = profile_units(backend, profile)
+
+def run_profile(backend, profile, *, seed=0, judge=None, progress=True) -> Run:
+    from ..progress import progress as progress_bar
+
+    presets, units = check_profile(backend, profile)
     run = Run()
     t0 = time.perf_counter()
-    settings = list(profile["settings"])
-    for name in tqdm(settings, desc="settings", disable=not progress):
-        preset = get_preset(name, steps=profile.get("steps"))
-        result = optimize(backend, [u for u, _ in units], preset=preset, seed=seed, progress=progress)
+    total = sum(p.steps for p in presets) * len(units)
+    bar = progress_bar(total=total, desc=f"reproduce {profile.get('name', '')}", unit="unit-step",
+                       enabled=progress)
+
+    def step(_i, _n):
+        bar.update(len(units))
+
+    for preset in presets:
+        name = preset.name
+        bar.set_description(f"reproduce {profile.get('name', '')}: {name}")
+        result = optimize(backend, [u for u, _ in units], preset=preset, seed=seed, progress=False,
+                          on_step=step)
         ranks = class_ranks(judge, result.images, [c for _, c in units[:len(result.units)]])
         own = class_ranks(backend, result.images, [c for _, c in units[:len(result.units)]])
         for i, (u, c) in enumerate(units[:len(result.units)]):
@@ -71,7 +87,8 @@ def run_profile(backend, profile, *, seed=0, judge=None, progress=True) -> Run:
             run.records.append({
                 "setting": name, "unit": u, "label": unit_label(backend, result.units[i]),
                 "activation": float(result.best_activation[i]), "best_step": int(result.best_step[i]),
-                "steps": preset.steps, "total_variation": total_variation(img),
+                "steps": preset.steps, "steps_run": int(len(result.history)),
+                "partial": bool(result.interrupted), "total_variation": total_variation(img),
                 "hf_energy": high_frequency_energy(img), "judge_rank": ranks[i], "own_rank": own[i],
                 "stopped": result.stopped[i][0] if i in result.stopped else None,
                 "image": f"images/{name}__{u.replace(':', '_')}.png",
@@ -80,19 +97,31 @@ def run_profile(backend, profile, *, seed=0, judge=None, progress=True) -> Run:
         if result.interrupted:
             run.interrupted = True
             break
+    bar.close()
     run.seconds = time.perf_counter() - t0
     return run
 
 
 def compare(run: Run, ref_dir: Path, threshold: float) -> list[dict]:
-    """Fill each record's ssim and reference status; return the failures."""
+    """Fill each record's ssim and reference status (match, differs, missing, damaged: an
+    unreadable file); return the failures (differs and damaged)."""
+    from ..references import recover
+
+    recover(ref_dir)
     failures = []
     for r in run.records:
         path = ref_dir / Path(r["image"]).name
         if not path.is_file():
             r["reference"], r["ssim"] = "missing", None
             continue
-        ref = np.asarray(Image.open(path).convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                ref = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            r["reference"], r["ssim"] = "damaged", None
+            r["reference_error"] = f"{path.name}: {e}"
+            failures.append(r)
+            continue
         r["ssim"] = ssim(run.images[(r["setting"], r["unit"])], ref)
         ok = r["ssim"] >= threshold
         r["reference"] = "match" if ok else "differs"
@@ -102,15 +131,43 @@ def compare(run: Run, ref_dir: Path, threshold: float) -> list[dict]:
 
 
 def write_references(run: Run, ref_dir: Path, manifest: dict) -> None:
-    ref_dir.mkdir(parents=True, exist_ok=True)
+    """The new set is written beside the old one and swapped in at once (references.py): a kill
+    at any moment leaves the old set or the new one, never a mix."""
+    from ..files import write_json
+    from ..references import replace_folder
+
+    def fill(folder: Path):
+        for r in run.records:
+            save_png(folder / Path(r["image"]).name, run.images[(r["setting"], r["unit"])])
+        write_json(folder / "manifest.json", manifest)
+
+    replace_folder(ref_dir, fill)
     for r in run.records:
-        save_png(ref_dir / Path(r["image"]).name, run.images[(r["setting"], r["unit"])])
         r["reference"], r["ssim"] = "written", 1.0
-    with open(ref_dir / "manifest.json", "w") as f:
-        json.dump(manifest, f, indent=1)
 
 
 def write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> dict:
+    """Images, grid, metrics.json and report.html; signals arriving meanwhile wait until all is
+    written (each file is also written whole, atomically)."""
+    from ..files import signals_deferred
+
+    with signals_deferred():
+        return _write_outputs(out, backend, run, info, failures)
+
+
+def verdict(records: list, threshold: float) -> str | None:
+    """'14/15 images match the references (SSIM >= 0.8)', or None when none was compared."""
+    compared = [r for r in records if r["reference"] in ("match", "differs", "damaged")]
+    if not compared:
+        return None
+    ok = sum(r["reference"] == "match" for r in compared)
+    missing = sum(r["reference"] == "missing" for r in records)
+    tail = f"; {missing} without a reference" if missing else ""
+    return f"{ok}/{len(compared)} images match the references (SSIM >= {threshold:g}){tail}"
+
+
+def _write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> dict:
+    from ..files import write_json
     from .report import write_report
 
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -129,10 +186,11 @@ def write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> d
                       for im in row] for row in rows]
         save_png(out / "grid_stretched.png", figure_grid(stretched, row_labels=settings, col_labels=cols, tile=160))
     metrics = {**info, "interrupted": run.interrupted, "seconds": run.seconds,
+               "verdict": verdict(run.records, float(info.get("ssim_threshold", 0.8))),
                "summary": summarize(run.records), "failures": [f"{r['setting']} {r['unit']}" for r in failures],
+               "partial_settings": sorted({r["setting"] for r in run.records if r.get("partial")}),
                "results": run.records}
-    with open(out / "metrics.json", "w") as f:
-        json.dump(metrics, f, indent=1)
+    write_json(out / "metrics.json", metrics)
     write_report(out / "report.html", metrics, has_grid=bool(run.records))
     return metrics
 
@@ -158,5 +216,6 @@ def summarize(records: list) -> list[dict]:
 def failure_table(failures: list, threshold: float) -> str:
     lines = [f"{len(failures)} image(s) differ from their references (SSIM < {threshold}):",
              f"  {'setting':<10}{'unit':<22}{'ssim':>8}"]
-    lines += [f"  {r['setting']:<10}{r['unit']:<22}{r['ssim']:>8.3f}" for r in failures]
+    lines += [f"  {r['setting']:<10}{r['unit']:<22}" + (f"{r['ssim']:>8.3f}" if r["ssim"] is not None else
+              f"  damaged reference ({r.get('reference_error', '')})") for r in failures]
     return "\n".join(lines)

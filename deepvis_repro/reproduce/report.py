@@ -14,7 +14,16 @@ def _fmt(v, digits=3):
     return html.escape(str(v))
 
 
+def fmt_rank(v) -> str:
+    """A (median) rank as the console and the report both show it: 80, 80.5, or -."""
+    if v is None:
+        return "–"
+    return f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}"
+
+
 def write_report(path, metrics: dict, has_grid: bool = True) -> None:
+    from ..files import write_text
+
     e = html.escape
     parts = [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
@@ -28,8 +37,13 @@ def write_report(path, metrics: dict, has_grid: bool = True) -> None:
         f"<p>Backend <b>{e(metrics['backend'])}</b>, profile <b>{e(metrics['profile'])}</b>, "
         f"seed {metrics['seed']}, {metrics['seconds']:.0f} s.</p>",
     ]
+    if metrics.get("verdict"):
+        ok = not metrics.get("failures")
+        parts.append(f"<p class='{'' if ok else 'bad'}' style='font-size:1.3em'><b>{e(metrics['verdict'])}</b></p>")
     if metrics.get("interrupted"):
-        parts.append("<p class='bad'><b>Interrupted</b>: this report holds the settings finished before Ctrl-C.</p>")
+        partial = ", ".join(metrics.get("partial_settings") or [])
+        parts.append("<p class='bad'><b>Interrupted</b>: this report holds what was finished before Ctrl-C"
+                     + (f"; {e(partial)} stopped early and is marked partial" if partial else "") + ".</p>")
     if metrics.get("failures"):
         parts.append(f"<p class='bad'><b>{len(metrics['failures'])} image(s) differ from their references</b> "
                      f"(SSIM &lt; {metrics['ssim_threshold']}): {e(', '.join(metrics['failures']))}</p>")
@@ -45,7 +59,7 @@ def write_report(path, metrics: dict, has_grid: bool = True) -> None:
         top5 = f"{s['judge_top5']}/{s['class_units']}" if s["judge_top5"] is not None else "–"
         parts.append(f"<tr><td class='l'>{e(s['setting'])}</td><td>{_fmt(s['mean_activation'], 2)}</td>"
                      f"<td>{_fmt(s['mean_total_variation'], 4)}</td><td>{_fmt(s['mean_hf_energy'], 4)}</td>"
-                     f"<td>{_fmt(s['median_judge_rank'], 1)}</td><td>{top5}</td></tr>")
+                     f"<td>{fmt_rank(s['median_judge_rank'])}</td><td>{top5}</td></tr>")
     parts.append("</table>")
     parts.append(f"<p>Judge: {e(str(metrics.get('judge')))} (rank 1 = the image is classified as the "
                  "unit's class). Total variation: mean |neighbour difference| on a 0..1 scale. HF energy: "
@@ -54,11 +68,13 @@ def write_report(path, metrics: dict, has_grid: bool = True) -> None:
                  "<th class='l'>label</th><th>image</th><th>activation</th><th>best step</th><th>TV</th>"
                  "<th>HF</th><th>judge rank</th><th>own rank</th><th>SSIM</th><th class='l'>reference</th></tr>")
     for r in metrics["results"]:
-        cls = "bad" if r["reference"] == "differs" else ("miss" if r["reference"] == "missing" else "")
+        cls = "bad" if r["reference"] in ("differs", "damaged") else ("miss" if r["reference"] == "missing" else "")
         parts.append(
             f"<tr class='{cls}'><td class='l'>{e(r['setting'])}</td><td class='l'>{e(r['unit'])}</td>"
             f"<td class='l'>{_fmt(r['label'])}</td><td><img class='t' src='{e(r['image'])}' alt='{e(r['unit'])}'></td>"
-            f"<td>{_fmt(r['activation'], 2)}</td><td>{r['best_step']}</td><td>{_fmt(r['total_variation'], 4)}</td>"
+            f"<td>{_fmt(r['activation'], 2)}</td><td>{r['best_step']}"
+            f"{' (partial: ' + str(r.get('steps_run')) + ' of ' + str(r['steps']) + ' steps)' if r.get('partial') else ''}"
+            f"</td><td>{_fmt(r['total_variation'], 4)}</td>"
             f"<td>{_fmt(r['hf_energy'], 4)}</td><td>{_fmt(r['judge_rank'])}</td><td>{_fmt(r['own_rank'])}</td>"
             f"<td>{_fmt(r['ssim'])}</td><td class='l'>{e(r['reference'])}</td></tr>")
     parts.append("</table>")
@@ -66,5 +82,4 @@ def write_report(path, metrics: dict, has_grid: bool = True) -> None:
         {k: metrics[k] for k in ("command", "backend", "profile", "seed", "references", "versions", "profile_config")
          if k in metrics}, indent=1)) + "</pre>")
     parts += ["</body>", "</html>"]
-    with open(path, "w") as f:
-        f.write("\n".join(parts) + "\n")
+    write_text(path, "\n".join(parts) + "\n")
