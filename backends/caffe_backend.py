@@ -7,6 +7,7 @@ so a second load skips parsing the caffemodel.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -143,6 +144,8 @@ class CaffeBackend(HookBackend):
                  progress_scale: float = 1.0, cache_dir=None, device: str = "cpu", name: str = "caffe",
                  resize=None):
         prototxt, weights = os.fspath(prototxt), os.fspath(weights)
+        self.prototxt, self.weights = prototxt, weights
+        self.input_scale = float(input_scale)
         net = read_prototxt(prototxt)
         size = tuple(int(v) for v in input_size) if input_size else input_shape(net)
         if size is None:
@@ -178,6 +181,61 @@ class CaffeBackend(HookBackend):
             mean=load_mean(mean, size), input_size=size, labels=labels,
             prob=not has_prob and labels is not None, crop=crop, lr_scale=lr_scale,
             progress_scale=progress_scale, name=name, device=device, resize=resize)
+
+
+def _via_onnx(prototxt: str, weights: str, kw: dict, direct_cls=None, direct_kw=None):
+    """The Caffe model through the ONNX route: converted once (cached beside the weights cache,
+    keyed by both files and the options that change the file), loaded by the onnx backend."""
+    import tempfile
+
+    from .caffe_onnx import convert_caffe, write_onnx
+    from .onnx_backend import OnnxBackend
+
+    direct_kw = dict(direct_kw or {})
+    cache_dir = kw.get("cache_dir")
+    cache = default_cache_dir() if cache_dir is None else cache_dir
+    for f, what in ((prototxt, "prototxt"), (weights, "caffemodel")):
+        if not os.path.isfile(f):
+            raise DeepvisError(f"{what} not found: {f}")
+    ident = {k: kw.get(k) for k in ("mean", "input_size", "input_scale", "resize")}
+    key = hashlib.sha256((cache_key(prototxt, weights) + json.dumps(ident, sort_keys=True, default=str))
+                         .encode()).hexdigest()[:40]
+    folder = Path(cache) if cache not in ("", False) else Path(tempfile.mkdtemp(prefix="deepvis-onnx-"))
+    path = folder / f"{key}.onnx"
+    if not path.is_file():
+        direct = (direct_cls or CaffeBackend)(**direct_kw)
+        model = convert_caffe(direct, direct.prototxt, direct.weights)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_onnx(model, str(path))
+        except DeepvisError:  # an unwritable cache: a private temporary copy, the same result
+            path = Path(tempfile.mkdtemp(prefix="deepvis-onnx-")) / f"{key}.onnx"
+            write_onnx(model, str(path))
+    return OnnxBackend(str(path), labels=kw.get("labels"), crop=kw.get("crop", True), lr_scale=kw.get("lr_scale", 1.0),
+                       progress_scale=kw.get("progress_scale", 1.0), device=kw.get("device", "cpu"),
+                       name=f"{kw.get('name', 'caffe')}:onnx")
+
+
+def make_caffe_backend(prototxt: str, weights: str, via: str = "direct", **kw):
+    """backend=caffe: the direct route (default), or via=onnx."""
+    if via == "direct":
+        return CaffeBackend(prototxt, weights, **kw)
+    if via != "onnx":
+        raise DeepvisError(f"via must be direct or onnx, got '{via}'")
+    return _via_onnx(os.fspath(prototxt), os.fspath(weights), kw, CaffeBackend,
+                     dict(prototxt=prototxt, weights=weights, **kw))
+
+
+def make_caffenet_backend(weights: str, via: str = "direct", **kw):
+    """backend=caffenet: the direct route (default), or via=onnx."""
+    if via == "direct":
+        return CaffeNetBackend(weights, **kw)
+    if via != "onnx":
+        raise DeepvisError(f"via must be direct or onnx, got '{via}'")
+    kw.setdefault("resize", (256, 256))
+    kw.setdefault("labels", "imagenet")
+    return _via_onnx(caffenet_prototxt(), os.fspath(weights), {**kw, "name": "caffenet"}, CaffeNetBackend,
+                     dict(weights=weights, **kw))
 
 
 def caffenet_prototxt() -> str:

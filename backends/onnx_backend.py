@@ -20,7 +20,9 @@ import json
 import os
 import warnings
 
+import numpy as np
 import torch
+from onnx2torch.node_converters.pad import OnnxPadDynamic
 
 from deepvis_repro.backend import HookBackend
 from deepvis_repro.errors import DeepvisError
@@ -101,9 +103,32 @@ def _opset(model) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
+class PadDynamic(OnnxPadDynamic):
+    """onnx2torch's dynamic Pad hands F.pad the pad value as a tensor (F.pad wants a float), which
+    breaks every opset-11+ Pad with a constant value; this one converts it."""
+
+    def forward(self, input_tensor, pads, constant_value=0.0):
+        if isinstance(constant_value, torch.Tensor):
+            constant_value = float(constant_value.reshape(-1)[0]) if constant_value.numel() else 0.0
+        return super().forward(input_tensor, pads, constant_value)
+
+
+def _fix_modules(module):
+    """Repairs of onnx2torch's modules, in place (a class swap: copies and pickles still work)."""
+    for m in module.modules():
+        if type(m) is OnnxPadDynamic:
+            m.__class__ = PadDynamic
+    return module
+
+
 def convert(model, path: str):
     """onnx2torch, first as is; a file newer than opset 17 that it refuses is converted down to
     opset 17 with onnx's version converter (the dynamo exporter writes ReduceMean at opset 18)."""
+    module = _convert(model, path)
+    return _fix_modules(module)
+
+
+def _convert(model, path: str):
     import onnx2torch
 
     def describe(e):
@@ -192,7 +217,7 @@ class OnnxBackend(HookBackend):
 
     def __init__(self, path: str, mean=None, std=None, channel_order: str | None = None,
                  labels=None, input_size=None, crop: bool = True, lr_scale=None, progress_scale: float = 1.0,
-                 device: str = "cpu", layout: str | None = "auto", resize=None):
+                 device: str = "cpu", layout: str | None = "auto", resize=None, name: str | None = None):
         from onnx2torch.onnx_graph import OnnxGraph
 
         path = os.fspath(path)
@@ -208,11 +233,12 @@ class OnnxBackend(HookBackend):
         module = convert(model, path)
         scale = float(meta.get("input_scale", 1.0))
         mean = meta.get("mean", DEFAULT_MEAN) if mean is None else mean
+        mean_image = np.asarray(mean, np.float32) if np.asarray(mean).ndim == 3 else None  # a Caffe mean file
         std = meta.get("std", DEFAULT_STD if "mean" not in meta else (1.0 / scale,) * 3) if std is None else std
         channel_order = channel_order or meta.get("channel_order", "RGB")
         if str(channel_order).upper() not in ("RGB", "BGR"):
             raise DeepvisError(f"channel_order must be RGB or BGR, got '{channel_order}'")
-        mean, std = _three("mean", mean), _three("std", std)
+        mean, std = (mean_image if mean_image is not None else _three("mean", mean)), _three("std", std)
         if any(s <= 0 for s in std):
             raise DeepvisError(f"std must be three positive numbers, got {std}")
         order = torch.tensor([0, 1, 2] if str(channel_order).upper() == "RGB" else [2, 1, 0])
@@ -224,10 +250,15 @@ class OnnxBackend(HookBackend):
             return x.permute(0, 2, 3, 1).contiguous() if nhwc else x
 
         layouts = value_layouts(model, layout)
-        paths, self._nhwc_layers = self._layers(module, nodes, layouts, to_input, tuple(input_size))
+        if "blobs" in meta:  # written by deepvis-convert: Caffe's blob names, in Caffe's order
+            paths, self._nhwc_layers = self._blob_layers(meta["blobs"], nodes), set()
+        else:
+            paths, self._nhwc_layers = self._layers(module, nodes, layouts, to_input, tuple(input_size))
         # A graph that ends in its own Softmax: that is prob (a second softmax would flatten it)
         last = paths[-1][1] if paths else None
-        own_prob = last is not None and nodes.get(last) is not None and nodes[last].operation_type == "Softmax"
+        own_prob = last is not None and nodes.get(last) is not None and nodes[last].operation_type == "Softmax" \
+            and "blobs" not in meta
+        has_prob = any(n == "prob" for n, _ in paths)
         aliases = {}
         if own_prob:
             aliases[paths[-1][0]] = "prob"
@@ -238,9 +269,19 @@ class OnnxBackend(HookBackend):
             labels = read_labels(labels)
         super().__init__(
             module, paths, to_input=to_input, mean=mean, input_size=input_size, labels=labels,
-            prob=labels is not None and not own_prob, crop=crop, lr_scale=lr_scale, progress_scale=progress_scale,
-            name=f"onnx:{os.path.basename(path)}", device=device, aliases=aliases, resize=resize)
+            prob=labels is not None and not own_prob and not has_prob, crop=crop, lr_scale=lr_scale,
+            progress_scale=progress_scale, name=name or f"onnx:{os.path.basename(path)}", device=device,
+            aliases=aliases, resize=resize if resize is not None else meta.get("resize"))
         self.layout = layout
+
+    @staticmethod
+    def _blob_layers(blobs, nodes):
+        """(blob, module) for each Caffe blob: the module of the node that writes its final value."""
+        writer = {node.output_values[0]: name for name, node in nodes.items() if node.output_values}
+        missing = [b for b in blobs if b not in writer]
+        if missing:
+            raise DeepvisError(f"the ONNX file's metadata names blobs its graph does not make: {', '.join(missing[:5])}")
+        return [(b, writer[b]) for b in blobs]
 
     @staticmethod
     def _layers(module, nodes, layouts, to_input, size):

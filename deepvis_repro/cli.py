@@ -57,6 +57,7 @@ MISSING_HINTS = {
     "backend.weights": "backend.weights=PATH (e.g. bvlc_reference_caffenet.caffemodel)",
     "backend.prototxt": "backend.prototxt=PATH (the deploy.prototxt)",
     "backend.path": "backend.path=PATH (the .onnx file)",
+    "output": "output=PATH.onnx",
     "source.path": "source.path=PATH",
 }
 
@@ -496,6 +497,44 @@ def reference_machine(ref_dir) -> dict | None:
 
 def reproduce_main() -> None:
     run_app("reproduce", reproduce_task)
+
+
+# ----- deepvis-convert ----------------------------------------------------------------------------
+def convert_task(cfg) -> None:
+    import time
+
+    from omegaconf import OmegaConf
+
+    from .registry import instantiate_backend
+
+    out = str(cfg.output)
+    if not out.endswith(".onnx"):
+        raise DeepvisError(f"output must be a .onnx file, got '{out}'")
+    from .files import check_writable_file
+
+    check_writable_file(out, "output")
+    target = str(cfg.backend.get("_target_", ""))
+    if not target.startswith("deepvis_repro_backends.caffe_backend."):
+        raise DeepvisError("deepvis-convert converts Caffe models: backend=caffe (with backend.prototxt and "
+                           "backend.weights) or backend=caffenet (with backend.weights)")
+    t0 = time.perf_counter()
+    backend_cfg = OmegaConf.merge(cfg.backend, {"via": "direct"})
+    backend = instantiate_backend(backend_cfg)
+    t_load = time.perf_counter() - t0
+    from deepvis_repro_backends.caffe_onnx import convert_caffe, write_onnx
+
+    model = convert_caffe(backend, backend.prototxt, backend.weights)
+    write_onnx(model, out, check=bool(cfg.check))
+    seconds = time.perf_counter() - t0
+    size = os.path.getsize(out) / 1e6
+    print(f"wrote {out}: {len(model.graph.node)} nodes, {len(backend.layers)} blobs, opset 17, {size:.1f} MB, "
+          f"in {seconds:.1f} s (reading the Caffe files {t_load:.1f} s)"
+          + ("; onnx.checker (full check) passed" if cfg.check else ""))
+    print(f"use it with: backend=onnx backend.path={out}" + (" backend.labels=imagenet" if backend.labels else ""))
+
+
+def convert_main() -> None:
+    run_app("convert", convert_task)
 
 
 # ----- deepvis-mine -------------------------------------------------------------------------------

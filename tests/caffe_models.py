@@ -96,9 +96,34 @@ def resnet_shaped(size=32):
     return L, size
 
 
+def mixed_shaped(size=35):
+    """Every other layer type the Caffe backend supports: Split, two branches Concat-ed,
+    Eltwise PROD, MAX and SUM with coefficients, LeakyReLU, Sigmoid, TanH, AVE pooling that
+    rounds up past the padding, global pooling, Flatten, a Dropout that is not in place."""
+    L = [("conv1", "Convolution", ["data"], ["conv1"], dict(num_output=8, kernel_size=3, stride=2, pad=1), None),
+         ("leaky1", "ReLU", ["conv1"], ["conv1"], dict(negative_slope=0.1), None),
+         ("split1", "Split", ["conv1"], ["conv1_a", "conv1_b"], {}, None),
+         ("conv2a", "Convolution", ["conv1_a"], ["conv2a"], dict(num_output=6, kernel_size=3, pad=1), None),
+         ("sig2a", "Sigmoid", ["conv2a"], ["conv2a"], {}, None),
+         ("conv2b", "Convolution", ["conv1_b"], ["conv2b"], dict(num_output=6, kernel_size=1), None),
+         ("tanh2b", "TanH", ["conv2b"], ["conv2b"], {}, None),
+         ("prod", "Eltwise", ["conv2a", "conv2b"], ["prod"], dict(operation=0), None),
+         ("max", "Eltwise", ["conv2a", "conv2b"], ["max"], dict(operation=2), None),
+         ("wsum", "Eltwise", ["prod", "max"], ["wsum"], dict(operation=1, coeff=[0.5, -2.0]), None),
+         ("cat", "Concat", ["wsum", "conv2a"], ["cat"], {}, None),
+         ("pool", "Pooling", ["cat"], ["pool"], dict(pool="AVE", kernel_size=3, stride=2, pad=1), None),
+         ("gpool", "Pooling", ["pool"], ["gpool"], dict(pool="MAX", global_pooling=True), None),
+         ("flat", "Flatten", ["gpool"], ["flat"], {}, None),
+         ("drop", "Dropout", ["flat"], ["drop"], dict(dropout_ratio=0.5), None),
+         ("fc", "InnerProduct", ["drop"], ["fc"], dict(num_output=5), None),
+         ("prob", "Softmax", ["fc"], ["prob"], {}, None)]
+    return L, size
+
+
 PARAM_FIELD = {"Convolution": "convolution_param", "Pooling": "pooling_param", "LRN": "lrn_param",
                "InnerProduct": "inner_product_param", "Dropout": "dropout_param",
-               "Scale": "scale_param", "BatchNorm": "batch_norm_param", "Eltwise": "eltwise_param"}
+               "Scale": "scale_param", "BatchNorm": "batch_norm_param", "Eltwise": "eltwise_param",
+               "ReLU": "relu_param"}
 
 
 def random_weights(layers, size, seed=0):
@@ -108,6 +133,8 @@ def random_weights(layers, size, seed=0):
     blobs = {}
     for name, t, bottoms, tops, p, _ in layers:
         c, h, w = shapes[bottoms[0]] if len(shapes[bottoms[0]]) == 3 else (shapes[bottoms[0]][0], 1, 1)
+        if t == "Concat":
+            c = sum(shapes[b][0] for b in bottoms)
         if t == "Convolution":
             k, s, pad, g = p["kernel_size"], p.get("stride", 1), p.get("pad", 0), p.get("group", 1)
             n = p["num_output"]
@@ -122,9 +149,15 @@ def random_weights(layers, size, seed=0):
             blobs[name] = [rng.normal(0, math.sqrt(2 / fan), (n, fan)).astype(np.float32),
                            rng.normal(0, 0.1, n).astype(np.float32)]
             out = (n,)
+        elif t == "Pooling" and p.get("global_pooling"):
+            out = (c, 1, 1)
         elif t == "Pooling":
             k, s, pad = p["kernel_size"], p.get("stride", 1), p.get("pad", 0)
             out = (c, pooled(h, k, s, pad), pooled(w, k, s, pad))
+        elif t == "Concat":
+            out = (c, h, w)
+        elif t == "Flatten":
+            out = (int(np.prod(shapes[bottoms[0]])),)
         elif t == "BatchNorm":
             factor = np.float32(rng.uniform(0.5, 2))
             blobs[name] = [rng.normal(0, 0.5, c).astype(np.float32) * factor,
@@ -184,6 +217,8 @@ def write_model(layers, size, blobs, folder, name="net", v1_weights=False):
                         msg.pool = {"MAX": 0, "AVE": 1}[v]
                     elif k in ("kernel_size", "stride", "pad") and t == "Convolution":
                         getattr(msg, k).append(v)
+                    elif k == "coeff":
+                        msg.coeff.extend(v)
                     else:
                         setattr(msg, k, v)
         for b in ([] if v1_weights else blobs.get(lname, [])):

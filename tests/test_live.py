@@ -194,7 +194,7 @@ def test_headless_video_source(video_file, tmp_path):
 @pytest.mark.parametrize("args, msg", [
     (["source=images", "source.path=/no/such/dir"], "image folder not found: /no/such/dir"),
     (["source=video", "source.path=/no/such.mp4"], "video file not found"),
-    (["source=images"], "needs a path"),
+    (["source=images"], "missing source.path: give source.path=PATH"),
     (["source=radio"], "unknown source 'radio'"),
     (["source=webcam"], "no camera found"),
 ])
