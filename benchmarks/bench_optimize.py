@@ -2,7 +2,7 @@
 side by side with Lucent's render_vis (PyPI torch-lucent) on the same model, same size, same
 units, pixel parametrization and no transforms.
 
-    pip install torch-lucent --no-deps && python benchmarks/bench_optimize.py [--steps 30]
+    pip install torch-lucent kornia --no-deps && python benchmarks/bench_optimize.py [--steps 30]
 
 Both optimize fc units (the deepest layer, so neither can stop the forward pass early); Lucent
 uses its own Adam on sigmoid pixels, deepvis-repro the paper's rule with paper_3's blur.
@@ -70,8 +70,11 @@ def main():
             run_lucent(plain, channels, 3)
             lucent = run_lucent(plain, channels, args.steps)
             lucent_same = run_lucent(backend, channels, args.steps)
-        except ImportError:
-            lucent = lucent_same = float("nan")
+        except ImportError as e:  # no figures without the peer: say which package is missing
+            raise SystemExit(f"bench_optimize: Lucent cannot be imported ({e.name or e}); install it with:\n"
+                             "  pip install torch-lucent kornia --no-deps\n"
+                             "(torch-lucent pins an old kornia; the benchmark needs neither its pins nor its other "
+                             "dependencies)") from None
         row = {"units": n, "device": args.device, "steps": args.steps,
                "deepvis_unit_steps_per_s": n * args.steps / ours,
                "lucent_unit_steps_per_s": n * args.steps / lucent,

@@ -1,4 +1,4 @@
-"""The one contract every backend fulfils (see DESIGN.md), and a generic implementation on
+"""The one contract every backend fulfils (README: Backends), and a generic implementation on
 forward hooks that any torch module with named submodules can use.
 
 Everything above this file sees only: ``module``, ``layers``, ``labels``, ``input_size``, ``mean``,

@@ -312,3 +312,43 @@ def test_caffe_era_resize_then_crop(photos):
     np.testing.assert_array_equal(b.view(img), np.asarray(Image.fromarray(img).resize((256, 256), Image.BILINEAR))[16:240, 16:240])
     with pytest.raises(DeepvisError, match="no smaller than the input"):
         dv.load_backend(resize=[200, 200])
+
+
+def test_the_lucent_benchmark_names_what_is_missing():
+    code = ("import runpy, sys; sys.modules['lucent'] = None; sys.argv = ['bench_optimize.py', '--steps', '2'];"
+            f"runpy.run_path({str(HERE.parent / 'benchmarks' / 'bench_optimize.py')!r}, run_name='__main__')")
+    r = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "nan" not in r.stdout
+    assert "Lucent cannot be imported" in r.stderr and "pip install torch-lucent kornia --no-deps" in r.stderr
+
+
+def test_redirected_logs_hold_no_escape_codes(tmp_path):
+    r = run("deepvis-optimize", "units=[fc:1,fc:2]", "optimize.steps=3", f"hydra.run.dir={tmp_path / 'o'}")
+    assert r.returncode == 0 and r.stderr.strip()
+    assert "\x1b[" not in r.stderr and "\r" not in r.stderr  # plain lines, not a bar's redraws
+
+
+def test_live_layout_keeps_the_caption_and_the_selected_layer_in_view():
+    import pygame
+
+    from deepvis_repro.live.draw import CAPTION_H, STATUS_H, Painter, layer_window
+
+    for n in range(1, 40):
+        for rows in range(1, 16):
+            for cur in range(n):
+                start = layer_window(n, cur, rows)
+                assert start <= cur < start + rows and start + min(rows, n) <= n
+    pygame.display.init()
+    pygame.font.init()
+    try:
+        screen = pygame.display.set_mode((1280, 720))
+
+        class App:
+            pass
+        for pane in (False, True):
+            p = Painter(screen, App(), with_pane=pane)
+            assert p.grid_box.bottom + 4 + CAPTION_H <= 720 - STATUS_H  # the caption above the status bar
+            if pane:
+                assert p.grid_box.right < p.pane_box.x and p.pane_box.bottom <= 720 - STATUS_H
+    finally:
+        pygame.quit()

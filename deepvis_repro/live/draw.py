@@ -41,6 +41,12 @@ def fit(size, box):
     return max(1, int(w * s)), max(1, int(h * s))
 
 
+def layer_window(n: int, current: int, rows: int) -> int:
+    """First layer shown when rows of n fit: the selection stays in view, near the middle, and
+    the list never scrolls past its end."""
+    return max(0, min(current - rows // 2, n - rows))
+
+
 class Painter:
     def __init__(self, screen, app, with_pane: bool = False):
         self.screen, self.app = screen, app
@@ -218,7 +224,7 @@ class Painter:
         layers = self.app.backend.layers
         line = 17
         rows = max(1, height // line - 1)  # entries below the title
-        start = max(0, min(current - rows // 2, len(layers) - rows))  # the selection stays in view
+        start = layer_window(len(layers), current, rows)
         self.text("layers (u / o)" + (f"  {start + 1}-{min(len(layers), start + rows)} of {len(layers)}"
                                       if len(layers) > rows else ""), (x, y), DIM, self.small)
         for k, name in enumerate(layers[start:start + rows]):
