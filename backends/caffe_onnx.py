@@ -19,7 +19,6 @@ files' SHA-256: ``backend=onnx backend.path=model.onnx`` needs no options.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,14 +29,6 @@ import torch
 from deepvis_repro.errors import DeepvisError
 
 OPSET = 17
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Graph:
@@ -92,9 +83,9 @@ def _ave_correction(size: int, k: int, s: int, p: int, out: int) -> np.ndarray:
 
 def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None):
     """The ONNX ModelProto of a loaded CaffeBackend (its parsed net and weights)."""
-    import onnx
     from onnx import TensorProto, helper
 
+    from .caffe_backend import _file_hash
     from .caffe_net import BatchNorm, Concat, Eltwise, Flatten, InnerProduct, Pool, Scale, Softmax
 
     net = backend.module
@@ -203,7 +194,7 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
         "deepvis.mean": json.dumps(_mean_rgb(backend)), "deepvis.input_scale": json.dumps(_input_scale(backend)),
         "deepvis.blobs": json.dumps(blob_names), "deepvis.source_prototxt": os.path.basename(prototxt),
         "deepvis.source_caffemodel": os.path.basename(weights),
-        "deepvis.prototxt_sha256": _sha256(prototxt), "deepvis.caffemodel_sha256": _sha256(weights),
+        "deepvis.prototxt_sha256": _file_hash(prototxt), "deepvis.caffemodel_sha256": _file_hash(weights),
         **({"deepvis.resize": json.dumps(list(backend.resize))} if backend.resize else {}),
         **(meta or {}),
     }

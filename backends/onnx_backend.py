@@ -323,14 +323,16 @@ class OnnxBackend(HookBackend):
             raise DeepvisError("the ONNX model has no layer with a batch and a channel axis to show")
         return paths, nhwc
 
-    def forward(self, x, layers):
-        out = super().forward(x, layers)
-        if self._nhwc_layers:  # users see NCHW maps, whatever the graph's own layout
-            for name in list(out):
-                path = self._paths.get(self.resolve_layer(name))
-                if path in self._nhwc_layers and out[name].dim() == 4:
-                    out[name] = out[name].permute(0, 3, 1, 2)
-        return out
+    def _as_nchw(self, name, value):
+        """Users see NCHW maps, whatever the graph's own layout."""
+        if self._nhwc_layers and value.dim() == 4 and self._paths.get(self.resolve_layer(name)) in self._nhwc_layers:
+            return value.permute(0, 3, 1, 2)
+        return value
+
+    def forward(self, x, layers, visit=None):
+        if visit is not None:
+            return super().forward(x, layers, visit=lambda n, v: visit(n, self._as_nchw(n, v)))
+        return {n: self._as_nchw(n, v) for n, v in super().forward(x, layers).items()}
 
 
 def _three(name, v):

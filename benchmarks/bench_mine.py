@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 
 def corpus_list(n: int, folder: str) -> str:
     from deepvis_repro.atlas.corpus import demo_corpus
@@ -51,31 +53,34 @@ def throughput(args) -> None:
         loader = torch.utils.data.DataLoader(_BatchDataset(job, range(job.n_batches)), batch_size=None,
                                              num_workers=engine.workers, collate_fn=lambda b: b,
                                              pin_memory=backend.device.type == "cuda")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for b in loader:
             x = b["images"].to(backend.device, non_blocking=True).permute(0, 3, 1, 2).float() - mean
             with torch.no_grad():
                 out = backend.forward(x, [layers[-1]])
             out[layers[-1]].sum().item()  # wait for the device
-        return len(corpus) / (time.perf_counter() - t)
+        return len(corpus) / (time.perf_counter() - t), time.process_time() - c
 
     def mining():
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         r = mine(backend, corpus, layers, top_k=9, batch_size=args.batch_size, engine=engine, progress=False)
         r.values[layers[-1]].sum()
-        return len(corpus) / (time.perf_counter() - t)
+        return len(corpus) / (time.perf_counter() - t), time.process_time() - c
 
     plain()  # warm-up: first batches, worker start, allocator
-    rates = {"plain": [], "mine": []}
+    runs = []  # interleaved pairs: a noisy neighbour slows both sides of a pair alike
     for _ in range(args.repeats):
-        rates["plain"].append(plain())
-        rates["mine"].append(mining())
-    p, m = max(rates["plain"]), max(rates["mine"])
+        runs.append((plain(), mining()))
+    med = lambda v: float(np.median(v))
+    p, m = med([a[0] for a, _ in runs]), med([b[0] for _, b in runs])
+    ratio = med([b[0] / a[0] for a, b in runs])
+    cpu = med([a[1] / b[1] for a, b in runs])
     print(f"device {args.device}, {len(corpus)} images, batch {args.batch_size}, {engine.workers} decode "
-          f"worker(s), torch threads {torch.get_num_threads()}, all {len(layers)} layers, k=9")
-    print(f"  plain forward to {layers[-1]}: {p:7.1f} images/s   (runs: {', '.join(f'{r:.1f}' for r in rates['plain'])})")
-    print(f"  mining:                 {m:7.1f} images/s   (runs: {', '.join(f'{r:.1f}' for r in rates['mine'])})")
-    print(f"  mining / plain = {m / p:.3f}")
+          f"worker(s), torch threads {torch.get_num_threads()}, all {len(layers)} layers, k=9, {len(runs)} pairs")
+    print(f"  plain forward to {layers[-1]}: {p:7.1f} images/s median   (runs: {', '.join(f'{a[0]:.1f}' for a, _ in runs)})")
+    print(f"  mining:                 {m:7.1f} images/s median   (runs: {', '.join(f'{b[0]:.1f}' for _, b in runs)})")
+    print(f"  mining / plain, median of the pairs: {ratio:.3f} in images/s; {cpu:.3f} in the main process's "
+          "CPU seconds (decoding is in workers for both)")
 
 
 def peak_rss_mb() -> float:
@@ -146,7 +151,7 @@ def main():
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--ray-images", type=int, default=200)

@@ -2,7 +2,7 @@
 side by side with Lucent's render_vis (PyPI torch-lucent) on the same model, same size, same
 units, pixel parametrization and no transforms.
 
-    pip install torch-lucent kornia --no-deps && python benchmarks/bench_optimize.py [--steps 30]
+    pip install torch-lucent kornia kornia-rs --no-deps && python benchmarks/bench_optimize.py [--steps 30]
 
 Both optimize fc units (the deepest layer, so neither can stop the forward pass early); Lucent
 uses its own Adam on sigmoid pixels, deepvis-repro the paper's rule with paper_3's blur.
@@ -72,7 +72,7 @@ def main():
             lucent_same = run_lucent(backend, channels, args.steps)
         except ImportError as e:  # no figures without the peer: say which package is missing
             raise SystemExit(f"bench_optimize: Lucent cannot be imported ({e.name or e}); install it with:\n"
-                             "  pip install torch-lucent kornia --no-deps\n"
+                             "  pip install torch-lucent kornia kornia-rs --no-deps\n"
                              "(torch-lucent pins an old kornia; the benchmark needs neither its pins nor its other "
                              "dependencies)") from None
         row = {"units": n, "device": args.device, "steps": args.steps,

@@ -168,7 +168,11 @@ class HookBackend(Backend):
         self.__dict__.update(state)
         self._lock = threading.RLock()
 
-    def forward(self, x: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, layers: Iterable[str], visit=None) -> dict[str, torch.Tensor]:
+        """{name: value} of the layers asked for. With ``visit``, each value is handed to
+        visit(name, value) as soon as it is computed and not kept (the dict comes back empty):
+        a caller that only reduces each layer (the atlas's miner) then holds one layer at a time,
+        not all of them until the pass ends."""
         layers = [layers] if isinstance(layers, str) else list(layers)
         names = [self.resolve_layer(n) for n in layers]
         if not names:
@@ -176,10 +180,17 @@ class HookBackend(Backend):
         deepest = max(names, key=self._order.__getitem__)
         synthetic = {"prob"} if self._synthetic_prob else set()
         out: dict[str, torch.Tensor] = {}
+        asked: dict[str, list[str]] = {}
+        for a, n in zip(layers, names):
+            asked.setdefault(n, []).append(a)
 
         def make_hook(name):
             def hook(_mod, _inp, output):
-                out[name] = output
+                if visit is None:
+                    out[name] = output
+                else:
+                    for a in asked[name]:
+                        visit(a, output)
                 if name == deepest:
                     raise _StopForward
             return hook
@@ -194,14 +205,20 @@ class HookBackend(Backend):
                     inp = inp.contiguous(memory_format=torch.channels_last)
                 final = self.module(inp)
                 if synthetic & set(names):
-                    out["prob"] = torch.softmax(final.flatten(1), dim=1)
+                    prob = torch.softmax(final.flatten(1), dim=1)
+                    if visit is None:
+                        out["prob"] = prob
+                    else:
+                        visit("prob", prob)
             except _StopForward:
                 pass
             finally:
                 for h in handles:
                     h.remove()
+        if visit is not None:
+            return {}
         # Requested aliases come back under the name the caller used.
-        return {asked: out[name] for asked, name in zip(layers, names)}
+        return {a: out[name] for a, name in zip(layers, names)}
 
 
 def check_resize(resize, input_size) -> tuple[int, int] | None:

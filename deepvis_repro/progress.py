@@ -28,7 +28,7 @@ class LineProgress:
         rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
         parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]
         if self.n > self.start_n:
-            parts.append(f"{rate:.1f} {self.unit}/s")
+            parts.append(f"{rate:.3g} {self.unit}/s")
             if self.total and rate > 0:
                 left = (self.total - self.n) / rate
                 parts.append(f"ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}")

@@ -12,10 +12,11 @@ from deepvis_repro_backends import caffe_proto
 # A layer: (name, type, bottoms, tops, params dict, blob shapes)
 
 
-def caffenet_shaped(c=(16, 24, 32, 32, 24), fc=(64, 64, 10), size=69):
+def caffenet_shaped(c=(16, 24, 32, 32, 24), fc=(64, 64, 10), size=69, conv1=(7, 2)):
     """CaffeNet's structure, scaled down: grouped convolutions, LRN, ceil-mode max pooling,
-    in-place ReLU and Dropout, InnerProduct, Softmax. 69 px makes every pooling's ceil matter."""
-    L = [("conv1", "Convolution", ["data"], ["conv1"], dict(num_output=c[0], kernel_size=7, stride=2), None),
+    in-place ReLU and Dropout, InnerProduct, Softmax. 69 px makes every pooling's ceil matter.
+    conv1: (kernel, stride); CaffeNet's own is (11, 4) at 227 px."""
+    L = [("conv1", "Convolution", ["data"], ["conv1"], dict(num_output=c[0], kernel_size=conv1[0], stride=conv1[1]), None),
          ("relu1", "ReLU", ["conv1"], ["conv1"], {}, None),
          ("pool1", "Pooling", ["conv1"], ["pool1"], dict(pool="MAX", kernel_size=3, stride=2), None),
          ("norm1", "LRN", ["pool1"], ["norm1"], dict(local_size=5, alpha=0.0001, beta=0.75), None),
@@ -44,30 +45,7 @@ def caffenet_shaped(c=(16, 24, 32, 32, 24), fc=(64, 64, 10), size=69):
 def caffenet_geometry(c=(8, 16, 24, 24, 16), fc=(32, 32, 10)):
     """The paper's CaffeNet exactly as its deploy prototxt (kernels, strides, pads, groups, 227
     px), with fewer channels: the same receptive fields at a fraction of the weights."""
-    L = [("conv1", "Convolution", ["data"], ["conv1"], dict(num_output=c[0], kernel_size=11, stride=4), None),
-         ("relu1", "ReLU", ["conv1"], ["conv1"], {}, None),
-         ("pool1", "Pooling", ["conv1"], ["pool1"], dict(pool="MAX", kernel_size=3, stride=2), None),
-         ("norm1", "LRN", ["pool1"], ["norm1"], dict(local_size=5, alpha=0.0001, beta=0.75), None),
-         ("conv2", "Convolution", ["norm1"], ["conv2"], dict(num_output=c[1], pad=2, kernel_size=5, group=2), None),
-         ("relu2", "ReLU", ["conv2"], ["conv2"], {}, None),
-         ("pool2", "Pooling", ["conv2"], ["pool2"], dict(pool="MAX", kernel_size=3, stride=2), None),
-         ("norm2", "LRN", ["pool2"], ["norm2"], dict(local_size=5, alpha=0.0001, beta=0.75), None),
-         ("conv3", "Convolution", ["norm2"], ["conv3"], dict(num_output=c[2], pad=1, kernel_size=3), None),
-         ("relu3", "ReLU", ["conv3"], ["conv3"], {}, None),
-         ("conv4", "Convolution", ["conv3"], ["conv4"], dict(num_output=c[3], pad=1, kernel_size=3, group=2), None),
-         ("relu4", "ReLU", ["conv4"], ["conv4"], {}, None),
-         ("conv5", "Convolution", ["conv4"], ["conv5"], dict(num_output=c[4], pad=1, kernel_size=3, group=2), None),
-         ("relu5", "ReLU", ["conv5"], ["conv5"], {}, None),
-         ("pool5", "Pooling", ["conv5"], ["pool5"], dict(pool="MAX", kernel_size=3, stride=2), None),
-         ("fc6", "InnerProduct", ["pool5"], ["fc6"], dict(num_output=fc[0]), None),
-         ("relu6", "ReLU", ["fc6"], ["fc6"], {}, None),
-         ("drop6", "Dropout", ["fc6"], ["fc6"], dict(dropout_ratio=0.5), None),
-         ("fc7", "InnerProduct", ["fc6"], ["fc7"], dict(num_output=fc[1]), None),
-         ("relu7", "ReLU", ["fc7"], ["fc7"], {}, None),
-         ("drop7", "Dropout", ["fc7"], ["fc7"], dict(dropout_ratio=0.5), None),
-         ("fc8", "InnerProduct", ["fc7"], ["fc8"], dict(num_output=fc[2]), None),
-         ("prob", "Softmax", ["fc8"], ["prob"], {}, None)]
-    return L, 227
+    return caffenet_shaped(c, fc, size=227, conv1=(11, 4))
 
 
 def resnet_shaped(size=32):

@@ -26,3 +26,20 @@ def top_labels(backend, image, k=5):
     with torch.no_grad():
         p = backend.forward(backend.preprocess(image), ["prob"])["prob"][0]
     return [backend.labels[i] for i in p.topk(k).indices.tolist()]
+
+
+def write_video(path, image, frames: int, size: int, step: int, rate: int = 10, top: int = 0):
+    """A real H.264 clip: the camera pans step pixels a frame across image (rows top..top+size)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=rate)
+        s.width, s.height, s.pix_fmt = size, size, "yuv420p"
+        for k in range(frames):
+            crop = np.ascontiguousarray(image[top:top + size, step * k:step * k + size])
+            for p in s.encode(av.VideoFrame.from_ndarray(crop, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return path

@@ -1,7 +1,6 @@
 """The unit atlas: top-k mining against a brute-force computation on real photos (the embedded
 model and a Caffe model), receptive fields on CaffeNet's architecture against the analytic
 values, resume after an interruption, unreadable files, the on-disk layout and the CLI."""
-import json
 import os
 import signal
 import subprocess
@@ -235,23 +234,13 @@ def test_a_different_model_or_corpus_is_refused(lite0, corpus_dir, tmp_path):
 
 
 def test_list_and_video_corpora(lite0, corpus_dir, tmp_path, photos):
-    import av
+    from conftest import write_video
 
     (tmp_path / "list.txt").write_text("# a comment\ncoffee/0.jpg\n\n" + str(corpus_dir / "rocket" / "1.jpg") + "\n")
     os.symlink(corpus_dir / "coffee", tmp_path / "coffee")
     c = list_corpus(str(tmp_path / "list.txt"))
     assert [os.path.basename(p) for p in c.items] == ["0.jpg", "1.jpg"]
-    path = tmp_path / "pan.mp4"
-    img = photos["astronaut"]
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("libx264", rate=10)
-        s.width, s.height, s.pix_fmt = 128, 128, "yuv420p"
-        for k in range(30):
-            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[200:328, 8 * k:8 * k + 128]), format="rgb24")
-            for p in s.encode(f):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+    path = write_video(tmp_path / "pan.mp4", photos["astronaut"], frames=30, size=128, step=8, top=200)
     v = video_corpus(str(path), every=2)
     assert len(v) == 15 and v.items[1].endswith("#frame=2")
     r = mine(lite0, v, ["blocks.1"], top_k=3, batch_size=4, progress=False)

@@ -34,20 +34,10 @@ def image_dir(tmp_path_factory, photos):
 @pytest.fixture(scope="module")
 def video_file(tmp_path_factory, photos):
     """A short real H.264 video: the camera pans across the astronaut photo."""
-    import av
+    from conftest import write_video
 
-    path = tmp_path_factory.mktemp("video") / "pan.mp4"
-    img = photos["astronaut"]
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("libx264", rate=10)
-        s.width, s.height, s.pix_fmt = 256, 256, "yuv420p"
-        for k in range(20):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[100:356, 10 * k:10 * k + 256]), format="rgb24")
-            for p in s.encode(frame):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
-    return path
+    return write_video(tmp_path_factory.mktemp("video") / "pan.mp4", photos["astronaut"], frames=20, size=256,
+                       step=10, top=100)
 
 
 def test_image_folder_source_steps_and_skips_unreadable(image_dir, photos):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from deepvis_repro.reproduce.metrics import high_frequency_energy, ssim, total_variation
 

@@ -133,7 +133,7 @@ class _MinerActor:
             torch.set_num_threads(int(threads))  # the driver's: identical numbers, bit for bit
         backend = ray.get(backend_box[0]).to(device)
         self.layers = layers
-        self.miner = Miner(backend, layers, k, negatives, batch_k=True)
+        self.miner = Miner(backend, layers, k, negatives)
 
     def __call__(self, batch: dict) -> dict:
         out = {"index": [], "start": [], "payload": [], "ok": [], "errors": []}
@@ -253,15 +253,11 @@ class RayEngine:
                 rows.append({"index": int(i), "start": r.start, "items": "\n".join(items[r.start:r.stop])})
             ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(1, self.actors * 4)))
             ds = ds.map(_decode_fn(job.backend.view_spec()), num_cpus=self.decode_cpus)
-            ds = ds.map_batches(
-                _MinerActor, batch_size=1, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=self.actors),
-                fn_constructor_args=(box, list(job.layers), job.k, job.negatives, self.device,
-                                     self.threads or torch.get_num_threads()),
-                num_cpus=self.num_cpus, num_gpus=self.num_gpus or None,
-                # a lost actor fails the run rather than restarting without its model; the
-                # checkpoint makes the rerun continue where it stopped
-                max_restarts=0)
+            kwargs = dict(batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors),
+                          fn_constructor_args=(box, list(job.layers), job.k, job.negatives, self.device,
+                                               self.threads or torch.get_num_threads()),
+                          num_cpus=self.num_cpus, num_gpus=self.num_gpus or None)
+            ds = _map_batches_no_restarts(ds, _MinerActor, kwargs)
             for row in ds.iter_rows():
                 ok = _unpack_ok(row["ok"])
                 start = int(row["start"])
@@ -272,6 +268,26 @@ class RayEngine:
         finally:
             if started:
                 ray.shutdown()
+
+
+def _no_restarts() -> dict:
+    return {"max_restarts": 0}
+
+
+def _map_batches_no_restarts(ds, fn, kwargs):
+    """map_batches whose actors are not restarted: a lost actor fails the run (the checkpoint
+    lets the rerun continue) instead of Ray restarting it with its model argument gone, and
+    Ray's core worker logging an error about it. Ray 2.60 has no undeprecated way to say so
+    (ray_remote_args_fn goes in 2.64): where it is gone, Ray's default applies."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            return ds.map_batches(fn, ray_remote_args_fn=_no_restarts, **kwargs)
+    except TypeError:
+        return ds.map_batches(fn, **kwargs)
 
 
 def _decode_fn(view: dict):

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..backend import HookBackend
 from ..errors import DeepvisError
 from ..files import save_npz, signals_deferred, remove_stale_partials
 from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, Corpus, as_corpus
 from .store import AtlasStore, backend_identity
-from .topk import TopK, reduce_batch, select
+from .topk import TopK, batch_top
 
 CHECKPOINT = os.path.join("checkpoint", "mining.npz")
 
@@ -48,12 +49,12 @@ class MiningResult:
 
 
 class Miner:
-    """Holds the backend: one decoded batch -> per layer the candidates (C, B), or only the
-    batch's own top k (``batch_k``: what a remote worker sends back)."""
+    """Holds the backend: one decoded batch -> per layer the batch's own top k (what the driver
+    merges, locally or from a remote worker)."""
 
-    def __init__(self, backend, layers, k: int, negatives: bool = False, batch_k: bool = False):
+    def __init__(self, backend, layers, k: int, negatives: bool = False):
         self.backend, self.layers, self.k = backend, list(layers), int(k)
-        self.negatives, self.batch_k = bool(negatives), bool(batch_k)
+        self.negatives = bool(negatives)
         self.mean = backend.mean_image().to(backend.device).unsqueeze(0)
 
     def __call__(self, images, ids, ok) -> dict:
@@ -62,16 +63,18 @@ class Miner:
         x = images.to(b.device, non_blocking=True).permute(0, 3, 1, 2).float() - self.mean
         ids = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
         ok = torch.as_tensor(np.asarray(ok), dtype=torch.bool)
-        with torch.no_grad():
-            acts = b.forward(x, self.layers)
+        sides = [("top", True)] + ([("bottom", False)] if self.negatives else [])
         out = {}
-        for layer in self.layers:
-            a = acts[layer]
-            sides = [("top", True)] + ([("bottom", False)] if self.negatives else [])
-            out[layer] = {}
-            for side, largest in sides:
-                cand = reduce_batch(a, ids, ok, largest=largest)
-                out[layer][side] = select(*cand, self.k) if self.batch_k else cand
+
+        def reduce(layer, a):
+            out[layer] = {side: batch_top(a, ids, ok, self.k, largest=largest) for side, largest in sides}
+
+        with torch.no_grad():
+            if isinstance(b, HookBackend):  # each layer reduced inside its hook: one layer held at a time
+                b.forward(x, self.layers, visit=reduce)
+            else:  # any other backend: the contract's forward
+                for layer, a in b.forward(x, self.layers).items():
+                    reduce(layer, a)
         return out
 
 

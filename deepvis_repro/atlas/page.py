@@ -61,8 +61,12 @@ def write_index(atlas_dir, max_units: int | None = None) -> str:
 
 
 def atlas_figure(atlas_dir, units: list[tuple[str, int]], labels: dict | None = None, tile: int = 240) -> np.ndarray:
-    """A figure: one row per unit, columns optimized image / top-9 / their deconv (what exists)."""
+    """A figure: one row per unit, columns optimized image (contrast-stretched around grey, as the
+    live view shows it) / top-9 patches / their deconv or guided backprop (what exists)."""
+    from ..images import stretch_around_grey
+
     store = AtlasStore(atlas_dir)
+    m = store.manifest() or {}
     kinds = [k for k in ("regularized_opt", "max_im", "max_deconv")
              if any(os.path.isfile(store.unit_file(k, l, u)) for l, u in units)]
     rows = []
@@ -70,7 +74,13 @@ def atlas_figure(atlas_dir, units: list[tuple[str, int]], labels: dict | None = 
         row = []
         for k in kinds:
             p = store.unit_file(k, l, u)
-            row.append(np.asarray(Image.open(p).convert("RGB")) if os.path.isfile(p) else None)
+            im = np.asarray(Image.open(p).convert("RGB")) if os.path.isfile(p) else None
+            if im is not None and k == "regularized_opt":
+                im = stretch_around_grey(im.astype(np.float64) - 127.5)
+            row.append(im)
         rows.append(row)
+    modes = {v.get("mode") for v in m.get("montages", {}).values()}
+    back = {"guided": "guided backprop", "gradient": "gradient"}.get(modes.pop(), "deconv") if len(modes) == 1 else "deconv"
+    titles = {"regularized_opt": "optimized (stretched)", "max_im": "top-9 patches", "max_deconv": f"their {back}"}
     names = [f"{l}:{u}" + (f" {labels[(l, u)]}" if labels and (l, u) in labels else "") for l, u in units]
-    return figure_grid(rows, row_labels=names, col_labels=[KIND_TITLES[k] for k in kinds], tile=tile)
+    return figure_grid(rows, row_labels=names, col_labels=[titles[k] for k in kinds], tile=tile)

@@ -161,3 +161,8 @@ class AtlasReader:
 
     def whole_layer(self, layer: str) -> str:
         return os.path.join(self.root, "regularized_opt", self.layer_folder(layer), "whole_layer.jpg")
+
+    def back_mode(self, layer: str) -> str:
+        """What the max_deconv pictures of a layer show, in words (the original's: deconv)."""
+        mode = ((self.manifest or {}).get("montages", {}).get(layer) or {}).get("mode", "deconv")
+        return {"guided": "guided backprop", "gradient": "gradient"}.get(mode, "deconv")

@@ -21,31 +21,51 @@ import torch
 EMPTY = np.iinfo(np.int64).max
 
 
-def reduce_batch(act: torch.Tensor, ids: torch.Tensor, ok: torch.Tensor, largest: bool = True):
-    """One batch of a layer -> per channel and image: (values (C, B), ids (C, B), positions
-    (C, B, 2)). act is (B, C, H, W) or (B, C); a spatial map is reduced to its max (or min) and
-    the (y, x) of the first such value in row-major order. Images with ok False get no entry."""
+def batch_top(act: torch.Tensor, ids: torch.Tensor, ok: torch.Tensor, k: int, largest: bool = True):
+    """One batch of a layer -> its own k best entries per channel: (values (C, k'), ids (C, k'),
+    positions (C, k', 2)), k' = min(k, B). act is (B, C, H, W) or (B, C); a spatial map counts
+    with its max (or min) and the (y, x) of the first such value in row-major order. Images with
+    ok False get no entry.
+
+    The top k of (state + batch) is the top k of (state + the batch's top k), so merging these
+    gives the same result; and positions are needed only for the entries kept, so the maps are
+    reduced in place (amax, no copy of a channels-last tensor) and only k maps per channel are
+    searched for the position."""
     b = act.shape[0]
-    if act.dim() == 2 or act[0, 0].numel() == 1:
-        vals = act.reshape(b, -1)
-        flat = torch.zeros_like(vals, dtype=torch.long)
-        width = 1
+    spatial = act.dim() == 4 and act.shape[2] * act.shape[3] > 1
+    if spatial:
+        vals = act.amax(dim=(2, 3)) if largest else act.amin(dim=(2, 3))
     else:
-        width = act.shape[-1]
-        a = act.reshape(b, act.shape[1], -1)  # copies a channels-last map into (y, x) order
-        vals, flat = (a.max(dim=2) if largest else a.min(dim=2))
+        vals = act.reshape(b, -1)
     vals = vals.float()
     if not largest:
         vals = -vals  # the k smallest are the k largest of -v; negation is exact
     vals = torch.nan_to_num(vals, nan=-torch.inf)
-    bad = ~ok.to(vals.device)
-    if bool(bad.any()):
-        vals = vals.masked_fill(bad.view(-1, 1), -torch.inf)
+    bad = ~ok.cpu()
     idv = ids.to(vals.device).view(-1, 1).expand_as(vals).clone()
     if bool(bad.any()):
-        idv = idv.masked_fill(bad.view(-1, 1), EMPTY)
-    pos = torch.stack([flat // width, flat % width], dim=-1).to(torch.int32)
-    return vals.t().contiguous(), idv.t().contiguous(), pos.transpose(0, 1).contiguous()
+        bad = bad.to(vals.device).view(-1, 1)
+        vals = vals.masked_fill(bad, -torch.inf)
+        idv = idv.masked_fill(bad, EMPTY)
+    rows = torch.arange(b, device=vals.device).view(-1, 1).expand_as(vals)
+    v, i, j = _ordered(vals.t(), idv.t(), rows.t(), min(k, b))  # j: which image of the batch
+    pos = torch.zeros(*v.shape, 2, dtype=torch.int32, device=v.device)
+    if spatial:
+        channels = torch.arange(v.shape[0], device=v.device).view(-1, 1).expand_as(j)
+        maps = act[j.reshape(-1), channels.reshape(-1)].reshape(j.numel(), -1)
+        flat = (maps.argmax(dim=1) if largest else maps.argmin(dim=1)).view(j.shape)
+        width = act.shape[-1]
+        pos = torch.stack([flat // width, flat % width], dim=-1).to(torch.int32)
+    return v, i, pos
+
+
+def _ordered(vals, ids, extra, k):
+    """The k best of each row by (value descending, id ascending), with extra carried along."""
+    order = torch.argsort(ids, dim=1)  # ids are unique within a row (one entry per image)
+    vals, ids, extra = vals.gather(1, order), ids.gather(1, order), extra.gather(1, order)
+    _, order = torch.sort(vals, dim=1, descending=True, stable=True)
+    order = order[:, :k]
+    return vals.gather(1, order), ids.gather(1, order), extra.gather(1, order)
 
 
 def select(vals: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, k: int):

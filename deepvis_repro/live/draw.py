@@ -206,6 +206,8 @@ class Painter:
             self._pane_key = key
         slot_h = self.slot_size[1]
         for i, (kind, title) in enumerate(SLOTS):
+            if kind == "max_deconv":
+                title = f"{app.reader.back_mode(layer)} of the top 9"
             y = pb.y + i * (slot_h + CAPTION_H)
             self.text(title, (pb.x, y + 2), ACCENT if kind in self._pane_surf else DIM, self.small)
             box = pygame.Rect(pb.x, y + CAPTION_H, pb.width, slot_h)
