@@ -366,3 +366,18 @@ def test_ray_engine_equals_local(lite0, corpus_dir, tmp_path):
         for a in ("values", "image_ids", "positions", "min_values", "min_image_ids", "min_positions"):
             np.testing.assert_array_equal(getattr(remote, a)[l], getattr(local, a)[l], err_msg=f"{l} {a}")
     assert [p for _, p, _ in remote.skipped] == [p for _, p, _ in local.skipped]
+
+
+def test_every_units_optimized_image_on_ray_equals_local(lite0, tmp_path):
+    pytest.importorskip("ray.data")
+    from deepvis_repro.atlas.optimized import optimize_into_atlas
+
+    units = ["blocks.2:all"]
+    local = optimize_into_atlas(lite0, tmp_path / "local", units, steps=3, batch_size=8, progress=False)
+    remote = optimize_into_atlas(lite0, tmp_path / "ray", units, steps=3, batch_size=8, progress=False, engine="ray",
+                                 engine_options={"actors": 2, "num_cpus": 0.5, "object_store_memory": 150_000_000})
+    assert local["written"] == remote["written"] == 24
+    a = sorted((tmp_path / "local" / "regularized_opt" / "blocks.2").glob("*.jpg"))
+    b = sorted((tmp_path / "ray" / "regularized_opt" / "blocks.2").glob("*.jpg"))
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 25
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))

@@ -136,10 +136,28 @@ def test_bad_inputs_are_clear_errors(caffenet_files, tmp_path):
     _edit(shapes, "num_output: 16", "num_output: 20")
     with pytest.raises(DeepvisError, match=r"layer 'conv1': weights of shape \(16, 3, 7, 7\) do not match the prototxt's \(20, 3, 7, 7\)"):
         dv.load_backend("caffe", prototxt=str(shapes), weights=str(weights), cache_dir="")
+    fc = tmp_path / "fc.prototxt"  # an InnerProduct sized for another head than the caffemodel's
+    fc.write_text(proto.read_text())
+    _edit(fc, "num_output: 10", "num_output: 12")
+    with pytest.raises(DeepvisError, match=r"layer 'fc8': its weights \(640 values, shape \(10, 64\)\) do not fit num_output 12"):
+        dv.load_backend("caffe", prototxt=str(fc), weights=str(weights), cache_dir="")
     with pytest.raises(DeepvisError, match="mean file not found"):
         dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), mean=str(tmp_path / "none.npy"), cache_dir="")
     with pytest.raises(DeepvisError, match="caffemodel not found"):
         dv.load_backend("caffe", prototxt=str(proto), weights=str(tmp_path / "no.caffemodel"), cache_dir="")
+
+
+def test_caffenet_sees_images_as_the_original_did():
+    """Stretched to 256x256, then the centre 227 (find_maxes' caffe.Classifier, image_dims 256)."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from deepvis_repro.registry import backend_config
+    from deepvis_repro_backends.caffe_backend import CaffeNetBackend
+
+    assert inspect.signature(CaffeNetBackend).parameters["resize"].default == (256, 256)
+    assert OmegaConf.to_container(backend_config("caffenet"))["resize"] == [256, 256]
 
 
 def test_caffenet_backend_ships_the_papers_prototxt(tmp_path):

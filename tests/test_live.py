@@ -162,6 +162,9 @@ def test_headless_keys_screenshot_and_stats(image_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads(stats.read_text())
     assert s["frames"] >= 30 and s["net_passes"] >= 1 and s["net_fps"] > 0 and s["display_fps"] > 0
+    # one definition of network speed (the status line's too): passes per second of network time
+    assert s["net_fps"] == pytest.approx(1000 / s["net_ms_per_pass"])
+    assert s["net_passes_per_s"] <= s["net_fps"]
     assert s["layer"] == "blocks.2" and s["unit"] == 4 and s["back_mode"] == "deconv"
     assert s["source"].startswith("coffee.png")  # e twice: astronaut -> (broken skipped) chelsea -> coffee
     assert "b_broken.jpg" in s["message"]
