@@ -351,12 +351,12 @@ def optimize_task(cfg) -> None:
     seed_everything(seed)
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
     if lr_scale is not None:
-        backend.lr_scale = lr_scale
+        backend.lr_scale = lr_scale  # what optimize() and the atlas's workers use by default
     if atlas_mode:
         return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine)
-    result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size, lr_scale=lr_scale)
+    result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size)
     out = output_dir()
-    record = write_optimization(out, backend, result, interrupted_ok=True)
+    record = write_optimization(out, backend, result)
     for r in record["results"]:
         label = f" ({r['label']})" if r["label"] else ""
         top = r["image_top5"][0][0] if r["image_top5"] else "-"

@@ -6,7 +6,6 @@ import os
 import sys
 from dataclasses import asdict
 
-import numpy as np
 import torch
 
 from .images import figure_grid, save_png
@@ -31,17 +30,11 @@ def top_k(backend, x: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]
              for q, j in zip(vr, ir)] for vr, ir in zip(v.tolist(), i.tolist())]
 
 
-def _finite(v):
-    v = float(v)
-    return v if np.isfinite(v) else None
-
-
-def write_optimization(out_dir: str, backend, result, command: str | None = None,
-                       interrupted_ok: bool = True) -> dict:
+def write_optimization(out_dir: str, backend, result, command: str | None = None) -> dict:
     """Images first (each written whole, atomically), then what describes them; a failure while
     describing (the image's own top-5 on a broken model) is recorded, never loses the images.
     Signals arriving while writing are held until everything is written."""
-    from .files import signals_deferred, write_json
+    from .files import signals_deferred, strict, write_json
 
     os.makedirs(out_dir, exist_ok=True)
     with signals_deferred():
@@ -60,10 +53,10 @@ def write_optimization(out_dir: str, backend, result, command: str | None = None
             stop = result.stopped.get(i)
             records.append({
                 "unit": str(u), "label": unit_label(backend, u),
-                "best_activation": _finite(result.best_activation[i]), "best_step": int(result.best_step[i]),
+                "best_activation": float(result.best_activation[i]), "best_step": int(result.best_step[i]),
                 "stopped": None if stop is None else {"step": stop[0], "reason": stop[1]},
                 "image_top5": tops[i], "image": f"{u.slug}.png", "image_without_mean": f"{u.slug}_nomean.png",
-                "objective_per_step": [_finite(v) for v in result.history[:, i]],
+                "objective_per_step": [float(v) for v in result.history[:, i]],
                 "argmax_per_step": [int(v) for v in result.argmax[:, i]],
             })
         if len(result.units) > 1:
@@ -77,6 +70,7 @@ def write_optimization(out_dir: str, backend, result, command: str | None = None
         }
         if report_error:
             record["report_error"] = report_error
+        record = strict(record)  # NaN / inf -> null: the returned record is what the file holds
         write_json(os.path.join(out_dir, "results.json"), record)
     return record
 
