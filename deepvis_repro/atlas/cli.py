@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import sys
 
-from ..errors import DeepvisError
 
 
 def _layers(value):
@@ -17,35 +16,24 @@ def _layers(value):
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
-def _positive_int(name, value):
-    try:
-        v = int(value)
-        if str(value).strip() not in (str(v), f"{v}.0") and not isinstance(value, int):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise DeepvisError(f"{name} must be a whole number, got {value!r}") from None
-    if v < 1:
-        raise DeepvisError(f"{name} must be at least 1, got {v}")
-    return v
-
-
 def mine_task(cfg) -> None:
     from ..cli import resolve_device
     from ..registry import instantiate_backend, instantiate_config
+    from ..validate import whole
     from .corpus import open_corpus
     from .mining import mine
     from .page import write_index
     from .patches import render_montages, resolve_mode
     from .store import layer_slug
 
-    top_k = _positive_int("top_k", cfg.top_k)
-    batch_size = _positive_int("batch_size", cfg.batch_size)
-    every = _positive_int("corpus.every", cfg.corpus.every)
+    top_k = whole("top_k", cfg.top_k, 1)
+    batch_size = whole("batch_size", cfg.batch_size, 1)
+    every = whole("corpus.every", cfg.corpus.every, 1)
     device = resolve_device(cfg.device)
     engine = instantiate_config(cfg.engine, "engine")
     backend = instantiate_backend(cfg.backend).to(device)
     mode = resolve_mode(backend, str(cfg.deconv))  # every option checked before any work
-    tile = None if cfg.tile is None else _positive_int("tile", cfg.tile)
+    tile = whole("tile", cfg.tile, 1, allow_none=True)
     corpus = open_corpus(cfg.corpus.path, every)
     atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
     print(f"corpus: {corpus.kind} {corpus.source or ''} ({len(corpus)} images); atlas: {atlas_dir}", flush=True)
