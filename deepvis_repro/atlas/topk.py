@@ -47,8 +47,8 @@ def batch_top(act: torch.Tensor, ids: torch.Tensor, ok: torch.Tensor, k: int, la
         bad = bad.to(vals.device).view(-1, 1)
         vals = vals.masked_fill(bad, -torch.inf)
         idv = idv.masked_fill(bad, EMPTY)
-    rows = torch.arange(b, device=vals.device).view(-1, 1).expand_as(vals)
-    v, i, j = _ordered(vals.t(), idv.t(), rows.t(), min(k, b))  # j: which image of the batch
+    order = best_order(vals.t(), idv.t(), min(k, b))  # (C, k'): which image of the batch, per channel
+    v, i, j = vals.t().gather(1, order), idv.t().gather(1, order), order
     pos = torch.zeros(*v.shape, 2, dtype=torch.int32, device=v.device)
     if spatial:
         channels = torch.arange(v.shape[0], device=v.device).view(-1, 1).expand_as(j)
@@ -59,21 +59,17 @@ def batch_top(act: torch.Tensor, ids: torch.Tensor, ok: torch.Tensor, k: int, la
     return v, i, pos
 
 
-def _ordered(vals, ids, extra, k):
-    """The k best of each row by (value descending, id ascending), with extra carried along."""
-    order = torch.argsort(ids, dim=1)  # ids are unique within a row (one entry per image)
-    vals, ids, extra = vals.gather(1, order), ids.gather(1, order), extra.gather(1, order)
-    _, order = torch.sort(vals, dim=1, descending=True, stable=True)
-    order = order[:, :k]
-    return vals.gather(1, order), ids.gather(1, order), extra.gather(1, order)
+def best_order(vals: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices of the k best entries of each row, in order: value descending, then id
+    ascending (a total order: ids are unique within a row, one entry per image)."""
+    by_id = torch.argsort(ids, dim=1)
+    _, order = torch.sort(vals.gather(1, by_id), dim=1, descending=True, stable=True)
+    return by_id.gather(1, order[:, :k])
 
 
 def select(vals: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, k: int):
-    """The k best entries of each row, in order: value descending, then id ascending."""
-    order = torch.argsort(ids, dim=1)  # ids are unique within a row (one entry per image)
-    vals, ids, pos = vals.gather(1, order), ids.gather(1, order), pos.gather(1, order.unsqueeze(-1).expand_as(pos))
-    _, order = torch.sort(vals, dim=1, descending=True, stable=True)
-    order = order[:, :k]
+    """The k best entries of each row (best_order), with their positions."""
+    order = best_order(vals, ids, k)
     return vals.gather(1, order), ids.gather(1, order), pos.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
 
 
@@ -103,9 +99,6 @@ class TopK:
                          torch.cat([self.ids, ids.to(self.ids.device)], 1),
                          torch.cat([self.positions, pos.to(self.positions.device)], 1), self.k)
         return TopK(v, i, p, self.largest)
-
-    def merged_with(self, other: "TopK") -> "TopK":
-        return self.merged(other.values, other.ids, other.positions)
 
     # ----- plain arrays, for checkpoints, partial results and the atlas -----------------------
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
