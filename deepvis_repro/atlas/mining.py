@@ -130,11 +130,8 @@ def _identity(job: MiningJob) -> dict:
 
 def _differs(old: dict, new: dict) -> str | None:
     """The first difference between two identities, in words."""
-    names = {"backend": "model", "corpus": "corpus", "layers": "layers", "top_k": "top_k",
-             "negatives": "negatives", "batch_size": "batch_size", "threads": "torch threads"}
-    for key, what in names.items():
-        if key == "threads":
-            continue  # results are the same for any thread count except in the last bits of fc layers
+    # (not "threads": any thread count gives the same result but for the last bits of fc layers)
+    for key in ("backend", "corpus", "layers", "top_k", "negatives", "batch_size"):
         a, b = old.get(key), new.get(key)
         if a != b:
             if key == "backend":
@@ -145,7 +142,7 @@ def _differs(old: dict, new: dict) -> str | None:
             if key == "corpus":
                 return (f"another corpus ({a.get('kind')} {a.get('source')}, {a.get('count')} images) "
                         f"than this run's ({b.get('kind')} {b.get('source')}, {b.get('count')} images)")
-            return f"{what} {a} (this run: {b})"
+            return f"{key} {a} (this run: {b})"
     return None
 
 
