@@ -17,6 +17,7 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 
+from ..atlas.patches import PAD, fit_tile, montage
 from ..atlas.store import AtlasReader
 
 #: Slots of the pane, top to bottom, and their captions.
@@ -30,7 +31,6 @@ def stretched(img: np.ndarray) -> np.ndarray:
     from ..images import stretch_around_grey
 
     return stretch_around_grey(img.astype(np.float64) - 127.5)
-MISSING = "missing"
 
 
 def read_picture(path: str, quadrant: bool, size: tuple[int, int]) -> np.ndarray | None:
@@ -109,13 +109,7 @@ class PaneLoader(threading.Thread):
                     self.cond.wait(0.2)
                 unit_job, sprite_job = self.wanted, self.wanted_sprite
             if unit_job is not None:  # the selected unit before the (slower) whole-layer sprite
-                entry = self.load_unit(*unit_job)
-                with self.cond:
-                    self.cache[unit_job] = entry
-                    while len(self.cache) > self.cache_units:
-                        self.cache.popitem(last=False)
-                    if self.wanted == unit_job:
-                        self.wanted = None
+                self._serve(unit_job)
                 continue
             if sprite_job is not None:
                 layer, channels, tile = sprite_job
@@ -125,56 +119,51 @@ class PaneLoader(threading.Thread):
                     if self.wanted_sprite == sprite_job:
                         self.wanted_sprite = None
 
+    def _serve(self, job: tuple):
+        """Load a unit's pictures into the bounded cache."""
+        entry = self.load_unit(*job)
+        with self.cond:
+            self.cache[job] = entry
+            while len(self.cache) > self.cache_units:
+                self.cache.popitem(last=False)
+            if self.wanted == job:
+                self.wanted = None
+
+    def _optimized(self, layer: str, unit: int, size: tuple[int, int]) -> np.ndarray | None:
+        """A unit's optimized image, stretched for display (an original atlas's montage
+        quadrant, or an on-demand image written beside it)."""
+        path, quadrant = self.reader.files(layer, unit)["regularized_opt"]
+        img = read_picture(path, quadrant, size)
+        if img is None and quadrant:
+            img = read_picture(path.replace("_montage.jpg", ".jpg"), False, size)
+        return None if img is None else stretched(img)
+
     def load_unit(self, layer: str, unit: int) -> dict:
         files = self.reader.files(layer, unit)
-        out = {}
-        for kind, _ in SLOTS:
-            path, quadrant = files[kind]
-            img = read_picture(path, quadrant, self.slot_size)
-            if img is None and kind == "regularized_opt" and quadrant:  # an on-demand image in an old atlas
-                img = read_picture(path.replace("_montage.jpg", ".jpg"), False, self.slot_size)
-            if img is not None and kind == "regularized_opt":
-                img = stretched(img)
-            out[kind] = img
+        out = {kind: self._optimized(layer, unit, self.slot_size) if kind == "regularized_opt"
+               else read_picture(*files[kind], self.slot_size) for kind, _ in SLOTS}
         self.loads += 1
         return out
 
     def load_sprite(self, layer: str, channels: int, tile: int):
-        """Every unit's optimized image in a near-square grid of tile px squares, 2 px apart:
-        (image, (rows, cols, tile, pad), units found)."""
-        pad = 2
-        cols = max(1, math.ceil(math.sqrt(channels)))
-        rows = math.ceil(channels / cols)
-        out = np.full((rows * (tile + pad) + pad, cols * (tile + pad) + pad, 3), 40, np.uint8)
-        found = 0
+        """Every unit's optimized image in a near-square grid of tile px squares (the atlas's
+        montage layout): (image, (rows, cols, tile, pad), units found)."""
+        tiles = []
         for c in range(channels):
             if self.stop.is_set():
                 break
             with self.cond:
                 job = self.wanted
             if job is not None:  # the user moved: serve the pane first, then go on
-                entry = self.load_unit(*job)
-                with self.cond:
-                    self.cache[job] = entry
-                    if self.wanted == job:
-                        self.wanted = None
-            path, quadrant = self.reader.files(layer, c)["regularized_opt"]
-            img = read_picture(path, quadrant, (tile, tile))
-            if img is None and quadrant:
-                img = read_picture(path.replace("_montage.jpg", ".jpg"), False, (tile, tile))
-            r, q = divmod(c, cols)
-            y, x = pad + r * (tile + pad), pad + q * (tile + pad)
-            if img is None:
-                out[y:y + tile, x:x + tile] = 0
-                continue
-            img = stretched(img)
-            h, w = img.shape[:2]
-            out[y + (tile - h) // 2:y + (tile - h) // 2 + h, x + (tile - w) // 2:x + (tile - w) // 2 + w] = img
-            found += 1
-        if not found:
-            whole = self.reader.whole_layer(layer)  # an old atlas with only the layer's sprite
-            if os.path.isfile(whole):
-                img = read_picture(whole, False, (out.shape[1], out.shape[0]))
-                if img is not None:
-                    return img, None, channels
-        return out, (rows, cols, tile, pad), found
+                self._serve(job)
+            img = self._optimized(layer, c, (tile, tile))
+            tiles.append(None if img is None else fit_tile(img, tile))
+        found = sum(t is not None for t in tiles)
+        cols = max(1, math.ceil(math.sqrt(channels)))
+        sprite = montage(tiles, tile, cols)
+        whole = self.reader.whole_layer(layer)
+        if not found and os.path.isfile(whole):  # an old atlas with only the layer's sprite
+            img = read_picture(whole, False, (sprite.shape[1], sprite.shape[0]))
+            if img is not None:
+                return img, None, channels
+        return sprite, (math.ceil(channels / cols), cols, tile, PAD), found
