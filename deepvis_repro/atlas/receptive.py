@@ -111,13 +111,18 @@ class Geometry:
         return asdict(self)
 
 
-def _support_box(backend, layer: str, canvas: tuple[int, int], units) -> list[tuple[int, int, int, int]] | None:
-    """Support boxes (top, left, bottom, right) on a zero canvas of the given size, one per unit
-    (y, x); None where a unit's support is empty."""
+def _support_boxes(backend, layer: str, canvas: tuple[int, int], units_at):
+    """On a zero canvas of the given size: units_at(map height, map width) names up to two
+    units (y, x) from the layer's map size (or None: this canvas does not suit); returns their
+    support boxes (top, left, bottom, right), None where a unit's support is empty, or None.
+    One forward pass gives both the map's size and the gradients."""
     h, w = canvas
-    x = torch.zeros(len(units), 3, h, w, device=backend.device, requires_grad=True)
+    x = torch.zeros(2, 3, h, w, device=backend.device, requires_grad=True)
     with torch.enable_grad(), SupportMode():
         a = backend.forward(x, [layer])[layer]
+        units = units_at(*a.shape[-2:])
+        if units is None:
+            return None
         seed = torch.zeros_like(a)
         for i, (y, xx) in enumerate(units):
             seed[i, :, y, xx] = 1.0  # every channel: no dead channel can hide the field
@@ -125,7 +130,7 @@ def _support_box(backend, layer: str, canvas: tuple[int, int], units) -> list[tu
     if g is None:
         return [None] * len(units)
     out = []
-    for gi in g.abs().sum(1):
+    for gi in g[:len(units)].abs().sum(1):
         ys = torch.nonzero(gi.sum(1)).flatten()
         xs = torch.nonzero(gi.sum(0)).flatten()
         out.append(None if not len(ys) else (int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1))
@@ -151,18 +156,25 @@ def layer_geometry(backend, layer: str) -> Geometry:
     # Fields grow with depth: start where the previous layer's field fitted.
     start = backend.__dict__.get("_rf_margin", 0)
     for margin in [m for m in (0, 64, 128, 256, 512, 1024) if m >= start]:
+        shift = {}
+
+        def units_at(hc, wc):
+            dy, dx = hc - h, wc - w
+            if dy % 2 or dx % 2:
+                return None  # this margin does not keep the map aligned with the image's
+            shift["y"], shift["x"] = dy // 2, dx // 2
+            y0, x0 = yc + dy // 2, xc + dx // 2
+            return [(y0, x0)] + ([(y0 + 1, x0 + 1)] if yc + 1 < h and xc + 1 < w else [])
+
         try:
-            with torch.no_grad():
-                hc = backend.forward(torch.zeros(1, 3, H + 2 * margin, W + 2 * margin, device=backend.device),
-                                     [layer])[layer].shape[-2:] if margin else (h, w)
-        except Exception:  # a model fixed to its input size: measure at that size only
-            break
-        dy, dx = (hc[0] - h), (hc[1] - w)
-        if dy % 2 or dx % 2:
-            continue  # this margin does not keep the map aligned with the image's
-        dy, dx = dy // 2, dx // 2
-        units = [(yc + dy, xc + dx)] + ([(yc + dy + 1, xc + dx + 1)] if yc + 1 < h and xc + 1 < w else [])
-        boxes = _support_box(backend, layer, (H + 2 * margin, W + 2 * margin), units)
+            boxes = _support_boxes(backend, layer, (H + 2 * margin, W + 2 * margin), units_at)
+        except Exception:
+            if not margin:
+                raise
+            break  # a model fixed to its input size: what the input size gave
+        if boxes is None:
+            continue
+        dy, dx = shift["y"], shift["x"]
         if boxes[0] is None:
             raise DeepvisError(f"layer {layer}: no input pixel reaches its units; cannot find a receptive field")
         t, l, b, r = boxes[0]
