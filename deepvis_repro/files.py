@@ -20,6 +20,7 @@ import threading
 
 from .errors import DeepvisError
 
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: the running work stops and what is done is saved."""
 

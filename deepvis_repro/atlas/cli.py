@@ -5,7 +5,6 @@ import os
 import sys
 
 
-
 def _layers(value):
     from omegaconf import ListConfig
 
