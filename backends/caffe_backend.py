@@ -164,7 +164,8 @@ class CaffeBackend(HookBackend):
             # so that any error names the caffemodel only when the caffemodel is at fault
             blobs, _ = load_weights(prototxt, weights, cache, use_cache=False)
             model = CaffeNet(net, blobs)
-        model.check_shapes(size)  # a mismatch names its layer, here rather than mid-run
+        # a mismatch names its layer, here rather than mid-run; the shapes also serve the ONNX writer
+        self.blob_shapes = model.blob_shapes(size)
         writers = [(b, m) for b, m in model.blob_writers() if b != model.input_blob]
         if labels == "imagenet":
             labels = imagenet_labels()
@@ -183,7 +184,7 @@ class CaffeBackend(HookBackend):
             progress_scale=progress_scale, name=name, device=device, resize=resize)
 
 
-def _via_onnx(prototxt: str, weights: str, kw: dict, direct_cls=None, direct_kw=None):
+def _via_onnx(prototxt: str, weights: str, kw: dict, direct_cls, direct_kw: dict):
     """The Caffe model through the ONNX route: converted once (cached beside the weights cache,
     keyed by both files and the options that change the file), loaded by the onnx backend."""
     import tempfile
@@ -191,7 +192,6 @@ def _via_onnx(prototxt: str, weights: str, kw: dict, direct_cls=None, direct_kw=
     from .caffe_onnx import convert_caffe, write_onnx
     from .onnx_backend import OnnxBackend
 
-    direct_kw = dict(direct_kw or {})
     cache_dir = kw.get("cache_dir")
     cache = default_cache_dir() if cache_dir is None else cache_dir
     for f, what in ((prototxt, "prototxt"), (weights, "caffemodel")):
@@ -203,7 +203,7 @@ def _via_onnx(prototxt: str, weights: str, kw: dict, direct_cls=None, direct_kw=
     folder = Path(cache) if cache not in ("", False) else Path(tempfile.mkdtemp(prefix="deepvis-onnx-"))
     path = folder / f"{key}.onnx"
     if not path.is_file():
-        direct = (direct_cls or CaffeBackend)(**direct_kw)
+        direct = direct_cls(**direct_kw)
         model = convert_caffe(direct, direct.prototxt, direct.weights)
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -330,9 +330,10 @@ class CaffeNet(nn.Module):
             last[tops[0]] = f"layers_.{key}"
         return [(b, last[b]) for b in order]
 
-    def check_shapes(self, size) -> None:
-        """Run a zero image through, layer by layer: a layer whose weights do not fit what
-        reaches it (an InnerProduct sized for another input) is named, with both shapes."""
+    def blob_shapes(self, size) -> dict[str, tuple]:
+        """Every blob's shape (without the batch) for an input of size (H, W), from a zero image
+        run through layer by layer: a layer whose weights do not fit what reaches it (an
+        InnerProduct sized for another input) is named, with both shapes."""
         blobs = {self.input_blob: torch.zeros(1, 3, *size)}
         with torch.no_grad():
             for key, bottoms, tops in self.steps:
@@ -346,6 +347,7 @@ class CaffeNet(nn.Module):
                                        f"{str(e).splitlines()[0][:160]}") from None
                 for t in tops:
                     blobs[t] = out
+        return {b: tuple(t.shape[1:]) for b, t in blobs.items()}
 
     def forward(self, x):
         blobs = {self.input_blob: x}

@@ -93,93 +93,79 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
     g = _Graph()
     inp = g.value(net.input_blob)
     values = {net.input_blob: inp}            # blob -> the ONNX value holding it now
-    shapes = {net.input_blob: (3, h, w)}      # blob -> its shape without the batch
+    shapes = backend.blob_shapes              # blob -> its shape without the batch (in-place keeps it)
     final = dict(net.blob_writers())          # blob -> the module path of its last writer
-    identity_last = {}
     for key, bottoms, tops in net.steps:      # in-place Dropout is a no-op: the writer before it counts
         m = net.layers_[key]
-        if isinstance(m, torch.nn.Identity) and len(tops) == 1 and tops[0] in bottoms:
-            identity_last[tops[0]] = True
-        elif len(tops) == 1:
-            identity_last[tops[0]] = False
+        if len(tops) == 1 and not (isinstance(m, torch.nn.Identity) and tops[0] in bottoms):
             final[tops[0]] = f"layers_.{key}"
-    x = torch.zeros(1, 3, h, w)
-    blobs_now = {net.input_blob: x}
-    with torch.no_grad():
-        for key, bottoms, tops in net.steps:
-            layer = key.split("_", 1)[1]
-            m = net.layers_[key]
-            ins = [blobs_now[b] for b in bottoms]
-            out_t = m(*ins)
-            for t in tops:
-                blobs_now[t] = out_t
-            out_shape = tuple(out_t.shape[1:])
-            src = [values[b] for b in bottoms]
-            top = tops[0]
-            is_final = final.get(top) == f"layers_.{key}" and len(tops) == 1
-            name = top if is_final else f"{top}/{layer}"
-            if isinstance(m, torch.nn.Identity):  # Dropout, Split: the tops are the bottom's value
-                if len(tops) == 1 and top not in bottoms:  # a new blob: addressable by its name
-                    values[top] = g.node("Identity", src[:1], g.value(top), name=top)
-                else:
-                    for t in tops:
-                        values[t] = src[0]
+    for key, bottoms, tops in net.steps:
+        layer = key.split("_", 1)[1]
+        m = net.layers_[key]
+        out_shape = shapes[tops[0]]
+        src = [values[b] for b in bottoms]
+        top = tops[0]
+        is_final = final.get(top) == f"layers_.{key}" and len(tops) == 1
+        name = top if is_final else f"{top}/{layer}"
+        if isinstance(m, torch.nn.Identity):  # Dropout, Split: the tops are the bottom's value
+            if len(tops) == 1 and top not in bottoms:  # a new blob: addressable by its name
+                values[top] = g.node("Identity", src[:1], g.value(top), name=top)
+            else:
                 for t in tops:
-                    shapes[t] = out_shape
-                continue
-            out = g.value(name)
-            if isinstance(m, torch.nn.Conv2d):
-                wname = g.const(f"{layer}.weight", m.weight.detach().numpy())
-                args = [src[0], wname] + ([g.const(f"{layer}.bias", m.bias.detach().numpy())] if m.bias is not None else [])
-                ph, pw = m.padding
-                g.node("Conv", args, out, kernel_shape=list(m.kernel_size), strides=list(m.stride),
-                       pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups)
-            elif isinstance(m, InnerProduct):
-                flat = g.node("Flatten", src[:1], g.value(f"{top}/{layer}/flatten"), axis=1)
-                args = [flat, g.const(f"{layer}.weight", m.weight.detach().numpy())]
-                if m.bias is not None:
-                    args.append(g.const(f"{layer}.bias", m.bias.detach().numpy()))
-                g.node("Gemm", args, out, transB=1)
-            elif isinstance(m, torch.nn.LeakyReLU):
-                g.node("LeakyRelu", src, out, alpha=float(m.negative_slope))
-            elif isinstance(m, torch.nn.ReLU):
-                g.node("Relu", src, out)
-            elif isinstance(m, torch.nn.Sigmoid):
-                g.node("Sigmoid", src, out)
-            elif isinstance(m, torch.nn.Tanh):
-                g.node("Tanh", src, out)
-            elif isinstance(m, Pool):
-                _pool(g, m, src[0], out, shapes[bottoms[0]], out_shape)
-            elif isinstance(m, torch.nn.LocalResponseNorm):
-                g.node("LRN", src, out, size=int(m.size), alpha=float(m.alpha), beta=float(m.beta), bias=float(m.k))
-            elif isinstance(m, BatchNorm):
-                c = shapes[bottoms[0]][0]
-                g.node("BatchNormalization",
-                       [src[0], g.const(f"{layer}.scale", np.ones(c, np.float32)),
-                        g.const(f"{layer}.bias", np.zeros(c, np.float32)),
-                        g.const(f"{layer}.mean", m.mean.reshape(-1).numpy()),
-                        g.const(f"{layer}.var", m.var.reshape(-1).numpy())], out, epsilon=float(m.eps))
-            elif isinstance(m, Scale):
-                shape = (1, -1) + (1,) * (len(shapes[bottoms[0]]) - 1)
-                gamma = g.const(f"{layer}.gamma", m.gamma.numpy().reshape(shape))
-                if m.beta is None:
-                    g.node("Mul", [src[0], gamma], out)
-                else:
-                    mid = g.node("Mul", [src[0], gamma], g.value(f"{top}/{layer}/mul"))
-                    g.node("Add", [mid, g.const(f"{layer}.beta", m.beta.numpy().reshape(shape))], out)
-            elif isinstance(m, Eltwise):
-                _eltwise(g, m, src, out, layer, top)
-            elif isinstance(m, Concat):
-                g.node("Concat", src, out, axis=int(m.axis))
-            elif isinstance(m, Flatten):
-                g.node("Flatten", src, out, axis=1)
-            elif isinstance(m, Softmax):
-                g.node("Softmax", src, out, axis=int(m.axis))
-            else:  # the Caffe backend's own layer set is covered above; a new one must be added here
-                raise DeepvisError(f"layer '{layer}' ({type(m).__name__}) cannot be written as ONNX yet")
-            for t in tops:
-                values[t] = out
-                shapes[t] = out_shape
+                    values[t] = src[0]
+            continue
+        out = g.value(name)
+        if isinstance(m, torch.nn.Conv2d):
+            wname = g.const(f"{layer}.weight", m.weight.detach().numpy())
+            args = [src[0], wname] + ([g.const(f"{layer}.bias", m.bias.detach().numpy())] if m.bias is not None else [])
+            ph, pw = m.padding
+            g.node("Conv", args, out, kernel_shape=list(m.kernel_size), strides=list(m.stride),
+                   pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups)
+        elif isinstance(m, InnerProduct):
+            flat = g.node("Flatten", src[:1], g.value(f"{top}/{layer}/flatten"), axis=1)
+            args = [flat, g.const(f"{layer}.weight", m.weight.detach().numpy())]
+            if m.bias is not None:
+                args.append(g.const(f"{layer}.bias", m.bias.detach().numpy()))
+            g.node("Gemm", args, out, transB=1)
+        elif isinstance(m, torch.nn.LeakyReLU):
+            g.node("LeakyRelu", src, out, alpha=float(m.negative_slope))
+        elif isinstance(m, torch.nn.ReLU):
+            g.node("Relu", src, out)
+        elif isinstance(m, torch.nn.Sigmoid):
+            g.node("Sigmoid", src, out)
+        elif isinstance(m, torch.nn.Tanh):
+            g.node("Tanh", src, out)
+        elif isinstance(m, Pool):
+            _pool(g, m, src[0], out, shapes[bottoms[0]], out_shape)
+        elif isinstance(m, torch.nn.LocalResponseNorm):
+            g.node("LRN", src, out, size=int(m.size), alpha=float(m.alpha), beta=float(m.beta), bias=float(m.k))
+        elif isinstance(m, BatchNorm):
+            c = shapes[bottoms[0]][0]
+            g.node("BatchNormalization",
+                   [src[0], g.const(f"{layer}.scale", np.ones(c, np.float32)),
+                    g.const(f"{layer}.bias", np.zeros(c, np.float32)),
+                    g.const(f"{layer}.mean", m.mean.reshape(-1).numpy()),
+                    g.const(f"{layer}.var", m.var.reshape(-1).numpy())], out, epsilon=float(m.eps))
+        elif isinstance(m, Scale):
+            shape = (1, -1) + (1,) * (len(shapes[bottoms[0]]) - 1)
+            gamma = g.const(f"{layer}.gamma", m.gamma.numpy().reshape(shape))
+            if m.beta is None:
+                g.node("Mul", [src[0], gamma], out)
+            else:
+                mid = g.node("Mul", [src[0], gamma], g.value(f"{top}/{layer}/mul"))
+                g.node("Add", [mid, g.const(f"{layer}.beta", m.beta.numpy().reshape(shape))], out)
+        elif isinstance(m, Eltwise):
+            _eltwise(g, m, src, out, layer, top)
+        elif isinstance(m, Concat):
+            g.node("Concat", src, out, axis=int(m.axis))
+        elif isinstance(m, Flatten):
+            g.node("Flatten", src, out, axis=1)
+        elif isinstance(m, Softmax):
+            g.node("Softmax", src, out, axis=int(m.axis))
+        else:  # the Caffe backend's own layer set is covered above; a new one must be added here
+            raise DeepvisError(f"layer '{layer}' ({type(m).__name__}) cannot be written as ONNX yet")
+        for t in tops:
+            values[t] = out
     last_blob = net.steps[-1][2][0]
     last = values[last_blob]
     blob_names = [b for b, _ in net.blob_writers() if b != net.input_blob]
