@@ -41,6 +41,8 @@ DEFAULT_MEAN, DEFAULT_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 CHANNEL_FIRST = {"Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
                  "GlobalMaxPool", "LRN", "InstanceNormalization", "LpPool", "MaxUnpool", "Upsample",
                  "DepthToSpace", "SpaceToDepth"}
+#: Transposes that move a 4-D tensor between layouts: perm -> (from, to).
+MOVES = {(0, 2, 3, 1): ("NCHW", "NHWC"), (0, 3, 1, 2): ("NHWC", "NCHW")}
 SAME_LAYOUT = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip",
                "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Neg", "Abs", "Exp", "Sqrt", "Pow",
                "Softplus", "Softsign", "Erf", "Gelu", "Mish", "Identity", "Dropout", "Cast", "Pad", "Resize"}
@@ -199,10 +201,9 @@ def value_layouts(model, layout: str) -> dict[str, str | None]:
         if node.op_type in CHANNEL_FIRST:
             out = "NCHW"
         elif node.op_type == "Transpose":
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            out = {(0, 2, 3, 1): "NHWC", (0, 3, 1, 2): "NCHW"}.get(tuple(perm or ()), None) if first else None
-            if perm == [0, 2, 3, 1] and first == "NHWC" or perm == [0, 3, 1, 2] and first == "NCHW":
-                out = None  # a transpose of an already-moved tensor: unknown
+            perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), ())
+            source, target = MOVES.get(perm, (None, None))
+            out = target if first == source else None  # any other transpose: unknown
         elif node.op_type in SAME_LAYOUT or node.op_type == "Concat":
             out = first
         else:
@@ -228,8 +229,7 @@ class OnnxBackend(HookBackend):
             if size is None:
                 raise DeepvisError(f"ONNX file {path} has no fixed input size; give backend.input_size=[H,W]")
             input_size = size
-        graph = OnnxGraph(model.graph)
-        nodes = {name: node for name, node in graph.nodes.items()}
+        nodes = dict(OnnxGraph(model.graph).nodes)
         module = convert(model, path)
         scale = float(meta.get("input_scale", 1.0))
         mean = meta.get("mean", DEFAULT_MEAN) if mean is None else mean
@@ -249,11 +249,11 @@ class OnnxBackend(HookBackend):
             x = (x * inv_std.to(x.device)).index_select(1, order.to(x.device))
             return x.permute(0, 2, 3, 1).contiguous() if nhwc else x
 
-        layouts = value_layouts(model, layout)
         if "blobs" in meta:  # written by deepvis-convert: Caffe's blob names, in Caffe's order
             paths, self._nhwc_layers = self._blob_layers(meta["blobs"], nodes), set()
         else:
-            paths, self._nhwc_layers = self._layers(module, nodes, layouts, to_input, tuple(input_size))
+            paths, self._nhwc_layers = self._layers(module, nodes, value_layouts(model, layout), to_input,
+                                                    tuple(input_size))
         # A graph that ends in its own Softmax: that is prob (a second softmax would flatten it)
         last = paths[-1][1] if paths else None
         own_prob = last is not None and nodes.get(last) is not None and nodes[last].operation_type == "Softmax" \
