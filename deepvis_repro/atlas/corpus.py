@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,7 +28,6 @@ class Corpus:
     items: list[str]
     kind: str                       # folder | list | video | demo | paths
     source: str = ""                # the folder, list file or video it came from
-    info: dict = field(default_factory=dict)
 
     def __len__(self):
         return len(self.items)
@@ -111,7 +110,7 @@ def video_corpus(path: str, every: int = 1) -> Corpus:
     if not n:
         raise DeepvisError(f"video {path} has no frames")
     items = [f"{path}{FRAME_SEP}{i}" for i in range(0, n, int(every))]
-    return Corpus(items, "video", path, {"every": int(every), "frames": n})
+    return Corpus(items, "video", path)
 
 
 #: (name, crop boxes as fractions (top, left, bottom, right)) for the demo corpus.
