@@ -115,12 +115,25 @@ class Network(threading.Thread):
         self.passes, self.busy_seconds = 0, 0.0
         self.recent = collections.deque(maxlen=10)  # seconds of the last passes (status line)
         self.log = collections.deque(maxlen=100_000)  # (end time, seconds) of every pass (benchmarks)
-        self.first_pass = None
+        self.running_since, self.running_until = None, None  # the thread's own span (stats)
         self.error = None
         self.failing_since: float | None = None
         self.stop = threading.Event()
 
     def run(self):
+        self.running_since = time.perf_counter()
+        try:
+            self._loop()
+        finally:
+            self.running_until = time.perf_counter()
+
+    @property
+    def running_seconds(self) -> float:
+        if self.running_since is None:
+            return 0.0
+        return (self.running_until or time.perf_counter()) - self.running_since
+
+    def _loop(self):
         last = None
         while not self.stop.is_set():
             frame, fid = self.capture.latest()
@@ -144,7 +157,6 @@ class Network(threading.Thread):
             self.busy_seconds += dt
             self.recent.append(dt)
             self.log.append((t + dt, dt))
-            self.first_pass = self.first_pass or t
 
     @property
     def fps(self) -> float:
