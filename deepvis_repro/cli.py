@@ -326,6 +326,7 @@ def optimize_units(cfg) -> list:
 def optimize_task(cfg) -> None:
     from omegaconf import OmegaConf
 
+    from .numerics import Numerics
     from .optimize import get_preset, optimize
     from .outputs import write_optimization
     from .registry import instantiate_backend
@@ -338,6 +339,7 @@ def optimize_task(cfg) -> None:
     seed = whole("optimize.seed", o.seed, 0)
     batch_size = whole("optimize.batch_size", o.batch_size, 1, allow_none=True)
     lr_scale = number("optimize.lr_scale", o.lr_scale, positive=True, allow_none=True)
+    numerics = Numerics(str(o.get("numerics", "default"))).mode
     preset = get_preset(OmegaConf.to_container(cfg.regularization), steps=steps, start=o.start)
     atlas_mode = cfg.atlas.dir is not None or any(u.endswith(":all") for u in units)
     engine = None
@@ -354,7 +356,7 @@ def optimize_task(cfg) -> None:
         backend.lr_scale = lr_scale  # what optimize() and the atlas's workers use by default
     if atlas_mode:
         return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine)
-    result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size)
+    result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size, numerics=numerics)
     out = output_dir()
     record = write_optimization(out, backend, result)
     for r in record["results"]:
@@ -425,15 +427,18 @@ def reproduce_task(cfg) -> None:
 
     from omegaconf import OmegaConf
 
+    from .numerics import Numerics
     from .outputs import machine, versions
     from .registry import instantiate_backend
-    from .reproduce.harness import (check_profile, compare, default_reference_dir, failure_table, run_profile,
-                                    write_outputs, write_references)
-    from .reproduce.report import fmt_rank
+    from .reproduce.compare import compare, failure_table
+    from .reproduce.harness import (check_profile, default_reference_dir, run_profile, write_outputs,
+                                    write_references)
+    from .reproduce.stats import fmt_interval
     from .validate import number, whole
 
     seed = whole("seed", cfg.seed, 0)
     threshold = number("ssim_threshold", cfg.ssim_threshold, minimum=-1.0, maximum=1.0)
+    numerics = Numerics(str(cfg.numerics)).mode
     seed_everything(seed)
     device = resolve_device(cfg.device)
     profile = OmegaConf.to_container(cfg.profile)
@@ -444,24 +449,33 @@ def reproduce_task(cfg) -> None:
         judge = instantiate_backend(cfg.judge).to(device)
     ref_dir = Path(cfg.references) if cfg.references else default_reference_dir(backend.name, profile["name"])
     command = "deepvis-reproduce " + " ".join(sys.argv[1:])
+    here = machine()
+    here["device"] = str(device)
     info = {"backend": backend.name, "profile": profile["name"], "seed": seed,
-            "ssim_threshold": threshold, "references": str(ref_dir),
+            "ssim_threshold": threshold, "min_ssim": threshold, "references": str(ref_dir),
             "judge": getattr(judge, "name", None), "command": command, "versions": versions(),
-            "machine": machine(), "profile_config": profile}
-    run = run_profile(backend, profile, seed=seed, judge=judge)
+            "machine": here, "numerics_mode": numerics, "profile_config": profile}
+    run = run_profile(backend, profile, seed=seed, judge=judge, numerics=numerics)
     failures = []
     if cfg.update_references and not run.interrupted:
-        write_references(run, ref_dir, {k: info[k] for k in ("backend", "profile", "seed", "command", "versions",
-                                                             "machine")})
+        write_references(run, ref_dir, {**{k: info[k] for k in ("backend", "profile", "seed", "command", "versions",
+                                                                 "machine", "profile_config")},
+                                        "numerics": run.numerics})
     else:
-        failures = compare(run, ref_dir, threshold)
-        info["reference_machine"] = reference_machine(ref_dir)
+        theirs = reference_manifest(ref_dir)
+        info["reference_machine"] = theirs.get("machine")
+        info["reference_numerics"] = theirs.get("numerics")
+        bits = (numerics == "portable" and (theirs.get("numerics") or {}).get("mode") == "portable"
+                and str(device) == "cpu")
+        failures = compare(run, ref_dir, threshold, bits_expected=bits)
     out = Path(output_dir())
     metrics = write_outputs(out, backend, run, info, failures)
     for s in metrics["summary"]:
         partial = "  (partial: interrupted)" if s["setting"] in metrics["partial_settings"] else ""
-        print(f"{s['setting']:<8} activation {s['mean_activation']:8.2f}  TV {s['mean_total_variation']:.4f}  "
-              f"HF {s['mean_hf_energy']:.4f}  median judge rank {fmt_rank(s['median_judge_rank'])}{partial}")
+        ci = s["intervals"]
+        print(f"{s['setting']:<8} activation {fmt_interval(ci['activation'])}  "
+              f"TV {fmt_interval(ci['total_variation'], 4)}  HF {fmt_interval(ci['hf_energy'], 3)}  "
+              f"median judge rank {fmt_interval(ci['judge_rank'], 0)}{partial}")
     missing = sum(r["reference"] == "missing" for r in run.records)
     if cfg.update_references and not run.interrupted:
         print(f"wrote {len(run.records)} references to {ref_dir}")
@@ -470,12 +484,8 @@ def reproduce_task(cfg) -> None:
               "make them with update_references=true", file=sys.stderr)
     if metrics["verdict"]:
         print(metrics["verdict"])
-        theirs = info.get("reference_machine")
-        if failures and theirs and (theirs.get("cpu"), theirs.get("isa")) != (info["machine"]["cpu"], info["machine"]["isa"]):
-            print(f"note: the references were made on another CPU ({theirs.get('cpu')}, {theirs.get('isa')}; this one: "
-                  f"{info['machine']['cpu']}, {info['machine']['isa']}); optimized images diverge across CPUs "
-                  "within tens of steps, so compare on the machine that made them, or make this machine's "
-                  "with update_references=true", file=sys.stderr)
+    if metrics.get("claim_line"):
+        print(metrics["claim_line"])
     print(f"report: {out / 'report.html'}")
     if run.interrupted:
         print("interrupted: the report holds what was finished (the last setting marked partial)", file=sys.stderr)
@@ -485,14 +495,16 @@ def reproduce_task(cfg) -> None:
         sys.exit(1)
 
 
-def reference_machine(ref_dir) -> dict | None:
+def reference_manifest(ref_dir) -> dict:
+    """The stored references' manifest (how and where they were made), or {} if unreadable."""
     import json
 
     try:
         with open(os.path.join(ref_dir, "manifest.json"), encoding="utf-8") as f:
-            return json.load(f).get("machine")
+            m = json.load(f)
+        return m if isinstance(m, dict) else {}
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def reproduce_main() -> None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from .errors import DeepvisError
+from .numerics import Numerics, tree_sum
 from .units import Unit, gather_units, resolve_units
 
 # ----- the four regularizers ------------------------------------------------------------------
@@ -54,12 +55,32 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch
     return flat.reshape(n, c, h, w)
 
 
+def percentile(score: torch.Tensor, pct: float) -> torch.Tensor:
+    """Per row of (N, M), numpy's default percentile (linear interpolation, numpy's own lerp
+    formula), in float64 from sorted values and single-rounding operations only, so that it has
+    the same bits on every CPU (torch.quantile's fused lerp may not)."""
+    v = torch.sort(score.double(), dim=1).values
+    pos = (v.shape[1] - 1) * (float(pct) / 100.0)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, v.shape[1] - 1)
+    t = pos - lo
+    a, b = v[:, lo], v[:, hi]
+    d = b - a
+    return b - d * (1.0 - t) if t >= 0.5 else a + d * t
+
+
 def _zero_below_percentile(x: torch.Tensor, score: torch.Tensor, pct: float) -> torch.Tensor:
     """Zero the pixels of each image whose score (N,H,W) is strictly below that image's pct-th
     percentile (numpy's default linear interpolation)."""
-    thr = torch.quantile(score.flatten(1).double(), pct / 100.0, dim=1, interpolation="linear")
+    thr = percentile(score.flatten(1), pct)
     small = score.double() < thr.view(-1, 1, 1)
     return x.masked_fill(small.unsqueeze(1), 0.0)
+
+
+def _channel_sum(t: torch.Tensor) -> torch.Tensor:
+    """(N,3,H,W) -> (N,H,W): channels added in order, one rounding each (the same bits on every
+    CPU, where a vectorized reduction's order may differ)."""
+    return (t[:, 0] + t[:, 1]) + t[:, 2]
 
 
 def check_regularization(*, decay=0.0, blur_radius=0.0, blur_every=0, small_norm_pct=0.0,
@@ -86,9 +107,9 @@ def regularize(x: torch.Tensor, grad: torch.Tensor, *, decay: float = 0.0, blur_
     if blur_radius > 0 and blur_every > 0 and step % blur_every == 0:
         x = gaussian_blur(x, blur_radius)
     if small_norm_pct > 0:
-        x = _zero_below_percentile(x, x.norm(dim=1), small_norm_pct)
+        x = _zero_below_percentile(x, _channel_sum(x * x).sqrt(), small_norm_pct)
     if small_contrib_pct > 0:
-        x = _zero_below_percentile(x, (grad * -x).sum(1).abs(), small_contrib_pct)
+        x = _zero_below_percentile(x, _channel_sum(grad * -x).abs(), small_contrib_pct)
     return x
 
 
@@ -152,6 +173,27 @@ def _load_presets() -> dict[str, Preset]:
 PRESETS: dict[str, Preset] = _load_presets()
 
 
+def preset_from_file(path: str) -> Preset:
+    """A setting written as a yaml file (the fields of Preset; a search's best_N.yaml), so that a
+    profile can run it beside the paper's: 'profile.settings=[paper_3,my/best_1.yaml]'."""
+    import os
+
+    if not os.path.isfile(path):
+        raise DeepvisError(f"setting file not found: {path}")
+    try:
+        d = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:  # yaml syntax: one line naming the file
+        raise DeepvisError(f"cannot read setting file {path}: {str(e).splitlines()[0][:200]}") from None
+    fields = set(Preset.__dataclass_fields__)
+    if not isinstance(d, dict) or set(d) - fields - {"_target_", "provenance"}:
+        bad = sorted(set(d) - fields) if isinstance(d, dict) else []
+        raise DeepvisError(f"setting file {path} must hold Preset fields"
+                           + (f"; unknown: {', '.join(bad)}" if bad else "") + f" (valid: {', '.join(sorted(fields))})")
+    d = {k: v for k, v in d.items() if k in fields}
+    d.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    return Preset(**d)
+
+
 def get_preset(preset, **overrides) -> Preset:
     if isinstance(preset, Preset):
         p = preset
@@ -159,8 +201,10 @@ def get_preset(preset, **overrides) -> Preset:
         p = Preset(**preset)
     elif preset in PRESETS:
         p = PRESETS[preset]
+    elif isinstance(preset, str) and preset.endswith((".yaml", ".yml")):
+        p = preset_from_file(preset)
     else:
-        raise DeepvisError(f"unknown preset '{preset}'; valid: {', '.join(PRESETS)}")
+        raise DeepvisError(f"unknown preset '{preset}'; valid: {', '.join(PRESETS)}, or a .yaml file of one")
     fields = set(Preset.__dataclass_fields__)
     bad = set(overrides) - fields
     if bad:
@@ -185,6 +229,7 @@ class OptimizationResult:
     interrupted: bool = False
     lr_scale: float = 1.0
     progress_scale: float = 1.0
+    numerics: dict = field(default_factory=lambda: {"mode": "default", "native_reductions": None})
 
     def images_without_mean(self) -> np.ndarray:
         """x itself, centred on grey and scaled to fill 0..255 (the original's 'no mean' image)."""
@@ -195,14 +240,16 @@ class OptimizationResult:
 
 
 def start_images(backend, n: int, start: str, seed: int) -> torch.Tensor:
-    """The starting x of each of n units: the same draw for each, as n single runs would get."""
-    g = torch.Generator().manual_seed(int(seed))
+    """The starting x of each of n units: the same draw for each, as n single runs would get.
+    The draw is numpy's legacy RandomState stream, which numpy keeps fixed across versions and
+    machines (torch's randn vectorizes its transcendentals, so its normals depend on the CPU)."""
+    rs = np.random.RandomState(int(seed))
     h, w = backend.input_size
     mean = backend.mean_image().detach().cpu().float()
     if start == "mean_plus_rand":
-        x0 = torch.randn(3, h, w, generator=g, dtype=torch.float64).float() * 10.0
+        x0 = torch.from_numpy(rs.standard_normal((3, h, w)).astype(np.float32)) * 10.0
     elif start == "randu":
-        x0 = torch.rand(3, h, w, generator=g, dtype=torch.float64).float() * 255.0 - mean
+        x0 = torch.from_numpy(rs.random_sample((3, h, w)).astype(np.float32)) * 255.0 - mean
     else:
         x0 = torch.zeros(3, h, w)
     return x0.unsqueeze(0).repeat(n, 1, 1, 1).to(backend.device)
@@ -213,7 +260,8 @@ def _learning_rate(p: Preset, g: torch.Tensor, obj: torch.Tensor, lr_scale: floa
     """Per-image learning rate (N,) under the preset's policy."""
     if p.lr_policy == "constant":
         return torch.full_like(obj, p.lr * lr_scale)
-    gnorm2 = g.double().flatten(1).pow(2).sum(1).clamp_min(1e-300)
+    gd = g.double().flatten(1)
+    gnorm2 = tree_sum(gd * gd, 1).clamp_min(1e-300)  # a fixed order: the same bits on every CPU
     if p.lr_policy == "progress":
         desired = torch.full_like(gnorm2, p.desired_prog * progress_scale)
     else:  # progress01, for units in 0..1 such as softmax outputs
@@ -254,7 +302,7 @@ def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale, on_s
             acts = backend.forward(x, layers)
             obj = gather_units(acts, units)
             # 3. d obj / d x: each image's objective depends on that image only
-            (g,) = torch.autograd.grad(obj.sum(), x)
+            (g,) = torch.autograd.grad(obj, x, torch.ones_like(obj))  # no reduction: same bits anywhere
             x, obj = x.detach(), obj.detach()
             with torch.no_grad():
                 argmax.append(torch.stack([
@@ -316,7 +364,8 @@ def backend_lr_scale(backend) -> float:
 
 def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: int = 0,
              batch_size: int | None = None, progress: bool = True, lr_scale: float | None = None,
-             progress_scale: float | None = None, on_step=None, **overrides) -> OptimizationResult:
+             progress_scale: float | None = None, on_step=None, numerics: str = "default",
+             **overrides) -> OptimizationResult:
     """Find, for each unit, the image that maximizes it under a preset's regularization.
 
     units: "layer:channel" or "layer:channel:y:x" strings (conv units default to the centre).
@@ -325,12 +374,15 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     progress_scale: multiplies the progress policies' desired progress; default the backend's own.
     batch_size: units per batch (all at once by default; halved automatically on CUDA OOM).
     on_step: called as on_step(step, steps) before each step (it may sleep, or raise to stop).
+    numerics: "default" (the fastest kernels) or "portable" (the same bits on any x86-64 CPU and
+    thread count, about 1.5x the time: deepvis_repro/numerics.py).
     Ctrl-C stops early and returns the best images so far (result.interrupted is True).
     """
     from .progress import progress as progress_bar
     from .validate import number, whole
 
     p = get_preset(preset, steps=steps, **overrides)
+    mode = Numerics(numerics)
     units = resolve_units(backend, units)
     # a negative scale would minimize, 0 / nan / inf would return the start noise as "optimized"
     lr_scale = number("lr_scale", backend_lr_scale(backend) if lr_scale is None else lr_scale, positive=True)
@@ -347,8 +399,9 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
         while start < n:
             chunk = slice(start, min(n, start + size))
             try:
-                batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale, progress_scale,
-                                   on_step)
+                with mode.active():
+                    batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale,
+                                       progress_scale, on_step)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -373,7 +426,7 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
         argmax=np.concatenate([_pad_rows(b.argmax, steps_run, -1) for b in batches], axis=1).astype(int)
         if batches else np.zeros((0, 0), int),
         stopped=stopped, interrupted=any(b.interrupted for b in batches), lr_scale=lr_scale,
-        progress_scale=progress_scale)
+        progress_scale=progress_scale, numerics=mode.report())
 
 
 def calibrate_lr_scale(backend, layer: str = "fc", n_units: int = 32, seed: int = 0) -> float:

@@ -64,7 +64,7 @@ def write_optimization(out_dir: str, backend, result, command: str | None = None
             save_png(os.path.join(out_dir, "grid.png"), figure_grid([list(result.images)], col_labels=captions))
         record = {
             "backend": backend.name, "preset": asdict(result.preset), "lr_scale": result.lr_scale,
-            "progress_scale": result.progress_scale,
+            "progress_scale": result.progress_scale, "numerics": result.numerics,
             "interrupted": result.interrupted, "command": command or " ".join(sys.argv),
             "versions": versions(), "results": records,
         }

@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..errors import DeepvisError
 from ..images import figure_grid, save_png, stretch_around_grey
+from ..numerics import Numerics
 from ..optimize import get_preset, optimize
 from ..outputs import unit_label
 from ..units import layer_shapes
-from .metrics import class_ranks, high_frequency_energy, ssim, total_variation
+from .compare import DEFAULT_MIN_SSIM, verdict
+from .metrics import class_ranks, high_frequency_energy, total_variation
+from .plots import write_plots
+from .stats import claim, claim_line, per_setting
 
 
 def default_reference_dir(backend_name: str, profile: str) -> Path:
@@ -50,6 +53,7 @@ class Run:
     images: dict = field(default_factory=dict)  # (setting, unit) -> HxWx3 uint8
     interrupted: bool = False
     seconds: float = 0.0
+    numerics: dict = field(default_factory=dict)
 
 
 def check_profile(backend, profile) -> tuple[list, list]:
@@ -61,7 +65,10 @@ def check_profile(backend, profile) -> tuple[list, list]:
     return presets, profile_units(backend, profile)
 
 
-def run_profile(backend, profile, *, seed=0, judge=None, progress=True) -> Run:
+def run_profile(backend, profile, *, seed=0, judge=None, progress=True, numerics="portable") -> Run:
+    """Every setting of the profile on its units. numerics="portable" (the default for the
+    harness) gives the same images on any x86-64 CPU and thread count, so stored references
+    compare bit for bit (deepvis_repro/numerics.py)."""
     from ..progress import progress as progress_bar
 
     presets, units = check_profile(backend, profile)
@@ -78,9 +85,11 @@ def run_profile(backend, profile, *, seed=0, judge=None, progress=True) -> Run:
         name = preset.name
         bar.set_description(f"reproduce {profile.get('name', '')}: {name}")
         result = optimize(backend, [u for u, _ in units], preset=preset, seed=seed, progress=False,
-                          on_step=step)
-        ranks = class_ranks(judge, result.images, [c for _, c in units[:len(result.units)]])
-        own = class_ranks(backend, result.images, [c for _, c in units[:len(result.units)]])
+                          on_step=step, numerics=numerics)
+        run.numerics = result.numerics
+        with Numerics(numerics).active():  # the judge's ranks, too, the same on every machine
+            ranks = class_ranks(judge, result.images, [c for _, c in units[:len(result.units)]])
+            own = class_ranks(backend, result.images, [c for _, c in units[:len(result.units)]])
         for i, (u, c) in enumerate(units[:len(result.units)]):
             img = result.images[i]
             run.images[(name, u)] = img
@@ -92,7 +101,8 @@ def run_profile(backend, profile, *, seed=0, judge=None, progress=True) -> Run:
                 "hf_energy": high_frequency_energy(img), "judge_rank": ranks[i], "own_rank": own[i],
                 "stopped": result.stopped[i][0] if i in result.stopped else None,
                 "image": f"images/{name}__{u.replace(':', '_')}.png",
-                "ssim": None, "reference": "missing",
+                "ssim": None, "reference": "missing", "comparison": None,
+                "history": [None if not np.isfinite(v) else float(v) for v in result.history[:, i]],
             })
         if result.interrupted:
             run.interrupted = True
@@ -100,34 +110,6 @@ def run_profile(backend, profile, *, seed=0, judge=None, progress=True) -> Run:
     bar.close()
     run.seconds = time.perf_counter() - t0
     return run
-
-
-def compare(run: Run, ref_dir: Path, threshold: float) -> list[dict]:
-    """Fill each record's ssim and reference status (match, differs, missing, damaged: an
-    unreadable file); return the failures (differs and damaged)."""
-    from ..references import recover
-
-    recover(ref_dir)
-    failures = []
-    for r in run.records:
-        path = ref_dir / Path(r["image"]).name
-        if not path.is_file():
-            r["reference"], r["ssim"] = "missing", None
-            continue
-        try:
-            with Image.open(path) as im:
-                ref = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            r["reference"], r["ssim"] = "damaged", None
-            r["reference_error"] = f"{path.name}: {e}"
-            failures.append(r)
-            continue
-        r["ssim"] = ssim(run.images[(r["setting"], r["unit"])], ref)
-        ok = r["ssim"] >= threshold
-        r["reference"] = "match" if ok else "differs"
-        if not ok:
-            failures.append(r)
-    return failures
 
 
 def write_references(run: Run, ref_dir: Path, manifest: dict) -> None:
@@ -155,17 +137,6 @@ def write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> d
         return _write_outputs(out, backend, run, info, failures)
 
 
-def verdict(records: list, threshold: float) -> str | None:
-    """'14/15 images match the references (SSIM >= 0.8)', or None when none was compared."""
-    compared = [r for r in records if r["reference"] in ("match", "differs", "damaged")]
-    if not compared:
-        return None
-    ok = sum(r["reference"] == "match" for r in compared)
-    missing = sum(r["reference"] == "missing" for r in records)
-    tail = f"; {missing} without a reference" if missing else ""
-    return f"{ok}/{len(compared)} images match the references (SSIM >= {threshold:g}){tail}"
-
-
 def _write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> dict:
     from ..files import write_json
     from .report import write_report
@@ -185,37 +156,38 @@ def _write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> 
         stretched = [[None if im is None else stretch_around_grey(im.astype(np.float64) - 127.5)
                       for im in row] for row in rows]
         save_png(out / "grid_stretched.png", figure_grid(stretched, row_labels=settings, col_labels=cols, tile=160))
-    metrics = {**info, "interrupted": run.interrupted, "seconds": run.seconds,
-               "verdict": verdict(run.records, float(info.get("ssim_threshold", 0.8))),
-               "summary": summarize(run.records), "failures": [f"{r['setting']} {r['unit']}" for r in failures],
+    seed = int(info.get("seed", 0))
+    claim_tests = claim(run.records, seed=seed)
+    metrics = {**info, "interrupted": run.interrupted, "seconds": run.seconds, "numerics": run.numerics,
+               "verdict": verdict(run.records, float(info.get("min_ssim", DEFAULT_MIN_SSIM))),
+               "summary": summarize(run.records, seed), "claim": claim_tests, "claim_line": claim_line(claim_tests),
+               "failures": [f"{r['setting']} {r['unit']}" for r in failures],
                "partial_settings": sorted({r["setting"] for r in run.records if r.get("partial")}),
                "results": run.records}
+    plots = write_plots(out, metrics) if run.records else []
+    metrics["plots"] = plots
     write_json(out / "metrics.json", metrics)
     write_report(out / "report.html", metrics, has_grid=bool(run.records))
     return metrics
 
 
-def summarize(records: list) -> list[dict]:
-    """Per setting: mean activation, mean smoothness measures, median judge rank of class units."""
+def summarize(records: list, seed: int = 0) -> list[dict]:
+    """Per setting: each measure with its bootstrap interval over units (stats.per_setting), and
+    the plain figures the console prints."""
+    intervals = per_setting(records, seed)
     out = []
-    for s in dict.fromkeys(r["setting"] for r in records):
+    for s, ci in intervals.items():
         rs = [r for r in records if r["setting"] == s]
         ranks = [r["judge_rank"] for r in rs if r["judge_rank"] is not None]
         out.append({
             "setting": s, "units": len(rs),
-            "mean_activation": float(np.mean([r["activation"] for r in rs])),
-            "mean_total_variation": float(np.mean([r["total_variation"] for r in rs])),
-            "mean_hf_energy": float(np.mean([r["hf_energy"] for r in rs])),
+            "mean_activation": ci["activation"]["estimate"] if ci["activation"] else None,
+            "mean_total_variation": ci["total_variation"]["estimate"] if ci["total_variation"] else None,
+            "mean_hf_energy": ci["hf_energy"]["estimate"] if ci["hf_energy"] else None,
             "median_judge_rank": float(np.median(ranks)) if ranks else None,
             "judge_top5": int(sum(r <= 5 for r in ranks)) if ranks else None,
-            "class_units": len(ranks),
+            "class_units": len(ranks), "intervals": ci,
         })
     return out
 
 
-def failure_table(failures: list, threshold: float) -> str:
-    lines = [f"{len(failures)} image(s) differ from their references (SSIM < {threshold}):",
-             f"  {'setting':<10}{'unit':<22}{'ssim':>8}"]
-    lines += [f"  {r['setting']:<10}{r['unit']:<22}" + (f"{r['ssim']:>8.3f}" if r["ssim"] is not None else
-              f"  damaged reference ({r.get('reference_error', '')})") for r in failures]
-    return "\n".join(lines)

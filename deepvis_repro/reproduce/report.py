@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 import json
 
+from .stats import fmt_interval, fmt_p
+
 
 def _fmt(v, digits=3):
     if v is None:
@@ -44,29 +46,41 @@ def write_report(path, metrics: dict, has_grid: bool = True) -> None:
         partial = ", ".join(metrics.get("partial_settings") or [])
         parts.append("<p class='bad'><b>Interrupted</b>: this report holds what was finished before Ctrl-C"
                      + (f"; {e(partial)} stopped early and is marked partial" if partial else "") + ".</p>")
+    if metrics.get("claim_line"):
+        parts.append(f"<p style='font-size:1.1em'><b>{e(metrics['claim_line'])}</b></p>")
+    parts.append(_how_compared(metrics))
     if metrics.get("failures"):
         parts.append(f"<p class='bad'><b>{len(metrics['failures'])} image(s) differ from their references</b> "
-                     f"(SSIM &lt; {metrics['ssim_threshold']}): {e(', '.join(metrics['failures']))}</p>")
+                     f"beyond rounding (not identical, and SSIM &lt; {metrics['ssim_threshold']}): "
+                     f"{e(', '.join(metrics['failures']))}</p>")
     if has_grid:
         parts.append('<h2>Images</h2><p>Rows: settings; columns: units.</p>'
                      '<img src="grid.png" alt="grid of optimized images" style="max-width:100%">'
                      '<p>The same, contrast-stretched around grey (faint images show their structure):</p>'
                      '<img src="grid_stretched.png" alt="contrast-stretched grid" style="max-width:100%">')
-    parts.append("<h2>Per setting</h2><table><tr><th class='l'>setting</th><th>mean activation</th>"
-                 "<th>mean total variation</th><th>mean HF energy</th><th>median rank by judge</th>"
+    parts.append("<h2>Per setting</h2><p>Each measure with its 95% bootstrap interval over units "
+                 "(mean; the judge's rank: median).</p><table><tr><th class='l'>setting</th><th>activation</th>"
+                 "<th>total variation</th><th>HF energy</th><th>median rank by judge</th>"
                  "<th>class units in judge's top-5</th></tr>")
     for s in metrics["summary"]:
         top5 = f"{s['judge_top5']}/{s['class_units']}" if s["judge_top5"] is not None else "–"
-        parts.append(f"<tr><td class='l'>{e(s['setting'])}</td><td>{_fmt(s['mean_activation'], 2)}</td>"
-                     f"<td>{_fmt(s['mean_total_variation'], 4)}</td><td>{_fmt(s['mean_hf_energy'], 4)}</td>"
-                     f"<td>{fmt_rank(s['median_judge_rank'])}</td><td>{top5}</td></tr>")
+        ci = s.get("intervals") or {}
+        parts.append(f"<tr><td class='l'>{e(s['setting'])}</td><td>{e(fmt_interval(ci.get('activation')))}</td>"
+                     f"<td>{e(fmt_interval(ci.get('total_variation'), 4))}</td>"
+                     f"<td>{e(fmt_interval(ci.get('hf_energy'), 3))}</td>"
+                     f"<td>{e(fmt_interval(ci.get('judge_rank'), 0))}</td><td>{top5}</td></tr>")
     parts.append("</table>")
+    parts.append(_claim_table(metrics.get("claim")))
+    for name in metrics.get("plots") or []:
+        alt = "objective per step" if name.startswith("objective") else "measures with intervals"
+        parts.append(f'<p><img src="{e(name)}" alt="{alt}" style="max-width:100%"></p>')
     parts.append(f"<p>Judge: {e(str(metrics.get('judge')))} (rank 1 = the image is classified as the "
                  "unit's class). Total variation: mean |neighbour difference| on a 0..1 scale. HF energy: "
                  "share of spectral power above 0.25 cycles/pixel.</p>")
     parts.append("<h2>Per image</h2><table><tr><th class='l'>setting</th><th class='l'>unit</th>"
                  "<th class='l'>label</th><th>image</th><th>activation</th><th>best step</th><th>TV</th>"
-                 "<th>HF</th><th>judge rank</th><th>own rank</th><th>SSIM</th><th class='l'>reference</th></tr>")
+                 "<th>HF</th><th>judge rank</th><th>own rank</th><th>SSIM</th><th class='l'>reference</th>"
+                 "<th class='l'>compared by</th></tr>")
     for r in metrics["results"]:
         cls = "bad" if r["reference"] in ("differs", "damaged") else ("miss" if r["reference"] == "missing" else "")
         parts.append(
@@ -76,10 +90,56 @@ def write_report(path, metrics: dict, has_grid: bool = True) -> None:
             f"{' (partial: ' + str(r.get('steps_run')) + ' of ' + str(r['steps']) + ' steps)' if r.get('partial') else ''}"
             f"</td><td>{_fmt(r['total_variation'], 4)}</td>"
             f"<td>{_fmt(r['hf_energy'], 4)}</td><td>{_fmt(r['judge_rank'])}</td><td>{_fmt(r['own_rank'])}</td>"
-            f"<td>{_fmt(r['ssim'])}</td><td class='l'>{e(r['reference'])}</td></tr>")
+            f"<td>{_fmt(r['ssim'])}</td><td class='l'>{e(r['reference'])}</td>"
+            f"<td class='l'>{_fmt(r.get('comparison'))}</td></tr>")
     parts.append("</table>")
     parts.append("<h2>How this run was made</h2><pre>" + e(json.dumps(
-        {k: metrics[k] for k in ("command", "backend", "profile", "seed", "references", "versions", "profile_config")
+        {k: metrics[k] for k in ("command", "backend", "profile", "seed", "references", "numerics", "machine",
+                                 "reference_machine", "reference_numerics", "versions", "profile_config")
          if k in metrics}, indent=1)) + "</pre>")
     parts += ["</body>", "</html>"]
     write_text(path, "\n".join(parts) + "\n")
+
+
+def _machine(m: dict | None) -> str:
+    if not m:
+        return "an unrecorded machine"
+    return f"{m.get('cpu')} ({m.get('isa')}, {m.get('torch_threads')} threads)"
+
+
+def _how_compared(metrics: dict) -> str:
+    """Which comparison applied, and why: the references' machine and numerics against this run's."""
+    e = html.escape
+    num = (metrics.get("numerics") or {}).get("mode", metrics.get("numerics_mode"))
+    native = (metrics.get("numerics") or {}).get("native_reductions")
+    text = (f"This run: {e(_machine(metrics.get('machine')))}, numerics <b>{e(str(num))}</b>"
+            + (f" (reductions run natively: {e(', '.join(native))})" if native else "") + ". ")
+    if "reference_machine" in metrics or "reference_numerics" in metrics:
+        ref_num = (metrics.get("reference_numerics") or {}).get("mode", "unrecorded")
+        text += (f"References: {e(_machine(metrics.get('reference_machine')))}, numerics <b>{e(ref_num)}</b>. "
+                 "Each image is first compared pixel for pixel (<i>identical</i>); where the bits differ, by the "
+                 f"rounding criterion (a rounding twin keeps SSIM &ge; {metrics.get('ssim_threshold')}; a changed "
+                 "setting, seed or unit falls below it).")
+    return f"<p>{text}</p>"
+
+
+def _claim_table(c: dict | None) -> str:
+    if not c or not c.get("units"):
+        return ""
+    e = html.escape
+    rows = ["<h2>The paper's claim, tested</h2>",
+            f"<p>Paired over the same {c['units']} class units, on the judge's rank of the unit's class "
+            f"(lower is better): median difference with its 95% bootstrap interval, matched-pairs rank-biserial "
+            f"correlation, two-sided Wilcoxon signed-rank p (significant below {c['alpha']:g}).</p>",
+            "<table><tr><th class='l'>comparison</th><th>n</th><th>median rank difference</th>"
+            "<th>rank-biserial</th><th>p</th><th class='l'>verdict</th></tr>"]
+    for title, key in (("vs plain ascent", "vs_baseline"), ("best vs the others", "best_vs_others")):
+        for t in c.get(key) or []:
+            if "n" not in t:
+                continue
+            rows.append(f"<tr><td class='l'>{e(t['a'])} vs {e(t['b'])} ({title})</td><td>{t['n']}</td>"
+                        f"<td>{t['median_difference']:g} [{t['low']:g}, {t['high']:g}]</td>"
+                        f"<td>{t['rank_biserial']:.2f}</td><td>{fmt_p(t['p_value'])}</td>"
+                        f"<td class='l'>{e(t['verdict'])}</td></tr>")
+    rows.append("</table>")
+    return "\n".join(rows)

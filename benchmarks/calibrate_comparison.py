@@ -1,0 +1,97 @@
+"""Calibrate the harness's rounding criterion (reproduce/compare.py): how similar are images that
+differ only by rounding, and how similar are images whose setting really changed?
+
+Rounding twins: the quick profile's units and settings, run in portable numerics and in default
+numerics with 1 and with 2 threads (three arithmetic paths whose bits differ; each pair is a twin).
+Real changes, each against the portable run: blur sigma 1.0 -> 0.7, decay x10 (paper_3), small-norm
+percentile 50 -> 40 (paper_1), learning rate x2 (paper_3), another seed, another unit.
+
+    python benchmarks/calibrate_comparison.py [--steps 80]
+
+Prints per kind the lowest / median / highest SSIM and the margin left by the threshold.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import numpy as np
+import torch
+
+import deepvis_repro as dv
+from deepvis_repro.optimize import get_preset, optimize
+from deepvis_repro.reproduce.compare import DEFAULT_MIN_SSIM
+from deepvis_repro.reproduce.harness import profile_units
+from deepvis_repro.reproduce.metrics import ssim
+
+
+def run(backend, units, preset, steps, numerics="portable", threads=2, seed=0, **over):
+    torch.set_num_threads(threads)
+    try:
+        r = optimize(backend, units, preset=get_preset(preset, steps=steps, **over), seed=seed, progress=False,
+                     numerics=numerics)
+    finally:
+        torch.set_num_threads(2)
+    return r.images
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=None, help="default: the quick profile's")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_MIN_SSIM)
+    a = ap.parse_args()
+    from omegaconf import OmegaConf
+    from importlib import resources
+
+    profile = OmegaConf.to_container(OmegaConf.create(
+        resources.files("deepvis_repro_conf").joinpath("profile/quick.yaml").read_text()))
+    steps = a.steps or profile["steps"]
+    backend = dv.load_backend()
+    units = [u for u, _ in profile_units(backend, profile)]
+    print(f"{len(units)} units, {steps} steps, threshold {a.threshold}")
+    twins, changes = [], {}
+    base = {}
+    for s in profile["settings"]:
+        paths = {"portable": run(backend, units, s, steps),
+                 "default, 1 thread": run(backend, units, s, steps, "default", 1),
+                 "default, 2 threads": run(backend, units, s, steps, "default", 2)}
+        base[s] = paths["portable"]
+        for (n1, i1), (n2, i2) in itertools.combinations(paths.items(), 2):
+            for k in range(len(units)):
+                same = np.array_equal(i1[k], i2[k])
+                twins.append((s, units[k], f"{n1} vs {n2}", 1.0 if same else ssim(i1[k], i2[k]), same))
+        print(f"  {s}: twins done", flush=True)
+    planted = {
+        "blur sigma 1.0 -> 0.7 (paper_3)": ("paper_3", {"blur_radius": 0.7}),
+        "decay x10 (paper_3)": ("paper_3", {"decay": 0.001}),
+        "small-norm pct 50 -> 40 (paper_1)": ("paper_1", {"small_norm_pct": 40}),
+        "learning rate x2 (paper_3)": ("paper_3", {"lr": 200.0}),
+        "seed 0 -> 1 (paper_3)": ("paper_3", {"seed": 1}),
+    }
+    for name, (s, over) in planted.items():
+        seed = over.pop("seed", 0)
+        imgs = run(backend, units, s, steps, seed=seed, **over)
+        changes[name] = [ssim(imgs[k], base[s][k]) for k in range(len(units))]
+    changes["another unit (every setting)"] = [
+        ssim(base[s][i], base[s][j]) for s in base for i in range(len(units)) for j in range(len(units)) if i != j]
+    tw = np.array([t[3] for t in twins])
+    print(f"\nrounding twins: {len(tw)} pairs, {sum(t[4] for t in twins)} bit-identical; SSIM min {tw.min():.3f}, "
+          f"5th pct {np.percentile(tw, 5):.3f}, median {np.median(tw):.3f}")
+    for s in profile["settings"]:
+        v = [t[3] for t in twins if t[0] == s]
+        print(f"  {s:<8} min {min(v):.3f}  median {np.median(v):.3f}")
+    worst = min(twins, key=lambda t: t[3])
+    print(f"  lowest: {worst[0]} {worst[1]} ({worst[2]}) {worst[3]:.3f}")
+    print("real changes (SSIM against the portable run):")
+    top = 0.0
+    for name, v in changes.items():
+        v = np.array(v)
+        top = max(top, v.max())
+        print(f"  {name:<36} max {v.max():.3f}  median {np.median(v):.3f}  "
+              f"fail at {a.threshold}: {int((v < a.threshold).sum())}/{len(v)}")
+    print(f"\nmargins: twins' lowest {tw.min():.3f} - threshold {a.threshold} = {tw.min() - a.threshold:+.3f}; "
+          f"threshold - changes' highest {top:.3f} = {a.threshold - top:+.3f}")
+
+
+if __name__ == "__main__":
+    main()
