@@ -7,14 +7,11 @@
 from .errors import DeepvisError
 from .registry import list_backends, load_backend
 
+# Bound here, after the submodule's import: a function that imported deepvis_repro.optimize lazily
+# would be replaced by the submodule on its first call (Python sets the package's attribute).
+from .optimize import optimize  # noqa: E402
+
 __version__ = "0.1.0"
-
-
-def optimize(*args, **kwargs):
-    """See :func:`deepvis_repro.optimize.optimize` (imported lazily: torch-heavy)."""
-    from .optimize import optimize as _optimize
-
-    return _optimize(*args, **kwargs)
 
 
 __all__ = ["DeepvisError", "load_backend", "list_backends", "optimize", "__version__"]

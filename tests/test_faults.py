@@ -88,7 +88,7 @@ def test_sigkill_while_optimize_writes_leaves_whole_files_or_none(tmp_path):
 
 def test_a_signal_while_the_harness_writes_keeps_all_settings(tmp_path):
     out = tmp_path / "run"
-    p = start(SLOW + ["reproduce", "profile.steps=3", "judge=null", f"references={tmp_path / 'none'}",
+    p = start(SLOW + ["reproduce", "profile.steps=3", "profile.classes=[130,366]", "judge=null", f"references={tmp_path / 'none'}",
                       f"hydra.run.dir={out}"])
     wait_for(p, "WRITING")
     p.send_signal(signal.SIGINT)
@@ -103,14 +103,14 @@ def test_a_signal_while_the_harness_writes_keeps_all_settings(tmp_path):
 
 def test_references_change_all_at_once(tmp_path):
     refs = tmp_path / "refs"
-    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "judge=null", f"references={refs}",
+    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", "judge=null", f"references={refs}",
                         "update_references=true", f"hydra.run.dir={tmp_path / 'a'}"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     before = {p.name: p.read_bytes() for p in refs.iterdir()}
     assert len(before) == 16
     # a second update with other images, killed while writing them: the old set stays whole
-    p = start(SLOW + ["reproduce", "profile.steps=4", "judge=null", f"references={refs}", "update_references=true",
+    p = start(SLOW + ["reproduce", "profile.steps=4", "profile.classes=[130,366]", "judge=null", f"references={refs}", "update_references=true",
                       f"hydra.run.dir={tmp_path / 'b'}"])
     wait_for(p, "WRITING")
     time.sleep(1.5)
@@ -119,21 +119,21 @@ def test_references_change_all_at_once(tmp_path):
     after = {p.name: p.read_bytes() for p in refs.iterdir()}
     assert after == before
     # ...and the next run compares cleanly (the half-written sibling is cleared away)
-    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "judge=null", f"references={refs}",
+    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", "judge=null", f"references={refs}",
                         f"hydra.run.dir={tmp_path / 'c'}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "15/15 images match the references (SSIM >= 0.8)" in r.stdout
+    assert "References: 15/15 images match (15 identical)" in r.stdout
     assert not list(tmp_path.glob(".refs.*"))
     # a damaged reference is reported as damaged, not a crash
     (refs / "paper_2__fc_130.png").write_bytes(b"")
-    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "judge=null", f"references={refs}",
+    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", "judge=null", f"references={refs}",
                         f"hydra.run.dir={tmp_path / 'd'}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "damaged reference" in r.stderr and "Traceback" not in r.stderr
-    assert "14/15 images match" in r.stdout
+    assert "References: 14/15 images match (14 identical)" in r.stdout
     m = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert [x["reference"] for x in m["results"] if x["unit"] == "fc:130" and x["setting"] == "paper_2"] == ["damaged"]
     report = (tmp_path / "d" / "report.html").read_text()
-    assert "14/15 images match the references (SSIM &gt;= 0.8)" in report
+    assert "References: 14/15 images match (14 identical)" in report
 
 
 # ----- full disks ------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def fmt_p(p) -> str:
 def fmt_interval(ci: dict | None, digits: int = 2) -> str:
     if not ci:
         return "–"
-    f = (lambda v: f"{v:.{digits}f}") if digits else (lambda v: f"{v:g}")
+    f = (lambda v: f"{v:.{digits}f}") if digits else (lambda v: f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}")
     if math.isclose(ci["low"], ci["high"]) and ci["n"] == 1:
         return f(ci["estimate"])
     return f"{f(ci['estimate'])} [{f(ci['low'])}, {f(ci['high'])}]"
