@@ -73,10 +73,11 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
-def _rand(shape, seed, like=None) -> torch.Tensor:
+def _rand(shape, seed, like: torch.Tensor) -> torch.Tensor:
+    """Random values of a shape, on like's device and dtype, in like's memory format."""
     g = torch.Generator().manual_seed(seed)
-    t = torch.randn(shape, generator=g)
-    return t.contiguous(memory_format=torch.channels_last) if like is not None and _cl(like) else t
+    t = torch.randn(shape, generator=g).to(device=like.device, dtype=like.dtype)
+    return t.contiguous(memory_format=torch.channels_last) if _cl(like) else t
 
 
 def _cl(t: torch.Tensor) -> bool:
@@ -99,7 +100,7 @@ def _like(t: torch.Tensor, seed: int) -> torch.Tensor:
     """Random values in a tensor of t's shape, strides and dtype (kernels choose by layout)."""
     r = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
     g = torch.Generator().manual_seed(seed)
-    return r.copy_(torch.randn(t.shape, generator=g))
+    return r.copy_(torch.randn(t.shape, generator=g).to(t.device))
 
 
 def _padded(a, b, out):
@@ -215,7 +216,7 @@ class _Depthwise(torch.autograd.Function):
         w4 = w.view(c, 1, kh, kw)
 
         def check_fwd():
-            rx, rw = _rand(xp.shape, 3, xp).to(xp.dtype), _rand(w.shape, 4).to(w.dtype)
+            rx, rw = _rand(xp.shape, 3, xp), _rand(w.shape, 4, w)
             return _same_bits(F.conv2d(rx, rw.view(c, 1, kh, kw), None, stride, 0, dilation, c),
                               taps_depthwise(rx, rw, stride, dilation))
 
@@ -243,7 +244,7 @@ class _Depthwise(torch.autograd.Function):
             return taps_depthwise_input_grad(g, weights, shape, stride, dilation, g)
 
         def check_bwd():
-            rg, rw = _rand(gy.shape, 5, gy).to(gy.dtype), _rand(w.shape, 6).to(w.dtype)
+            rg, rw = _rand(gy.shape, 5, gy), _rand(w.shape, 6, w)
             return _same_bits(native(rg, rw), ref(rg, rw))
 
         gx = native(gy, w) if _verify(key + ("bwd",), check_bwd) else ref(gy, w)
