@@ -4,6 +4,7 @@ and Ctrl-C."""
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import time
@@ -173,11 +174,16 @@ def test_ctrl_c_leaves_a_valid_partial_report(tmp_path):
                           f"references={tmp_path / 'none'}", f"hydra.run.dir={out}"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # the event: a progress line saying that paper_1 has made steps (not a sleep, which a slow
+    # machine could spend before the first step and a fast one after the last)
     t = time.time()
-    seen = ""
-    while "reproduce quick" not in seen and time.time() - t < 300:
-        seen += p.stderr.readline()
-    time.sleep(3)
+    progressed = False
+    while not progressed and time.time() - t < 600:
+        line = p.stderr.readline()
+        m = re.search(r"reproduce quick: paper_1: (\d+)/", line)
+        progressed = bool(m and int(m.group(1)) > 0)
+        assert line or p.poll() is None, "the run ended before it made progress"
+    assert progressed
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 130, err[-1000:]
