@@ -338,6 +338,9 @@ def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale, on_s
             bar.update(n)
     except KeyboardInterrupt:
         interrupted = True
+        # A signal between a step's two records leaves one list a step longer: a step's record is
+        # whole or absent (best_x / best are updated together, after both records' values exist).
+        del history[min(len(history), len(argmax)):], argmax[min(len(history), len(argmax)):]
     return _Batch(best_x, best.cpu().numpy(), best_step.numpy(),
                   torch.stack(history).numpy() if history else np.zeros((0, n)),
                   torch.stack(argmax).numpy() if argmax else np.zeros((0, n), dtype=np.int64),

@@ -100,3 +100,21 @@ def test_nan_stops_that_unit_only_and_keeps_its_best():
     assert np.isnan(r.history[3:, 1]).all() and np.isfinite(r.history[:4, 0]).all()
     assert r.best_step[1] in (0, 1, 2) and np.isfinite(r.best_activation[1])
     assert np.isfinite(r.x.numpy()).all()
+
+
+def test_a_signal_between_a_steps_records_keeps_every_result(lite0, monkeypatch):
+    """Ctrl-C after a step's argmax was recorded but before its objective: the step is dropped
+    whole, and the images and records of the steps before it are kept."""
+    real = torch.isfinite
+    calls = {"n": 0}
+
+    def interrupted_isfinite(t):
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside step 1, between the argmax and the history append
+            raise KeyboardInterrupt
+        return real(t)
+
+    monkeypatch.setattr(torch, "isfinite", interrupted_isfinite)
+    r = optimize(lite0, ["fc:1", "fc:2", "fc:3", "fc:4"], preset="paper_3", steps=10, progress=False)
+    assert r.interrupted and r.history.shape == r.argmax.shape == (1, 4)
+    assert r.images.shape == (4, 224, 224, 3) and np.all(r.best_step == 0)
