@@ -431,8 +431,8 @@ def reproduce_task(cfg) -> None:
     from .outputs import machine, versions
     from .registry import instantiate_backend
     from .reproduce.compare import compare, failure_table
-    from .reproduce.harness import (check_profile, default_reference_dir, run_profile, write_outputs,
-                                    write_references)
+    from .reproduce.harness import (check_profile, default_reference_dir, rewrite_metrics, run_profile,
+                                    write_outputs, write_references)
     from .reproduce.stats import fmt_interval
     from .validate import number, whole
 
@@ -457,10 +457,10 @@ def reproduce_task(cfg) -> None:
             "machine": here, "numerics_mode": numerics, "profile_config": profile}
     run = run_profile(backend, profile, seed=seed, judge=judge, numerics=numerics)
     failures = []
-    if cfg.update_references and not run.interrupted:
-        write_references(run, ref_dir, {**{k: info[k] for k in ("backend", "profile", "seed", "command", "versions",
-                                                                 "machine", "profile_config")},
-                                        "numerics": run.numerics})
+    updating = bool(cfg.update_references) and not run.interrupted
+    if updating:
+        for r in run.records:  # until the new set is swapped in, the old one stays in force
+            r["reference"] = "being written"
     else:
         theirs = reference_manifest(ref_dir)
         info["reference_machine"] = theirs.get("machine")
@@ -469,7 +469,18 @@ def reproduce_task(cfg) -> None:
                 and str(device) == "cpu")
         failures = compare(run, ref_dir, threshold, bits_expected=bits)
     out = Path(output_dir())
+    # The run's own outputs first: a signal while the references are written then loses nothing.
     metrics = write_outputs(out, backend, run, info, failures)
+    if updating:
+        try:
+            write_references(run, ref_dir, {**{k: info[k] for k in ("backend", "profile", "seed", "command",
+                                                                     "versions", "machine", "profile_config")},
+                                            "numerics": run.numerics})
+        except KeyboardInterrupt:
+            print(f"interrupted while writing the new references: {ref_dir} keeps the old set; this run's "
+                  f"images and report are in {out}", file=sys.stderr)
+            exit_interrupted()
+        rewrite_metrics(out, metrics)
     for s in metrics["summary"]:
         partial = "  (partial: interrupted)" if s["setting"] in metrics["partial_settings"] else ""
         ci = s["intervals"]
@@ -477,7 +488,7 @@ def reproduce_task(cfg) -> None:
               f"TV {fmt_interval(ci['total_variation'], 4)}  HF {fmt_interval(ci['hf_energy'], 3)}  "
               f"median judge rank {fmt_interval(ci['judge_rank'], 0)}{partial}")
     missing = sum(r["reference"] == "missing" for r in run.records)
-    if cfg.update_references and not run.interrupted:
+    if updating:
         print(f"wrote {len(run.records)} references to {ref_dir}")
     elif missing:
         print(f"note: {missing} image(s) have no reference in {ref_dir}; "

@@ -136,6 +136,31 @@ def test_references_change_all_at_once(tmp_path):
     assert "References: 14/15 images match (14 identical)" in report
 
 
+def test_a_signal_while_references_are_written_keeps_the_run(tmp_path):
+    """SIGINT or SIGTERM while update_references=true writes the new set: the old set stays in
+    force, and the run's own images, metrics and report are all on disk."""
+    refs = tmp_path / "refs"
+    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", "judge=null",
+                        f"references={refs}", "update_references=true", f"hydra.run.dir={tmp_path / 'a'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    before = {p.name: p.read_bytes() for p in refs.iterdir()}
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        out = tmp_path / f"run_{code}"
+        p = start(SLOW + ["reproduce", "profile.steps=3", "profile.classes=[130,366]", "judge=null",
+                          f"references={refs}", "update_references=true", f"hydra.run.dir={out}"])
+        wait_for(p, f"WRITING {tmp_path}/.refs")  # inside the new set's hidden sibling folder
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == code, err[-1500:]
+        assert "keeps the old set" in err and "Traceback" not in err
+        assert {q.name: q.read_bytes() for q in refs.iterdir()} == before
+        m = json.loads((out / "metrics.json").read_text())
+        assert len(m["results"]) == 15 and all(complete_png(out / x["image"]) for x in m["results"])
+        assert all(x["reference"] == "being written" for x in m["results"])
+        assert (out / "report.html").read_text().rstrip().endswith("</html>") and no_partials(out)
+
+
 # ----- full disks ------------------------------------------------------------------------------
 def test_a_full_disk_is_one_line_and_leaves_no_temporaries(lite0, monkeypatch, tmp_path):
     """Simulated ENOSPC at results.json (after the images): the images stay, results.json is

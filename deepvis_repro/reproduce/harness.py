@@ -125,7 +125,17 @@ def write_references(run: Run, ref_dir: Path, manifest: dict) -> None:
 
     replace_folder(ref_dir, fill)
     for r in run.records:
-        r["reference"], r["ssim"] = "written", 1.0
+        r["reference"], r["ssim"], r["comparison"] = "written", 1.0, None
+
+
+def rewrite_metrics(out: Path, metrics: dict) -> None:
+    """metrics.json and report.html again, after the records changed (references written)."""
+    from ..files import signals_deferred, write_json
+    from .report import write_report
+
+    with signals_deferred():
+        write_json(out / "metrics.json", metrics)
+        write_report(out / "report.html", metrics, has_grid=bool(metrics["results"]))
 
 
 def write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> dict:
