@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib import resources
 from typing import Callable
 
 from .errors import DeepvisError, did_you_mean
@@ -46,6 +47,65 @@ def _rewrite_backend_args(argv: list[str]) -> list[str]:
         else:
             out.append(a)
     return out
+
+
+def _config_keys(config_name: str, argv: list[str]) -> set[str]:
+    """Every key the app's config has, as dotted paths, with each group's chosen option (the
+    command line's choice, else the default) filled in: what a command reads."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from .registry import CONF_PACKAGE
+
+    conf = resources.files(CONF_PACKAGE)
+    top = OmegaConf.create(conf.joinpath(f"{config_name}.yaml").read_text())
+    chosen = {}
+    for d in top.get("defaults", []):
+        if isinstance(d, (dict, DictConfig)):
+            for group, option in d.items():
+                if not str(group).startswith("override"):
+                    chosen[str(group)] = option
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if eq and key in chosen:
+            chosen[key] = value
+    keys: set[str] = set()
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                path = f"{prefix}.{k}" if prefix else str(k)
+                keys.add(path)
+                walk(path, v)
+
+    plain = OmegaConf.to_container(top, resolve=False)  # keys only: ??? and ${...} stay as written
+    walk("", {k: v for k, v in plain.items() if k not in ("defaults", "hydra")})
+    for group, option in chosen.items():
+        keys.add(group)
+        path = conf.joinpath(group, f"{option}.yaml")
+        if option and path.is_file():
+            walk(group, OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=False))
+    return keys
+
+
+def check_keys(config_name: str, argv: list[str]) -> None:
+    """A config key the command does not have is a mistake, said in one line with the nearest
+    valid keys; so is a '+key' that adds a key no command reads (Hydra itself would suggest it
+    for a typo, and then ignore the value)."""
+    keys = None
+    for a in argv:
+        key, eq, _ = a.partition("=")
+        if not eq or a.startswith("-"):
+            continue
+        bare = key.lstrip("+~")
+        if bare.startswith(("hydra.", "backend.")) or bare in ("hydra", "backend"):
+            continue  # Hydra's own settings; a backend's arguments are open (its class checks them)
+        keys = keys if keys is not None else _config_keys(config_name, argv)
+        if bare not in keys:
+            near = sorted(k for k in keys if "." in bare and k.startswith(bare.rsplit(".", 1)[0] + "."))
+            raise DeepvisError(f"unknown config key '{bare}' for deepvis-{config_name}; "
+                               + did_you_mean(bare, near or sorted(k for k in keys if "." not in k)))
+        if key.startswith("+") and not key.startswith("++"):
+            raise DeepvisError(f"'{key}' adds a key, but {bare} exists: write {bare}=... without the '+'")
 
 
 def _error(prog: str, msg: str) -> None:
@@ -141,6 +201,7 @@ def run_app(config_name: str, task: Callable) -> None:
 
     prog = os.path.basename(sys.argv[0]) or f"deepvis-{config_name}"
     try:
+        check_keys(config_name, sys.argv[1:])
         sys.argv = [sys.argv[0]] + _rewrite_backend_args(sys.argv[1:])
     except DeepvisError as e:
         _error(prog, str(e))
@@ -157,6 +218,7 @@ def run_app(config_name: str, task: Callable) -> None:
         try:
             check_missing(cfg)
             task(cfg)
+            _drop_empty_run_dir()  # a run whose results went elsewhere (an atlas, the screen) leaves no folder
         except DeepvisError as e:
             _drop_empty_run_dir()
             _error(prog, str(e))
@@ -380,8 +442,10 @@ def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine) -> Non
     from .atlas.optimized import optimize_into_atlas
     from .atlas.page import write_index
     from .atlas.store import layer_slug
+    from .files import check_output_dir
 
     atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
+    check_output_dir(atlas_dir, "atlas.dir")
     r = optimize_into_atlas(backend, atlas_dir, units, preset=preset, seed=seed, batch_size=batch_size,
                             engine=engine)
     write_index(atlas_dir)

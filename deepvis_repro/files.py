@@ -138,6 +138,24 @@ def check_writable_file(path, what: str) -> None:
         raise DeepvisError(f"{what}: folder {folder} is not writable (for {path})")
 
 
+def check_output_dir(path, what: str) -> None:
+    """Before any work: a folder that will be written (made if new) is not a file, and it, or
+    the nearest folder above it that exists, can be written to."""
+    p = os.path.abspath(os.fspath(path))
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise DeepvisError(f"{what}={path} is a file, not a folder")
+    probe = p
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise DeepvisError(f"{what}={path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DeepvisError(f"{what}={path}: folder {probe} is not writable")
+
+
 @contextlib.contextmanager
 def signals_deferred():
     """Let a writing phase finish: SIGINT / SIGTERM arriving inside the block are held and

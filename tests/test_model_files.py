@@ -214,7 +214,17 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path):
     ("deepvis-inspect", ["backend=caffe"], "missing backend.prototxt"),
     ("deepvis-inspect", ["backend=onnx"], "missing backend.path: give backend.path=PATH"),
     ("deepvis-live", ["source=video", "source.path=PHOTO"], "cannot decode video"),
-    ("deepvis-optimize", ["step=50"], "Could not override 'step'"),
+    ("deepvis-optimize", ["step=50"], "unknown config key 'step' for deepvis-optimize"),
+    # issue 21: a typo names the nearest valid keys; Hydra's '+' hint would have ignored the value
+    ("deepvis-optimize", ["optimize.step=50"], "unknown config key 'optimize.step' for deepvis-optimize; did you "
+                                              "mean optimize.steps"),
+    ("deepvis-optimize", ["+optimize.step=50"], "unknown config key 'optimize.step'"),
+    ("deepvis-optimize", ["+optimize.steps=5"], "'+optimize.steps' adds a key, but optimize.steps exists"),
+    ("deepvis-inspect", ["imgae=x.jpg"], "unknown config key 'imgae' for deepvis-inspect; did you mean image?"),
+    ("deepvis-mine", ["atlas.dir=PHOTO"], "is a file, not a folder"),
+    ("deepvis-live", ["source=image", "source.path=PHOTO", "live.atlas=PHOTO"], "is a file, not an atlas folder"),
+    ("deepvis-live", ["source=image", "source.path=PHOTO", "live.atlas=MISSING"], "atlas folder not found"),
+    ("deepvis-optimize", ["optimize.numerics=exact"], "numerics must be default or portable, got 'exact'"),
     ("deepvis-optimize", ["optimize.steps=abc"], "optimize.steps must be a whole number, got 'abc'"),
     ("deepvis-optimize", ["optimize.steps=2.5"], "optimize.steps must be a whole number, got 2.5"),
     ("deepvis-optimize", ["optimize.seed=abc"], "optimize.seed must be a whole number"),
@@ -231,9 +241,10 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path):
     ("deepvis-reproduce", ["profile.settings=[paper_3,paper_9]"], "unknown preset 'paper_9'"),
 ])
 def test_user_errors_are_one_line_with_status_2(cmd, args, text, tmp_path, photos):
-    if "source.path=PHOTO" in args:
+    if any("PHOTO" in a for a in args):
         Image.fromarray(photos["coffee"]).save(tmp_path / "photo.jpg")
         args = [a.replace("PHOTO", str(tmp_path / "photo.jpg")) for a in args]
+    args = [a.replace("MISSING", str(tmp_path / "no_such_atlas")) for a in args]
     r = run(cmd, *args, f"hydra.run.dir={tmp_path / 'run'}")
     one_line_error(r, text)
     assert not (tmp_path / "run").exists() or cmd == "deepvis-live"  # no empty run folder left

@@ -17,6 +17,7 @@ def _layers(value):
 
 def mine_task(cfg) -> None:
     from ..cli import resolve_device
+    from ..files import check_output_dir
     from ..registry import instantiate_backend, instantiate_config
     from ..validate import whole
     from .corpus import open_corpus
@@ -33,8 +34,9 @@ def mine_task(cfg) -> None:
     backend = instantiate_backend(cfg.backend).to(device)
     mode = resolve_mode(backend, str(cfg.deconv))  # every option checked before any work
     tile = whole("tile", cfg.tile, 1, allow_none=True)
-    corpus = open_corpus(cfg.corpus.path, every)
     atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
+    check_output_dir(atlas_dir, "atlas.dir")
+    corpus = open_corpus(cfg.corpus.path, every)
     print(f"corpus: {corpus.kind} {corpus.source or ''} ({len(corpus)} images); atlas: {atlas_dir}", flush=True)
     r = mine(backend, corpus, _layers(cfg.layers), top_k=top_k, engine=engine,
              negatives=bool(cfg.negatives), batch_size=batch_size, atlas_dir=atlas_dir,

@@ -63,8 +63,13 @@ class LiveApp:
         from ..atlas.optimized import check_atlas_backend
         from ..atlas.store import AtlasReader, AtlasStore
 
-        if not os.path.exists(atlas):  # a new atlas: on-demand images will fill it
-            os.makedirs(atlas, exist_ok=True)
+        # A path given to read an atlas must be one: a typo would silently start a new, empty one.
+        if not os.path.exists(atlas):
+            raise DeepvisError(f"atlas folder not found: live.atlas={atlas} (an atlas from deepvis-mine or "
+                               "deepvis-optimize; for a new one that on-demand images fill, make the empty "
+                               "folder first)")
+        if not os.path.isdir(atlas):
+            raise DeepvisError(f"live.atlas={atlas} is a file, not an atlas folder")
         if AtlasStore(atlas).manifest() is not None or not os.listdir(atlas):
             check_atlas_backend(AtlasStore(atlas), self.backend)
         return AtlasReader(atlas)
