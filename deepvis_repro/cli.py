@@ -476,9 +476,12 @@ def live_task(cfg) -> None:
     live = OmegaConf.to_container(cfg.live)
     app = LiveApp(backend, source, **live)
     stats = app.run()
-    if cfg.live.stats is None and cfg.live.max_frames:
-        print(f"{stats['frames']} frames, network {stats['net_fps']:.1f} fps, "
-              f"display {stats['display_fps']:.1f} fps")
+    print(f"{stats['frames']} frames, network {stats['net_fps']:.1f} fps, "
+          f"display {stats['display_fps']:.1f} fps")
+    if cfg.live.screenshot:
+        print(f"screenshot: {cfg.live.screenshot}")
+    if cfg.live.stats:
+        print(f"stats: {cfg.live.stats}")
 
 
 def live_main() -> None:

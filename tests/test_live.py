@@ -168,6 +168,9 @@ def test_headless_keys_screenshot_and_stats(image_dir, tmp_path):
     assert s["layer"] == "blocks.2" and s["unit"] == 4 and s["back_mode"] == "deconv"
     assert s["source"].startswith("coffee.png")  # e twice: astronaut -> (broken skipped) chelsea -> coffee
     assert "b_broken.jpg" in s["message"]
+    # the console says what happened and where the files went (it used to print nothing)
+    assert f"screenshot: {shot}" in r.stdout and f"stats: {stats}" in r.stdout and "frames, network" in r.stdout
+    assert s["display_fps"] <= 30 * 1.05  # live.fps caps the display
     img = np.asarray(Image.open(shot))
     assert img.shape == (720, 1280, 3)
     # the input pane shows the coffee photo: mostly warm colours, not the dark background

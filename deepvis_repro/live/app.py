@@ -26,6 +26,17 @@ from .tiles import grid_shape
 ACTIVE_SECONDS = 0.4
 
 
+#: The keys handle_key acts on (letters as typed; arrows by name).
+KEYS = ["i", "j", "k", "l", "u", "o", "b", "n", "a", "d", "s", "z", "t", "T", "f", "c", "e", "w", "0", "h", "q",
+        "escape"]
+ARROWS = ["up", "down", "left", "right"]
+
+
+def known_key(name: str) -> bool:
+    base = name[len("shift+"):] if name.startswith("shift+") else name
+    return base in KEYS or base in ARROWS or (len(base) == 1 and base.lower() in "ijkl")
+
+
 class LiveApp:
     def __init__(self, backend, source: Source, *, window=(1280, 720), fps: int = 30,
                  max_frames: int | None = None, keys=(), screenshot: str | None = None,
@@ -36,6 +47,10 @@ class LiveApp:
         self.backend, self.source, self.files_source = backend, source, source
         self.window, self.fps = tuple(window), int(fps)
         self.max_frames, self.keys = max_frames, [str(k) for k in (keys or [])]
+        unknown = [k for k in self.keys if not known_key(k)]
+        if unknown:  # a scripted key that does nothing would make a run look fine that did not do its job
+            raise DeepvisError(f"unknown key(s) in live.keys: {', '.join(unknown)}; valid: {', '.join(KEYS)}, "
+                               "capitals of i j k l (move 3), up down left right (shift+ moves 3)")
         self.screenshot, self.stats_path = screenshot, stats
         for path, what in ((screenshot, "live.screenshot"), (stats, "live.stats")):
             if path:  # checked before the window opens, not after the run

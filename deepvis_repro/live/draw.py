@@ -57,7 +57,6 @@ class Painter:
         self._surf = {}
         self._pane_key, self._pane_surf = None, {}
         self._sprite_key, self._sprite_surf = None, None
-        self._frame_times = []
         W, H = screen.get_size()
         right = UNIT_PANE + 8 if with_pane else 0
         # the grid, its caption below it, then the status bar: nothing overlaps
@@ -82,8 +81,6 @@ class Painter:
         self._snap = snap
 
     def draw(self, snap):
-        now = time.perf_counter()
-        self._frame_times = [t for t in self._frame_times if now - t < 1.0] + [now]
         scr, app = self.screen, self.app
         scr.fill(BG)
         if snap is None:
@@ -238,7 +235,10 @@ class Painter:
         app, s = self.app, self.app.settings
         H = self.screen.get_height()
         pygame.draw.rect(self.screen, (10, 10, 12), (0, H - STATUS_H, self.screen.get_width(), STATUS_H))
-        disp = len(self._frame_times)
+        # frames shown in the last second (the main loop's, capped by live.fps); the painter also
+        # redraws while a headless run waits for its workers, which are not display frames
+        now = time.perf_counter()
+        disp = sum(1 for t in app.frame_log[-(2 * app.fps + 2):] if now - t < 1.0)
         back = MODES[s.back] + (" norm" if s.back_norm and s.back else "")
         net = app.net.fps  # the same definition as the stats' net_fps: passes per second of network time
         parts = [f"{layer_name}:{s.unit}", f"Back: {back}", f"Boost: {s.boost}/{s.gamma}",
