@@ -252,6 +252,19 @@ def test_user_errors_are_one_line_with_status_2(cmd, args, text, tmp_path, photo
     assert not (tmp_path / "run").exists() or cmd == "deepvis-live"  # no empty run folder left
 
 
+def test_a_corpus_of_only_unreadable_images_is_an_error(tmp_path):
+    """Issue 21: it used to say 'mined 2 images', every entry -1."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.jpg").write_bytes(b"not a jpeg")
+    (d / "b.png").write_bytes(b"")
+    r = run("deepvis-mine", f"corpus.path={d}", "layers=[fc]", "montages=false", f"atlas.dir={tmp_path / 'A'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    last = r.stderr.strip().splitlines()[-1]  # after the progress lines, one error line
+    assert last.startswith("deepvis-mine: error: no readable image in the corpus: all 2 were skipped")
+    assert (tmp_path / "A" / "skipped.tsv").is_file() and not (tmp_path / "A" / "layers").exists()
+
+
 def test_backend_given_as_a_yaml_path(tmp_path, photos):
     Image.fromarray(photos["coffee"]).save(tmp_path / "c.png")
     r = run("deepvis-inspect", f"backend={PLUGINS / 'tiny_none.yaml'}", f"image={tmp_path / 'c.png'}")

@@ -306,6 +306,15 @@ def _finish(store, job, state, identity, t0, interrupted, write=True) -> MiningR
                      images_done=state.images_done, complete=not interrupted,
                      seconds=time.perf_counter() - t0, atlas_dir=store.root if store else None)
     r.skipped = [(i, job.corpus.items[i], state.skipped[i]) for i in sorted(state.skipped)]
+    if not interrupted and r.paths and len(r.skipped) == len(r.paths):
+        # nothing was mined: an atlas of empty entries would look like a result
+        where = ""
+        if store is not None:
+            store.write_skipped(r.skipped)
+            where = f", listed in {store.path('skipped.tsv')}"
+        first = r.skipped[0]
+        raise DeepvisError(f"no readable image in the corpus: all {len(r.paths)} were skipped{where} "
+                           f"(e.g. {os.path.basename(str(first[1]))}: {first[2]})")
     for l in job.layers:
         r.values[l], r.image_ids[l], r.positions[l] = state.top[l].result()
         if state.bottom:
