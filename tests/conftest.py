@@ -1,10 +1,22 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 import skimage.data
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+
+# The tests never write the user's real ~/.cache (Caffe weights, the demo corpus): every cache of
+# this session, in-process and in the commands it starts, goes to a folder of its own. Set at
+# import, before any test or fixture reads it.
+_CACHE = tempfile.mkdtemp(prefix="deepvis-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
