@@ -178,4 +178,9 @@ def signals_deferred():
         for s, h in old.items():
             signal.signal(s, h)
         if got:
+            # The handler that was in force decides (the CLI's SIGTERM handler records that the
+            # run was terminated, for exit status 143, and raises Terminated itself).
+            handler = old[got[0]]
+            if callable(handler):
+                handler(got[0], None)
             raise Terminated if got[0] == signal.SIGTERM else KeyboardInterrupt

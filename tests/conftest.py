@@ -15,8 +15,22 @@ _CACHE = tempfile.mkdtemp(prefix="deepvis-test-cache-")
 os.environ["XDG_CACHE_HOME"] = _CACHE
 
 
+# Commands started without a run folder write outputs/ into the working folder: the session's
+# own, not the repository (the tests name every path they read; none is relative).
+_CWD = tempfile.mkdtemp(prefix="deepvis-test-cwd-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_folder():
+    before = os.getcwd()
+    os.chdir(_CWD)
+    yield
+    os.chdir(before)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)
+    shutil.rmtree(_CWD, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

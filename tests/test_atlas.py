@@ -381,3 +381,23 @@ def test_every_units_optimized_image_on_ray_equals_local(lite0, tmp_path):
     b = sorted((tmp_path / "ray" / "regularized_opt" / "blocks.2").glob("*.jpg"))
     assert [p.name for p in a] == [p.name for p in b] and len(a) == 25
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+
+
+def test_a_unit_whose_record_was_lost_is_done_again(lite0, tmp_path):
+    """Issue 21: a death after a batch's images were written but before its records were saved
+    left the batch counted as done. Done means image and record."""
+    import json
+
+    from deepvis_repro.atlas.optimized import optimize_into_atlas
+
+    units = ["blocks.2:0", "blocks.2:1", "blocks.2:2", "blocks.2:3"]
+    first = optimize_into_atlas(lite0, tmp_path, units, steps=2, batch_size=2, progress=False)
+    assert first["written"] == 4
+    results = tmp_path / "regularized_opt" / "blocks.2" / "results.json"
+    data = json.loads(results.read_text())
+    for c in ("2", "3"):  # the second batch's records never reached the disk
+        del data["units"][c]
+    results.write_text(json.dumps(data))
+    again = optimize_into_atlas(lite0, tmp_path, units, steps=2, batch_size=2, progress=False)
+    assert again["written"] == 2 and again["skipped"] == 2
+    assert set(json.loads(results.read_text())["units"]) == {"0", "1", "2", "3"}

@@ -166,8 +166,11 @@ def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int 
     for layer in dict.fromkeys(u.layer for u in units):
         records[layer] = LayerRecord(store, layer)
         records[layer].check_setting(setting)
-    def done(u: Unit) -> bool:  # on the disk, and not a short on-demand image from the live view
+    def done(u: Unit) -> bool:
+        """Image and record both on the disk (a death between the two leaves the unit to do
+        again), and not a short on-demand image from the live view."""
         return os.path.isfile(store.unit_file("regularized_opt", u.layer, u.channel)) and \
+            str(u.channel) in records[u.layer].data.get("units", {}) and \
             str(u.channel) not in records[u.layer].data.get("on_demand", {})
 
     # Batches are fixed by position within each layer, whatever is already done: a batch's images
@@ -201,7 +204,7 @@ def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int 
                         "best_step": int(res["best_step"][i]),
                         "stopped": None if stop is None else {"step": stop[0], "reason": stop[1]}})
                 records[parse_unit(res["units"][0]).layer].save()
-            written += len(batch)
+                written += len(batch)  # counted inside: a signal held until here must not lose it
             bar.update(len(batch))
     except KeyboardInterrupt:
         interrupted = True
