@@ -73,6 +73,19 @@ def test_a_signal_while_optimize_writes_keeps_every_file(tmp_path, sig, status):
     assert complete_png(out / "grid.png") and no_partials(out)
 
 
+def test_sigterm_while_the_atlas_is_written_exits_143_and_counts_what_was_written(tmp_path):
+    """Issue 21: it exited 130 and said '0 of 4 units' after a batch had been written."""
+    atlas = tmp_path / "A"
+    p = start(SLOW + ["optimize", "units=[blocks.2:0,blocks.2:1,blocks.2:2,blocks.2:3]", "optimize.steps=2",
+                      "optimize.batch_size=2", f"atlas.dir={atlas}"])
+    wait_for(p, f"WRITING {atlas}/regularized_opt")  # the first batch's images
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143, err[-1500:]
+    assert f"interrupted: 2 of 4 units are in {atlas}" in err
+    assert len(list((atlas / "regularized_opt" / "blocks.2").glob("*.jpg"))) == 2
+
+
 def test_sigkill_while_optimize_writes_leaves_whole_files_or_none(tmp_path):
     out = tmp_path / "run"
     p = start(SLOW + ["optimize", "units=[fc:130,fc:1,blocks.3:2]", "optimize.steps=3", f"hydra.run.dir={out}"])
