@@ -265,6 +265,25 @@ def test_a_corpus_of_only_unreadable_images_is_an_error(tmp_path):
     assert (tmp_path / "A" / "skipped.tsv").is_file() and not (tmp_path / "A" / "layers").exists()
 
 
+def test_fifos_as_a_corpus_list_or_in_a_folder(tmp_path, photos):
+    """Issue 21: a FIFO as the list hung forever; FIFOs in a folder were dropped unsaid."""
+    os.mkfifo(tmp_path / "l.txt")
+    r = run("deepvis-mine", f"corpus.path={tmp_path / 'l.txt'}", "layers=[fc]", "montages=false",
+            f"atlas.dir={tmp_path / 'A'}", timeout=120)
+    one_line_error(r, "is not a regular file or a folder (a FIFO or a device?)")
+    from deepvis_repro.atlas.corpus import open_corpus
+    from deepvis_repro.atlas.mining import mine
+
+    d = tmp_path / "c"
+    d.mkdir()
+    Image.fromarray(photos["coffee"]).save(d / "a.png")
+    os.mkfifo(d / "b.jpg")
+    assert [os.path.basename(p) for p in open_corpus(str(d)).items] == ["a.png", "b.jpg"]
+    import deepvis_repro as dv
+    res = mine(dv.load_backend(), str(d), ["fc"], top_k=1, progress=False)
+    assert [os.path.basename(p) for _, p, _ in res.skipped] == ["b.jpg"]
+
+
 def test_backend_given_as_a_yaml_path(tmp_path, photos):
     Image.fromarray(photos["coffee"]).save(tmp_path / "c.png")
     r = run("deepvis-inspect", f"backend={PLUGINS / 'tiny_none.yaml'}", f"image={tmp_path / 'c.png'}")

@@ -56,7 +56,8 @@ def _is_image_name(name: str) -> bool:
 
 def folder_corpus(path: str) -> Corpus:
     """Every image file under path, recursively, in sorted path order (symlinked folders are not
-    followed: a link back up the tree would loop). Non-regular files (FIFOs) are left out."""
+    followed: a link back up the tree would loop). A non-regular file with an image's name (a FIFO)
+    is listed too: decoding refuses it without reading, and it is counted and named as skipped."""
     root = os.fspath(path)
     if not os.path.isdir(root):
         raise DeepvisError(f"corpus folder not found: {root}")
@@ -65,12 +66,7 @@ def folder_corpus(path: str) -> Corpus:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if _is_image_name(f):
-                p = os.path.join(dirpath, f)
-                try:
-                    if stat.S_ISREG(os.stat(p).st_mode):
-                        items.append(p)
-                except OSError:
-                    items.append(p)  # listed, then reported as unreadable with its reason
+                items.append(os.path.join(dirpath, f))  # unreadable ones are reported with their reason
     if not items:
         raise DeepvisError(f"no images in corpus folder {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return Corpus(items, "folder", root)
@@ -81,6 +77,8 @@ def list_corpus(path: str) -> Corpus:
     folder; blank lines and lines starting with # are skipped)."""
     path = os.fspath(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would wait forever
+            raise DeepvisError(f"corpus list {path} is not a regular file (a FIFO or a device?)")
         with open(path, encoding="utf-8") as f:
             lines = [l.strip() for l in f]
     except OSError as e:
@@ -164,6 +162,8 @@ def open_corpus(path: str | None = None, every: int = 1) -> Corpus:
     if not os.path.exists(path):
         raise DeepvisError(f"corpus not found: {path} (give a folder of images, a .txt list of "
                            "image paths, or a video file)")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO or a device would wait forever
+        raise DeepvisError(f"corpus {path} is not a regular file or a folder (a FIFO or a device?)")
     low = path.lower()
     if low.endswith((".txt", ".lst", ".list")):
         return list_corpus(path)
