@@ -17,7 +17,7 @@ import torch
 
 from deepvis_repro.backend import HookBackend
 from deepvis_repro.errors import DeepvisError
-from deepvis_repro.labels import imagenet_labels, read_labels
+from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
 from .caffe_net import CaffeNet, blob_array, input_shape, read_caffemodel, read_prototxt, trained_blobs
 from . import caffe_proto
@@ -167,6 +167,7 @@ class CaffeBackend(HookBackend):
         # a mismatch names its layer, here rather than mid-run; the shapes also serve the ONNX writer
         self.blob_shapes = model.blob_shapes(size)
         writers = [(b, m) for b, m in model.blob_writers() if b != model.input_blob]
+        labels_arg = labels
         if labels == "imagenet":
             labels = imagenet_labels()
         elif labels:
@@ -182,6 +183,7 @@ class CaffeBackend(HookBackend):
             mean=load_mean(mean, size), input_size=size, labels=labels,
             prob=not has_prob and labels is not None, crop=crop, lr_scale=lr_scale,
             progress_scale=progress_scale, name=name, device=device, resize=resize)
+        check_label_count(self, labels_arg)
 
 
 def _via_onnx(prototxt: str, weights: str, kw: dict, direct_cls, direct_kw: dict):

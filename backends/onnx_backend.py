@@ -26,7 +26,7 @@ from onnx2torch.node_converters.pad import OnnxPadDynamic
 
 from deepvis_repro.backend import HookBackend
 from deepvis_repro.errors import DeepvisError
-from deepvis_repro.labels import imagenet_labels, read_labels
+from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
 SKIP_MODULES = ("Dropout", "Identity", "OnnxCopyIdentity")
 #: ONNX operators that only move or relabel values (a transposed or reshaped copy of another
@@ -263,6 +263,7 @@ class OnnxBackend(HookBackend):
         if own_prob:
             aliases[paths[-1][0]] = "prob"
             paths[-1] = ("prob", last)
+        labels_arg = labels
         if labels == "imagenet":
             labels = imagenet_labels()
         elif labels:
@@ -273,6 +274,7 @@ class OnnxBackend(HookBackend):
             progress_scale=progress_scale, name=name or f"onnx:{os.path.basename(path)}", device=device,
             aliases=aliases, resize=resize if resize is not None else meta.get("resize"))
         self.layout = layout
+        check_label_count(self, labels_arg)
 
     @staticmethod
     def _blob_layers(blobs, nodes):

@@ -335,7 +335,7 @@ def inspect_task(cfg) -> None:
                                "it (broken weights, or an input scaling it was not trained with?)")
         values, idx = prob.topk(min(top_k, prob.numel()))
         for v, i in zip(values.tolist(), idx.tolist()):
-            print(f"{v:.4f}  {i:4d}  {backend.labels[i]}")
+            print(f"{v:.4f}  {i:4d}  {backend.labels[i] if i < len(backend.labels) else i}")
         return
     h, w = backend.input_size
     shapes = layer_shapes(backend, backend.layers)

@@ -27,3 +27,18 @@ def read_labels(path) -> list[str]:
             l = l.split(" ", 1)[1].split(",")[0].strip()
         out.append(l)
     return out
+
+
+def check_label_count(backend, labels_path) -> None:
+    """A labels file given by the user names at least every class of the model's output layer
+    (a short file would fail deep inside a run, naming nothing)."""
+    from .errors import DeepvisError
+    from .units import layer_shapes
+
+    if not labels_path or labels_path == "imagenet" or not backend.labels:
+        return
+    out = [l for l in backend.layers if l != "prob"][-1]
+    classes = layer_shapes(backend, [out])[out][0]
+    if len(backend.labels) < classes:
+        raise DeepvisError(f"labels file {labels_path} names {len(backend.labels)} classes, but the model's "
+                           f"output layer {out} has {classes}: give one name per line for each")

@@ -123,6 +123,14 @@ def shapes_model(tmp_path_factory):
     return path, d / "two.txt"
 
 
+def test_a_labels_file_shorter_than_the_classes_is_one_line(shapes_model, tmp_path):
+    """Issue 21: one name for a two-class net was an IndexError deep in a run."""
+    path, _ = shapes_model
+    (tmp_path / "one.txt").write_text("left\n")
+    r = run("deepvis-inspect", "backend=onnx", f"backend.path={path}", f"backend.labels={tmp_path / 'one.txt'}")
+    one_line_error(r, "names 1 classes, but the model's output layer")
+
+
 def test_shape_arithmetic_is_not_a_layer(shapes_model, photos, tmp_path):
     path, labels = shapes_model
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
