@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from onnx2torch.node_converters.pad import OnnxPadDynamic
 
-from deepvis_repro.backend import HookBackend
+from deepvis_repro.backend import HookBackend, check_input_size
 from deepvis_repro.errors import DeepvisError
 from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
@@ -229,6 +229,7 @@ class OnnxBackend(HookBackend):
             if size is None:
                 raise DeepvisError(f"ONNX file {path} has no fixed input size; give backend.input_size=[H,W]")
             input_size = size
+        input_size = check_input_size(input_size, f"ONNX file {path}")  # before any forward pass
         nodes = dict(OnnxGraph(model.graph).nodes)
         module = convert(model, path)
         scale = float(meta.get("input_scale", 1.0))

@@ -18,6 +18,23 @@ from .errors import DeepvisError, did_you_mean
 from .images import resize_for_input, to_rgb_uint8
 
 
+#: The largest input side any backend accepts: a claim beyond it (a tiny file declaring a
+#: 10000x10000 input) is refused before anything of that size is allocated.
+MAX_INPUT_SIDE = 4096
+
+
+def check_input_size(size, source: str) -> tuple[int, int]:
+    """(h, w) as ints, each in 1..MAX_INPUT_SIDE, or a DeepvisError naming the source."""
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise DeepvisError(f"input size {size!r} ({source}) must be [height, width] in pixels") from None
+    if not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE):
+        raise DeepvisError(f"input size {h}x{w} ({source}) is not in 1..{MAX_INPUT_SIDE} pixels a side; "
+                           "give backend.input_size=[H,W] if the model accepts a smaller input")
+    return h, w
+
+
 class _StopForward(Exception):
     """Raised from a hook once the deepest requested layer has been computed."""
 
@@ -143,7 +160,7 @@ class HookBackend(Backend):
         self.layers = [n for n, _ in layer_paths] + (["prob"] if self._synthetic_prob else [])
         self._order = {n: i for i, n in enumerate(self.layers)}
         self.labels = labels
-        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.input_size = check_input_size(input_size, name)
         mean = torch.as_tensor(mean, dtype=torch.float32)
         self.mean = mean.reshape(3, 1, 1) if mean.numel() == 3 else mean.reshape(3, *mean.shape[-2:])
         self.aliases = dict(aliases or {})

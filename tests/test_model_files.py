@@ -131,6 +131,20 @@ def test_a_labels_file_shorter_than_the_classes_is_one_line(shapes_model, tmp_pa
     one_line_error(r, "names 1 classes, but the model's output layer")
 
 
+def test_a_tiny_onnx_file_claiming_a_huge_input_is_refused_before_allocating(tmp_path):
+    """Issue 21: a 556-byte file declaring a 10000x10000 input drove inspect to 18 GB."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 10000, 10000])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 10000, 10000])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["out"], name="relu")], "huge", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "huge.onnx")
+    assert (tmp_path / "huge.onnx").stat().st_size < 1000
+    r = run("deepvis-inspect", "backend=onnx", f"backend.path={tmp_path / 'huge.onnx'}", timeout=60)
+    one_line_error(r, "input size 10000x10000")
+
+
 def test_shape_arithmetic_is_not_a_layer(shapes_model, photos, tmp_path):
     path, labels = shapes_model
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
