@@ -401,3 +401,25 @@ def test_a_unit_whose_record_was_lost_is_done_again(lite0, tmp_path):
     again = optimize_into_atlas(lite0, tmp_path, units, steps=2, batch_size=2, progress=False)
     assert again["written"] == 2 and again["skipped"] == 2
     assert set(json.loads(results.read_text())["units"]) == {"0", "1", "2", "3"}
+
+
+def test_a_second_writer_of_an_atlas_is_refused_naming_the_first(lite0, tmp_path, photos):
+    """Issue 21: two identical runs on one atlas.dir; the second deleted the first's checkpoint."""
+    import os
+
+    from deepvis_repro.atlas.mining import mine
+    from deepvis_repro.atlas.optimized import optimize_into_atlas
+    from deepvis_repro.atlas.store import AtlasStore
+    from deepvis_repro.errors import DeepvisError
+
+    from PIL import Image
+
+    Image.fromarray(photos["coffee"]).save(tmp_path / "c.png")
+    atlas = tmp_path / "A"
+    with AtlasStore(atlas).writer():
+        with pytest.raises(DeepvisError, match=f"being written by another run \\(process {os.getpid()}\\)"):
+            mine(lite0, [str(tmp_path / "c.png")], ["fc"], atlas_dir=atlas, progress=False)
+        with pytest.raises(DeepvisError, match="being written by another run"):
+            optimize_into_atlas(lite0, atlas, ["fc:1"], steps=1, progress=False)
+    # released: the next writer goes ahead
+    assert optimize_into_atlas(lite0, atlas, ["fc:1"], steps=1, progress=False)["written"] == 1

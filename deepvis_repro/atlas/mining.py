@@ -214,9 +214,16 @@ def mine(backend, paths=None, layers=None, top_k: int = 9, engine="local", *, ne
     identity = _identity(job)
     state = _State(job, backend.device)
     store = AtlasStore(atlas_dir) if atlas_dir else None
-    if store is not None:
+    if store is None:
+        return _mine(job, eng, identity, state, None, t0, progress, checkpoint_seconds)
+    with store.writer():
         if _open_store(store, job, identity, state) == "mined":
             return load_result(store.root)  # already complete: the same command is a no-op
+        return _mine(job, eng, identity, state, store, t0, progress, checkpoint_seconds)
+
+
+def _mine(job, eng, identity, state, store, t0, progress, checkpoint_seconds) -> MiningResult:
+    corpus = job.corpus
     todo = [int(i) for i in np.flatnonzero(~state.done)]
     interrupted = False
     bar = progress_bar(total=len(corpus), desc=f"mine {len(job.layers)} layer(s), {eng.name}", unit="img",

@@ -149,7 +149,15 @@ def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int 
                         batch_size: int = 8, engine="local", progress: bool = True,
                         engine_options: dict | None = None) -> dict:
     """Optimize every given unit ('layer:all' for a whole layer) that the atlas lacks, in batches,
-    and write its image. Returns {"written": n, "skipped": n already there, "interrupted": bool}."""
+    and write its image. Returns {"written": n, "skipped": n already there, "interrupted": bool}.
+    One writer at a time (AtlasStore.writer)."""
+    with AtlasStore(atlas_dir).writer():
+        return _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
+                                    engine_options)
+
+
+def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
+                         engine_options) -> dict:
     from ..optimize import backend_lr_scale, get_preset
     from .mining import make_engine
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import os
 import re
 
@@ -72,6 +73,29 @@ class AtlasStore:
 
     def path(self, *parts) -> str:
         return os.path.join(self.root, *parts)
+
+    @contextlib.contextmanager
+    def writer(self):
+        """Hold the atlas for one writer: a second run on the same folder is refused in one line
+        naming the first, instead of both writing (and one deleting the other's temporaries).
+        The lock is the kernel's (flock on .lock), so a killed writer releases it; what a dead
+        writer left is then stale by definition."""
+        import fcntl
+
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(self.path(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+                raise DeepvisError(f"atlas {self.root} is being written by another run (process {holder}); "
+                                   "wait for it to finish, or give another atlas.dir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
 
     @property
     def manifest_path(self) -> str:
