@@ -56,15 +56,51 @@ def _tensors_digest(flat: dict) -> str:
     return h.hexdigest()
 
 
+def _cache_secret(folder: Path) -> bytes:
+    """This cache folder's own random key (0600), so that an entry's seal cannot be recomputed
+    from the entry alone, nor carried from another cache."""
+    p = folder / ".secret"
+    try:
+        data = p.read_bytes()
+        if len(data) == 32:
+            return data
+    except OSError:
+        pass
+    data = os.urandom(32)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except FileExistsError:
+        return _cache_secret(folder) if p.stat().st_size == 32 else data
+    except OSError:
+        pass  # an unwritable cache: nothing will be cached, nothing read back
+    return data
+
+
+def _seal(secret: bytes, key: str, flat: dict) -> str:
+    """HMAC of the entry's key (the two source files' hashes) and its tensors: an entry edited
+    and re-digested, or another model's entry copied under this key, does not match."""
+    import hmac
+
+    return hmac.new(secret, f"{key}\0{_tensors_digest(flat)}".encode(), hashlib.sha256).hexdigest()
+
+
 def _read_cache(path: Path) -> dict[str, list[np.ndarray]] | None:
     """The cached blobs, or None when the entry is absent, unreadable, incomplete or altered
-    (its tensors no longer hash to the digest stored with them): such an entry is rebuilt."""
+    (its seal does not match this key, these tensors and this cache's secret): such an entry is
+    rebuilt."""
+    import hmac
+
     if not path.is_file():
         return None
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
-        flat, digest = entry["blobs"], entry["digest"]
-        if not isinstance(flat, dict) or _tensors_digest(flat) != digest:
+        flat, seal = entry["blobs"], entry["seal"]
+        key = path.stem
+        if not isinstance(flat, dict) or entry.get("key") != key or \
+                not hmac.compare_digest(_seal(_cache_secret(path.parent), key, flat), seal):
             return None
         out: dict[str, list] = {}
         for key in sorted(flat, key=lambda k: (k.rsplit("/", 1)[0], int(k.rsplit("/", 1)[1]))):
@@ -82,8 +118,9 @@ def _write_cache(path: Path, blobs: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         flat = {f"{name}/{i}": torch.from_numpy(np.ascontiguousarray(b)) for name, bs in blobs.items()
                 for i, b in enumerate(bs)}
+        seal = _seal(_cache_secret(path.parent), path.stem, flat)
         with atomic_write(path, "wb") as f:
-            torch.save({"blobs": flat, "digest": _tensors_digest(flat)}, f)
+            torch.save({"blobs": flat, "key": path.stem, "seal": seal}, f)
     except Exception:  # OSError, torch.save's RuntimeError on a full disk, DeepvisError from atomic_write
         pass
 

@@ -274,6 +274,33 @@ def test_a_tampered_or_incomplete_cache_entry_is_rebuilt(caffe_files, tmp_path):
                                             cache_dir=str(tmp_path))), clean)
 
 
+def test_a_resealed_or_transplanted_cache_entry_is_not_used(caffe_files, tmp_path):
+    """Issue 21: an entry edited and given a recomputed digest, or another model's valid entry
+    copied under this key, was used silently."""
+    import hashlib
+
+    from caffe_models import caffenet_shaped, random_weights, write_model
+    from deepvis_repro_backends.caffe_backend import _tensors_digest, cache_key
+
+    proto, weights = caffe_files
+    cache = tmp_path / "cache"
+    clean = _fc8(dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir=str(cache)))
+    entry = cache / f"{cache_key(str(proto), str(weights))}.pt"
+    data = torch.load(entry, weights_only=True)
+    data["blobs"]["fc8/0"] = data["blobs"]["fc8/0"] * -1.0
+    data["seal"] = hashlib.sha256(_tensors_digest(data["blobs"]).encode()).hexdigest()  # re-digested
+    torch.save(data, entry)
+    assert torch.equal(_fc8(dv.load_backend("caffe", prototxt=str(proto), weights=str(weights),
+                                            cache_dir=str(cache))), clean)
+    layers, size = caffenet_shaped()
+    (tmp_path / "other").mkdir()
+    other = write_model(layers, size, random_weights(layers, size, seed=8)[0], tmp_path / "other")
+    dv.load_backend("caffe", prototxt=str(other[0]), weights=str(other[1]), cache_dir=str(cache))
+    (cache / f"{cache_key(str(other[0]), str(other[1]))}.pt").replace(entry)  # a valid entry, another model
+    assert torch.equal(_fc8(dv.load_backend("caffe", prototxt=str(proto), weights=str(weights),
+                                            cache_dir=str(cache))), clean)
+
+
 def test_an_unwritable_cache_means_no_cache_and_the_same_result(caffe_files, tmp_path, tiny_tmpfs):
     proto, weights = caffe_files
     clean = _fc8(dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir=""))
