@@ -239,20 +239,58 @@ def _via_onnx(prototxt: str, weights: str, kw: dict, direct_cls, direct_kw: dict
     ident = {k: kw.get(k) for k in ("mean", "input_size", "input_scale", "resize")}
     key = hashlib.sha256((cache_key(prototxt, weights) + json.dumps(ident, sort_keys=True, default=str))
                          .encode()).hexdigest()[:40]
-    folder = Path(cache) if cache not in ("", False) else Path(tempfile.mkdtemp(prefix="deepvis-onnx-"))
-    path = folder / f"{key}.onnx"
-    if not path.is_file():
-        direct = direct_cls(**direct_kw)
-        model = convert_caffe(direct, direct.prototxt, direct.weights)
+    folder = Path(cache) if cache not in ("", False) else None
+    path = folder / f"{key}.onnx" if folder is not None else None
+    if path is not None and _sealed_file_ok(path, key):
+        return _onnx_backend(OnnxBackend, path, kw)
+    direct = direct_cls(**direct_kw)
+    model = convert_caffe(direct, direct.prototxt, direct.weights)
+    if path is not None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             write_onnx(model, str(path))
-        except DeepvisError:  # an unwritable cache: a private temporary copy, the same result
-            path = Path(tempfile.mkdtemp(prefix="deepvis-onnx-")) / f"{key}.onnx"
-            write_onnx(model, str(path))
-    return OnnxBackend(str(path), labels=kw.get("labels"), crop=kw.get("crop", True), lr_scale=kw.get("lr_scale", 1.0),
-                       progress_scale=kw.get("progress_scale", 1.0), device=kw.get("device", "cpu"),
-                       name=f"{kw.get('name', 'caffe')}:onnx")
+            _seal_file(path, key)
+            return _onnx_backend(OnnxBackend, path, kw)
+        except (DeepvisError, OSError):
+            pass  # an unwritable or full cache: a private temporary copy, the same result
+    tmp = Path(tempfile.mkdtemp(prefix="deepvis-onnx-"))
+    try:
+        write_onnx(model, str(tmp / f"{key}.onnx"))
+        return _onnx_backend(OnnxBackend, tmp / f"{key}.onnx", kw)  # read whole: the copy can go
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _onnx_backend(cls, path: Path, kw: dict):
+    return cls(str(path), labels=kw.get("labels"), crop=kw.get("crop", True), lr_scale=kw.get("lr_scale", 1.0),
+               progress_scale=kw.get("progress_scale", 1.0), device=kw.get("device", "cpu"),
+               name=f"{kw.get('name', 'caffe')}:onnx")
+
+
+def _file_seal(path: Path, key: str) -> str:
+    import hmac
+
+    return hmac.new(_cache_secret(path.parent), f"{key}\0{_file_hash(path)}".encode(), hashlib.sha256).hexdigest()
+
+
+def _seal_file(path: Path, key: str) -> None:
+    from deepvis_repro.files import write_text
+
+    write_text(path.with_suffix(".seal"), _file_seal(path, key))
+
+
+def _sealed_file_ok(path: Path, key: str) -> bool:
+    """The cached file is whole and the one this cache wrote for this key (an edited, truncated
+    or transplanted file is rebuilt, like the weights cache's entries)."""
+    import hmac
+
+    try:
+        return path.is_file() and hmac.compare_digest(path.with_suffix(".seal").read_text().strip(),
+                                                      _file_seal(path, key))
+    except (OSError, ValueError):
+        return False
 
 
 def make_caffe_backend(prototxt: str, weights: str, via: str = "direct", **kw):

@@ -3,6 +3,7 @@ route (onnx2torch) and onnxruntime running that file equal the direct Caffe back
 on CaffeNet-, ResNet- and otherwise-shaped models built here, fed real photos."""
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -149,3 +150,33 @@ def test_bad_input_names_the_problem_and_leaves_no_file(tmp_path):
     r = subprocess.run(["deepvis-convert", "backend=efficientnet_lite0", f"output={out}"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "deepvis-convert converts Caffe models" in r.stderr
+
+
+def test_the_onnx_route_cache_is_checked_and_leaves_no_copies(converted, photos, tmp_path):
+    """Issue 21: an edited weight in the cached .onnx was used, a truncated one was a hard error,
+    and an unwritable cache left a model copy in the temporary folder on every run."""
+    import tempfile
+
+    name, d, proto, weights, scale, direct = converted
+    args = dict(prototxt=str(proto), weights=str(weights), cache_dir=str(tmp_path), input_scale=scale, via="onnx")
+    x = photos_batch(direct, photos)
+    last = direct.layers[-1]
+    with torch.no_grad():
+        want = dv.load_backend("caffe", **args).forward(x, [last])[last]
+    (cached,) = tmp_path.glob("*.onnx")
+    m = onnx.load(str(cached))
+    init = max(m.graph.initializer, key=lambda t: len(t.raw_data))
+    init.raw_data = bytes(len(init.raw_data))  # an edited weight, the file otherwise valid
+    cached.write_bytes(m.SerializeToString())
+    with torch.no_grad():
+        assert torch.equal(dv.load_backend("caffe", **args).forward(x, [last])[last], want)  # rebuilt
+    cached.write_bytes(cached.read_bytes()[:1000])  # truncated
+    with torch.no_grad():
+        assert torch.equal(dv.load_backend("caffe", **args).forward(x, [last])[last], want)
+    before = set(Path(tempfile.gettempdir()).glob("deepvis-onnx-*"))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    b = dv.load_backend("caffe", **{**args, "cache_dir": str(not_a_dir / "cache")})
+    with torch.no_grad():
+        assert rel_err(b.forward(x, [last])[last].numpy(), want.numpy()) < 1e-6
+    assert set(Path(tempfile.gettempdir()).glob("deepvis-onnx-*")) == before  # no copy left behind
