@@ -117,6 +117,52 @@ def save_npz(path, **arrays) -> None:
     write_bytes(path, buf.getvalue())
 
 
+DIGEST_KEY = "_sha256"
+
+
+def arrays_digest(arrays: dict) -> str:
+    """SHA-256 of named numpy arrays (names, dtypes, shapes and bytes, in name order)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(k for k in arrays if k != DIGEST_KEY):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_sealed_npz(path, **arrays) -> str:
+    """save_npz with the arrays' digest stored beside them; returns the digest."""
+    import numpy as np
+
+    digest = arrays_digest(arrays)
+    save_npz(path, **arrays, **{DIGEST_KEY: np.array(digest)})
+    return digest
+
+
+def load_sealed_npz(path, what: str, expected: str | None = None) -> dict:
+    """The arrays of a save_sealed_npz file, checked against their own digest (and the expected
+    one, e.g. a manifest's): a truncated, damaged or hand-edited file is a DeepvisError naming
+    it. A file from before digests (none stored, none expected) is read as it is."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error
+        raise DeepvisError(f"{what} {path} is damaged ({str(e)[:120] or type(e).__name__})") from None
+    stored = str(arrays.pop(DIGEST_KEY)) if DIGEST_KEY in arrays else None
+    if stored is None and expected is None:
+        return arrays
+    actual = arrays_digest(arrays)
+    if stored != actual or (expected is not None and expected != actual):
+        raise DeepvisError(f"{what} {path} does not match its digest (damaged or edited by hand)")
+    return arrays
+
+
 def remove_stale_partials(folder) -> int:
     """Delete temporaries a killed run left in folder (SIGKILL cannot be cleaned up after)."""
     n = 0

@@ -423,3 +423,33 @@ def test_a_second_writer_of_an_atlas_is_refused_naming_the_first(lite0, tmp_path
             optimize_into_atlas(lite0, atlas, ["fc:1"], steps=1, progress=False)
     # released: the next writer goes ahead
     assert optimize_into_atlas(lite0, atlas, ["fc:1"], steps=1, progress=False)["written"] == 1
+
+
+def test_hand_edited_atlas_state_is_refused(lite0, corpus_dir, tmp_path):
+    """Issue 21: a checkpoint with every 'done' flag set finished with a partial result, and a
+    layer file cut to 4 channels was accepted. Both carry a digest now, checked on load."""
+    from deepvis_repro.errors import DeepvisError
+    from deepvis_repro.files import save_npz
+
+    items = folder_corpus(str(corpus_dir)).items
+    part = mine(lite0, items, ["blocks.2", "fc"], top_k=4, batch_size=4, progress=False, atlas_dir=tmp_path / "a",
+                engine=StopAfter(2))
+    assert not part.complete
+    ck = tmp_path / "a" / "checkpoint" / "mining.npz"
+    with np.load(ck) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["done"][:] = True  # "every batch done", by hand
+    save_npz(ck, **arrays)
+    with pytest.raises(DeepvisError, match="checkpoint is unusable .*does not match its digest"):
+        mine(lite0, items, ["blocks.2", "fc"], top_k=4, batch_size=4, progress=False, atlas_dir=tmp_path / "a")
+    whole = mine(lite0, items, ["blocks.2", "fc"], top_k=4, batch_size=4, progress=False, atlas_dir=tmp_path / "b")
+    layer = tmp_path / "b" / "layers"
+    (f,) = [p for p in layer.iterdir() if p.name.startswith("blocks.2")]
+    with np.load(f) as z:
+        cut = {k: (z[k][:4] if z[k].ndim and k != "_sha256" else z[k]) for k in z.files}
+    from deepvis_repro.files import save_sealed_npz
+    cut.pop("_sha256")
+    save_sealed_npz(f, **cut)  # re-sealed by hand: its own digest fits, the manifest's does not
+    with pytest.raises(DeepvisError, match="does not match its digest"):
+        load_result(tmp_path / "b")
+    assert whole.values["blocks.2"].shape[0] > 4

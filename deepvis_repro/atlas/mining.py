@@ -17,7 +17,7 @@ import torch
 
 from ..backend import HookBackend
 from ..errors import DeepvisError
-from ..files import save_npz, signals_deferred, remove_stale_partials
+from ..files import load_sealed_npz, remove_stale_partials, save_sealed_npz, signals_deferred
 from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, Corpus, as_corpus
 from .store import AtlasStore, backend_identity
@@ -264,12 +264,12 @@ def _open_store(store: AtlasStore, job: MiningJob, identity: dict, state: _State
     ck = store.path(CHECKPOINT)
     if os.path.isfile(ck):
         try:
-            with np.load(ck, allow_pickle=False) as z:
-                if len(z["done"]) != job.n_batches:
-                    raise ValueError("batch count differs")
-                state.load(z, job.backend.device)
-        except (OSError, ValueError, KeyError) as e:
-            raise DeepvisError(f"atlas {store.root}: the mining checkpoint is damaged ({e}); "
+            z = load_sealed_npz(ck, "the mining checkpoint")  # damaged or hand-edited: refused
+            if len(z["done"]) != job.n_batches:
+                raise ValueError("batch count differs")
+            state.load(z, job.backend.device)
+        except (DeepvisError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise DeepvisError(f"atlas {store.root}: the mining checkpoint is unusable ({e}); "
                                f"delete {ck} to start over") from None
     elif manifest is None or not manifest.get("mining"):
         store.write_corpus(job.corpus.items)
@@ -303,7 +303,7 @@ def load_result(atlas_dir) -> MiningResult:
 
 def _checkpoint(store: AtlasStore, state: _State, identity: dict) -> None:
     with signals_deferred():
-        save_npz(store.path(CHECKPOINT), **state.arrays())
+        save_sealed_npz(store.path(CHECKPOINT), **state.arrays())
 
 
 def _finish(store, job, state, identity, t0, interrupted, write=True) -> MiningResult:
@@ -330,24 +330,25 @@ def _finish(store, job, state, identity, t0, interrupted, write=True) -> MiningR
         return r
     with signals_deferred():  # the checkpoint and the atlas files agree, whatever arrives now
         if interrupted:
-            save_npz(store.path(CHECKPOINT), **state.arrays())
+            save_sealed_npz(store.path(CHECKPOINT), **state.arrays())
             return r
         from ..units import layer_shapes
 
         shapes = layer_shapes(job.backend, job.layers)
         os.makedirs(store.path("layers"), exist_ok=True)
+        digests = {}
         for l in job.layers:
             arrays = {"values": r.values[l], "image_ids": r.image_ids[l], "positions": r.positions[l]}
             if state.bottom:
                 arrays.update(min_values=r.min_values[l], min_image_ids=r.min_image_ids[l],
                               min_positions=r.min_positions[l])
-            save_npz(store.layer_arrays_path(l), **arrays)
+            digests[l] = save_sealed_npz(store.layer_arrays_path(l), **arrays)
         store.write_skipped(r.skipped)
         manifest = store.manifest() or {}
         manifest.update({
             "state": "mined", "mining": identity, "corpus_items": len(job.corpus),
             "layers": {l: {"channels": int(shapes[l][0]), "shape": list(shapes[l]),
-                           "file": os.path.relpath(store.layer_arrays_path(l), store.root)}
+                           "file": os.path.relpath(store.layer_arrays_path(l), store.root), "sha256": digests[l]}
                        for l in job.layers},
             "top_k": job.k, "negatives": job.negatives, "skipped": len(r.skipped),
             "seconds": round(r.seconds, 2), "versions": versions(),

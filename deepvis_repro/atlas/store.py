@@ -134,11 +134,32 @@ class AtlasStore:
         return self.path("layers", f"{layer_slug(layer)}.npz")
 
     def layer_arrays(self, layer: str) -> dict[str, np.ndarray]:
+        """A layer's mined arrays, checked against their digest and the manifest (channels, k, the
+        corpus's size): a damaged or hand-edited file is a DeepvisError, never a result."""
+        from ..files import load_sealed_npz
+
         p = self.layer_arrays_path(layer)
         if not os.path.isfile(p):
             raise DeepvisError(f"atlas {self.root} has no mined data for layer {layer}")
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        m = self.manifest() or {}
+        info = (m.get("layers") or {}).get(layer) or {}
+        a = load_sealed_npz(p, "atlas layer file", info.get("sha256"))
+        try:
+            channels, k = info.get("channels"), m.get("top_k")
+            ok = a["values"].ndim == 2 and a["values"].shape == a["image_ids"].shape and \
+                a["positions"].shape[:2] == a["values"].shape
+            if ok and channels is not None:
+                ok = a["values"].shape[0] == int(channels) and (k is None or a["values"].shape[1] == int(k))
+            items = m.get("corpus_items")
+            if ok and items is not None:
+                ids = a["image_ids"]
+                ok = bool(((ids >= -1) & (ids < int(items))).all())
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeepvisError(f"atlas layer file {p} is damaged ({e})") from None
+        if not ok:
+            raise DeepvisError(f"atlas layer file {p} does not match the atlas's manifest (shapes or image ids): "
+                               "damaged or edited; mine again into a new atlas.dir")
+        return a
 
     def unit_file(self, kind: str, layer: str, unit: int, suffix: str = ".jpg") -> str:
         return unit_file(self.root, kind, layer, unit, suffix)
