@@ -453,3 +453,19 @@ def test_hand_edited_atlas_state_is_refused(lite0, corpus_dir, tmp_path):
     with pytest.raises(DeepvisError, match="does not match its digest"):
         load_result(tmp_path / "b")
     assert whole.values["blocks.2"].shape[0] > 4
+
+
+def test_a_damaged_demo_corpus_is_written_again(tmp_path):
+    """Issue 21: a demo-corpus file truncated or deleted, the marker kept, was mined as it was
+    (399 images), and the demo atlas then refused as 'another corpus'."""
+    from deepvis_repro.atlas.corpus import demo_corpus
+
+    folder = tmp_path / "demo"
+    first = demo_corpus(str(folder))
+    assert len(first.items) == 400
+    victim, gone = folder / "coffee_03.png", folder / "rocket_05_m.png"
+    good = victim.read_bytes()
+    victim.write_bytes(good[:500])
+    gone.unlink()
+    again = demo_corpus(str(folder))
+    assert again.items == first.items and victim.read_bytes() == good and gone.is_file()

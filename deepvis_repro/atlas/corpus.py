@@ -8,6 +8,7 @@ a blank image, it is flagged, and the miner leaves it out of every top-k.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -121,30 +122,67 @@ DEMO_VIEWS = ((0, 0, 1, 1), (0, 0, .6, .6), (0, .4, .6, 1), (.4, 0, 1, .6), (.4,
 
 def demo_corpus(folder: str | None = None) -> Corpus:
     """Views (crops and mirror images) of scikit-image's sample photos, written once as PNG files:
-    a few hundred real images that ship with a dependency, so mining runs with no download."""
-    import skimage.data
-
-    from ..files import save_image
-
+    a few hundred real images that ship with a dependency, so mining runs with no download.
+    The folder's COMPLETE marker lists every file's SHA-256: a file deleted, truncated or edited
+    since makes the folder be written again (not mined with one image fewer). An unwritable cache
+    means a temporary folder for this process, the same images."""
     folder = folder or os.path.join(cache_root(), "demo_corpus")
-    marker = os.path.join(folder, "COMPLETE")
-    if not os.path.isfile(marker):
-        os.makedirs(folder, exist_ok=True)
-        for name in DEMO_PHOTOS:
-            img = getattr(skimage.data, name)()
-            img = to_rgb_uint8(img[0] if isinstance(img, tuple) else img)
-            h, w = img.shape[:2]
-            for v, (t, l, b, r) in enumerate(DEMO_VIEWS):
-                view = img[int(t * h):int(b * h), int(l * w):int(r * w)]
-                scale = 256 / min(view.shape[:2])
-                size = (max(256, round(view.shape[0] * scale)), max(256, round(view.shape[1] * scale)))
-                view = resize_for_input(view, size, crop=True)
-                for flip in (False, True):
-                    out = view[:, ::-1] if flip else view
-                    save_image(os.path.join(folder, f"{name}_{v:02d}{'_m' if flip else ''}.png"), out)
-        open(marker, "w").close()
+    if not _demo_intact(folder):
+        try:
+            _write_demo(folder)
+        except (OSError, DeepvisError):
+            import atexit
+            import shutil
+            import tempfile
+
+            folder = tempfile.mkdtemp(prefix="deepvis-demo-corpus-")
+            atexit.register(shutil.rmtree, folder, True)
+            _write_demo(folder)
     c = folder_corpus(folder)
     return Corpus(c.items, "demo", folder)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _demo_intact(folder: str) -> bool:
+    import json
+
+    try:
+        with open(os.path.join(folder, "COMPLETE"), encoding="utf-8") as f:
+            files = json.load(f)
+        return isinstance(files, dict) and len(files) == len(DEMO_PHOTOS) * len(DEMO_VIEWS) * 2 and all(
+            _sha256(os.path.join(folder, name)) == digest for name, digest in files.items())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _write_demo(folder: str) -> None:
+    import skimage.data
+
+    from ..files import save_image, write_json
+
+    os.makedirs(folder, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(folder, "COMPLETE"))
+    files = {}
+    for name in DEMO_PHOTOS:
+        img = getattr(skimage.data, name)()
+        img = to_rgb_uint8(img[0] if isinstance(img, tuple) else img)
+        h, w = img.shape[:2]
+        for v, (t, l, b, r) in enumerate(DEMO_VIEWS):
+            view = img[int(t * h):int(b * h), int(l * w):int(r * w)]
+            scale = 256 / min(view.shape[:2])
+            size = (max(256, round(view.shape[0] * scale)), max(256, round(view.shape[1] * scale)))
+            view = resize_for_input(view, size, crop=True)
+            for flip in (False, True):
+                out = view[:, ::-1] if flip else view
+                fname = f"{name}_{v:02d}{'_m' if flip else ''}.png"
+                save_image(os.path.join(folder, fname), out)
+                files[fname] = _sha256(os.path.join(folder, fname))
+    write_json(os.path.join(folder, "COMPLETE"), files)
 
 
 def cache_root() -> str:
