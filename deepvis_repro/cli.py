@@ -2,6 +2,7 @@
 line on stderr and exit status 2, Ctrl-C with status 130 after saving what there is."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from importlib import resources
@@ -200,6 +201,9 @@ def run_app(config_name: str, task: Callable) -> None:
     import hydra
 
     prog = os.path.basename(sys.argv[0]) or f"deepvis-{config_name}"
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints, escaped
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         check_keys(config_name, sys.argv[1:])
         sys.argv = [sys.argv[0]] + _rewrite_backend_args(sys.argv[1:])
@@ -234,8 +238,6 @@ def run_app(config_name: str, task: Callable) -> None:
             _drop_empty_run_dir()
             _error(prog, "terminated" if _terminated else "interrupted")
             exit_interrupted()
-
-    import contextlib
 
     helping = any(a in sys.argv for a in ("--help", "-h", "--cfg", "--info", "--hydra-help"))
     if helping:

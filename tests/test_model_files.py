@@ -287,6 +287,22 @@ def test_a_corpus_of_only_unreadable_images_is_an_error(tmp_path):
     assert (tmp_path / "A" / "skipped.tsv").is_file() and not (tmp_path / "A" / "layers").exists()
 
 
+def test_a_file_name_that_is_not_utf8(tmp_path, photos):
+    """Issue 21: non-UTF-8 file names were a traceback writing corpus.txt."""
+    d = tmp_path / "c"
+    d.mkdir()
+    raw = os.path.join(os.fsencode(d), b"caf\xe9.png")
+    Image.fromarray(photos["coffee"]).save(os.fsdecode(raw))
+    (d / "broken.jpg").write_bytes(b"x")
+    r = run("deepvis-mine", f"corpus.path={d}", "layers=[fc]", "montages=false", "top_k=1",
+            f"atlas.dir={tmp_path / 'A'}")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    from deepvis_repro.atlas.mining import load_result
+    back = load_result(tmp_path / "A")
+    assert os.fsencode(back.paths[1]) == raw  # the bytes on disk, round-tripped
+    assert int(back.image_ids["fc"][0, 0]) == 1
+
+
 def test_fifos_as_a_corpus_list_or_in_a_folder(tmp_path, photos):
     """Issue 21: a FIFO as the list hung forever; FIFOs in a folder were dropped unsaid."""
     os.mkfifo(tmp_path / "l.txt")

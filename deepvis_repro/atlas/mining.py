@@ -295,7 +295,7 @@ def load_result(atlas_dir) -> MiningResult:
                                                                        a["min_positions"])
     skipped = store.path("skipped.tsv")
     if os.path.isfile(skipped):
-        with open(skipped, encoding="utf-8") as f:
+        with open(skipped, encoding="utf-8", errors="surrogateescape") as f:
             rows = [l.rstrip("\n").split("\t", 2) for l in f][1:]
         r.skipped = [(int(i), p, reason) for i, p, reason in rows]
     return r

@@ -31,9 +31,12 @@ import re
 import numpy as np
 
 from ..errors import DeepvisError
-from ..files import write_json, write_text
+from ..files import write_bytes, write_json
 
 FORMAT = "deepvis-atlas/1"
+#: The manifest's keys and their JSON types.
+MANIFEST_TYPES = {"state": str, "mining": dict, "backend": dict, "layers": dict, "top_k": int,
+                  "corpus_items": int, "negatives": bool, "skipped": int}
 #: The original toolbox showed pooling layers with their conv layer's images.
 CAFFENET_REMAP = {"pool1": "conv1", "pool2": "conv2", "pool5": "conv5"}
 KINDS = ("regularized_opt", "max_im", "max_deconv", "min_im")
@@ -110,8 +113,15 @@ class AtlasStore:
         except (OSError, ValueError) as e:
             raise DeepvisError(f"atlas {self.root}: manifest.json is unreadable ({e}); "
                                "move the folder away or give another atlas.dir") from None
-        if m.get("format") != FORMAT:
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise DeepvisError(f"atlas {self.root}: manifest.json is not a {FORMAT} manifest")
+        for key, kind in MANIFEST_TYPES.items():  # a hand-edited manifest fails here, in one line
+            if key in m and m[key] is not None and not isinstance(m[key], kind):
+                raise DeepvisError(f"atlas {self.root}: manifest.json's '{key}' is a {type(m[key]).__name__}, "
+                                   f"not a {kind.__name__ if isinstance(kind, type) else kind[0].__name__}")
+        for layer, info in (m.get("layers") or {}).items():
+            if not isinstance(info, dict):
+                raise DeepvisError(f"atlas {self.root}: manifest.json's entry for layer {layer} is not an object")
         return m
 
     def write_manifest(self, manifest: dict) -> None:
@@ -119,16 +129,25 @@ class AtlasStore:
         write_json(self.manifest_path, {"format": FORMAT, **manifest})
 
     def write_corpus(self, items: list[str]) -> None:
-        write_text(self.path("corpus.txt"), "".join(f"{p}\n" for p in items))
+        # surrogateescape: a file name that is not UTF-8 goes back to disk as the bytes it was
+        write_bytes(self.path("corpus.txt"), "".join(f"{p}\n" for p in items).encode("utf-8", "surrogateescape"))
 
     def corpus(self) -> list[str]:
-        with open(self.path("corpus.txt"), encoding="utf-8") as f:
-            return [l.rstrip("\n") for l in f]
+        try:
+            with open(self.path("corpus.txt"), encoding="utf-8", errors="surrogateescape") as f:
+                items = [l.rstrip("\n") for l in f]
+        except OSError as e:
+            raise DeepvisError(f"atlas {self.root}: corpus.txt is unreadable ({e.strerror})") from None
+        n = (self.manifest() or {}).get("corpus_items")
+        if n is not None and len(items) != n:
+            raise DeepvisError(f"atlas {self.root}: corpus.txt lists {len(items)} images, the manifest "
+                               f"{n} (truncated or edited)")
+        return items
 
     def write_skipped(self, skipped: list[tuple[int, str, str]]) -> None:
         lines = ["id\tpath\treason\n"] + [f"{i}\t{p}\t{r.replace(chr(9), ' ').replace(chr(10), ' ')}\n"
                                          for i, p, r in skipped]
-        write_text(self.path("skipped.tsv"), "".join(lines))
+        write_bytes(self.path("skipped.tsv"), "".join(lines).encode("utf-8", "surrogateescape"))
 
     def layer_arrays_path(self, layer: str) -> str:
         return self.path("layers", f"{layer_slug(layer)}.npz")

@@ -66,7 +66,9 @@ class Painter:
         self.slot_size = (UNIT_PANE, slot_h)
 
     def text(self, s, pos, color=FG, font=None):
-        self.screen.blit((font or self.font).render(str(s), True, color), pos)
+        # A file name that is not UTF-8 arrives with surrogate escapes, which SDL cannot render
+        s = str(s).encode("utf-8", "replace").decode("utf-8")
+        self.screen.blit((font or self.font).render(s, True, color), pos)
 
     def _rebuild(self, snap):
         scale = pygame.transform.scale  # nearest neighbour: activation pixels stay crisp
