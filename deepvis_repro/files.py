@@ -108,6 +108,19 @@ def save_image(path, image, quality: int = 92, fsync: bool = False) -> None:
     write_bytes(path, buf.getvalue(), fsync=fsync)
 
 
+def image_file_ok(path) -> bool:
+    """The file exists and decodes whole (a truncated JPEG, which resume logic would otherwise
+    count as done forever, does not)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # missing, truncated, garbage: all mean "make it again"
+        return False
+
+
 def save_npz(path, **arrays) -> None:
     """numpy arrays, written atomically; read back with np.load(path, allow_pickle=False)."""
     import numpy as np

@@ -469,3 +469,20 @@ def test_a_damaged_demo_corpus_is_written_again(tmp_path):
     gone.unlink()
     again = demo_corpus(str(folder))
     assert again.items == first.items and victim.read_bytes() == good and gone.is_file()
+
+
+def test_a_truncated_optimized_picture_is_made_again(lite0, tmp_path):
+    """Issue 21: a truncated optimized JPEG made write_sprite raise and was never repaired."""
+    from PIL import Image
+
+    from deepvis_repro.atlas.optimized import optimize_into_atlas
+
+    units = ["blocks.2:0", "blocks.2:1"]
+    optimize_into_atlas(lite0, tmp_path, units, steps=2, batch_size=1, progress=False)
+    pic = tmp_path / "regularized_opt" / "blocks.2" / "blocks.2_0001.jpg"
+    whole = pic.read_bytes()
+    pic.write_bytes(whole[:len(whole) // 3])
+    again = optimize_into_atlas(lite0, tmp_path, units, steps=2, batch_size=1, progress=False)
+    assert again["written"] == 1 and pic.read_bytes() == whole  # the same picture, whole again
+    with Image.open(tmp_path / "regularized_opt" / "blocks.2" / "whole_layer.jpg") as im:
+        im.load()

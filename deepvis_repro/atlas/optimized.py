@@ -22,7 +22,7 @@ from dataclasses import asdict
 import numpy as np
 
 from ..errors import DeepvisError
-from ..files import save_image, signals_deferred, write_json
+from ..files import image_file_ok, save_image, signals_deferred, write_json
 from ..progress import progress as progress_bar
 from ..units import Unit, layer_shapes, parse_unit, resolve_units
 from .patches import display_box
@@ -134,9 +134,12 @@ def write_sprite(store: AtlasStore, layer: str, channels: int, tile: int = SPRIT
         p = store.unit_file("regularized_opt", layer, c)
         if os.path.isfile(p):
             r, q = divmod(c, cols)
-            with Image.open(p) as im:
-                sprite[r * tile:(r + 1) * tile, q * tile:(q + 1) * tile] = np.asarray(
-                    im.convert("RGB").resize((tile, tile), Image.BILINEAR))
+            try:
+                with Image.open(p) as im:
+                    sprite[r * tile:(r + 1) * tile, q * tile:(q + 1) * tile] = np.asarray(
+                        im.convert("RGB").resize((tile, tile), Image.BILINEAR))
+            except (OSError, ValueError):  # a damaged picture: a black tile (the next run redoes it)
+                continue
             found += 1
     if not found:
         return None
@@ -177,7 +180,7 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
     def done(u: Unit) -> bool:
         """Image and record both on the disk (a death between the two leaves the unit to do
         again), and not a short on-demand image from the live view."""
-        return os.path.isfile(store.unit_file("regularized_opt", u.layer, u.channel)) and \
+        return image_file_ok(store.unit_file("regularized_opt", u.layer, u.channel)) and \
             str(u.channel) in records[u.layer].data.get("units", {}) and \
             str(u.channel) not in records[u.layer].data.get("on_demand", {})
 

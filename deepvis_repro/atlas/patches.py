@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..errors import DeepvisError
-from ..files import save_image
+from ..files import image_file_ok, save_image
 from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, load_items
 from .receptive import crop_box, layer_geometry
@@ -183,7 +183,8 @@ def render_montages(backend, atlas_dir, layers=None, units=None, mode: str = "au
         channels = arrays["values"].shape[0]
         todo = [u for u in (range(channels) if units is None else units) if 0 <= int(u) < channels]
         sides = [("max_im", "max_deconv", "")] + ([("min_im", None, "min_")] if "min_values" in arrays else [])
-        todo = [u for u in todo if not all(os.path.isfile(store.unit_file(k, layer, u)) for s in sides
+        # done: every file there and whole (a truncated one, from a crash, is made again)
+        todo = [u for u in todo if not all(image_file_ok(store.unit_file(k, layer, u)) for s in sides
                                            for k in s[:2] if k)]
         bar = progress_bar(total=len(todo), desc=f"montages {layer}", unit="unit", enabled=progress)
         per_chunk = max(1, batch_size // max(1, arrays["values"].shape[1]))
