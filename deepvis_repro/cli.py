@@ -138,15 +138,19 @@ def unique_run_dir(base: str) -> str:
     """Hydra's run folder, made unique: two runs started in the same second get base and
     base_1 (os.mkdir is atomic, so no two runs can both take one name)."""
     parent = os.path.dirname(base)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    for n in range(10_000):
-        path = base if n == 0 else f"{base}_{n}"
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
+    try:
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        for n in range(10_000):
+            path = base if n == 0 else f"{base}_{n}"
+            try:
+                os.mkdir(path)
+                return path
+            except FileExistsError:
+                continue
+    except OSError as e:  # a read-only or full working folder: say so, and how to choose another
+        raise DeepvisError(f"cannot make the run folder {os.path.abspath(base)}: {e.strerror}; "
+                           "run from a writable folder or give hydra.run.dir=DIR") from None
     raise DeepvisError(f"cannot make a new run folder next to {base}")
 
 
@@ -192,6 +196,10 @@ def exit_interrupted() -> None:
     sys.exit(143 if _terminated else 130)
 
 
+#: Commands that write a run folder of their own under outputs/.
+RUN_FOLDER_APPS = ("optimize", "reproduce")
+
+
 def run_app(config_name: str, task: Callable) -> None:
     """Run ``task(cfg)`` as a Hydra app on conf/<config_name>.yaml. A user's mistake (a value, a
     path, a config key) ends it with one line and exit status 2; Ctrl-C with 130, SIGTERM with 143,
@@ -207,6 +215,13 @@ def run_app(config_name: str, task: Callable) -> None:
     try:
         check_keys(config_name, sys.argv[1:])
         sys.argv = [sys.argv[0]] + _rewrite_backend_args(sys.argv[1:])
+        if config_name in RUN_FOLDER_APPS and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in sys.argv):
+            from .files import check_output_dir
+
+            try:  # Hydra would make it inside a resolver, where an error is a 100-line traceback
+                check_output_dir("outputs", "hydra.run.dir")
+            except DeepvisError as e:
+                raise DeepvisError(f"{e}; run from a writable folder or give hydra.run.dir=DIR") from None
     except DeepvisError as e:
         _error(prog, str(e))
         sys.exit(2)

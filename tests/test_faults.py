@@ -210,6 +210,29 @@ def tiny_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)])
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_read_only_places_are_one_line(read_only_dir, tmp_path):
+    """Issue 21: the default outputs/ in a read-only working folder was a 109-line traceback, and
+    a new atlas.dir on a read-only mount a traceback too."""
+    r = subprocess.run(["deepvis-optimize", "optimize.steps=2"], cwd=read_only_dir, capture_output=True,
+                       text=True, timeout=300, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "is not writable; run from a writable folder or give hydra.run.dir=DIR" in r.stderr
+    r = subprocess.run(["deepvis-mine", "layers=[fc]", f"atlas.dir={read_only_dir / 'new'}"], capture_output=True,
+                       text=True, timeout=300, env=ENV)
+    assert r.returncode == 2 and "is not writable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_a_real_full_disk(tiny_tmpfs):
     r = subprocess.run(["deepvis-optimize", "units=[fc:130,fc:1,fc:2,fc:3]", "optimize.steps=2",
                         f"hydra.run.dir={tiny_tmpfs / 'run'}"], capture_output=True, text=True, timeout=300)
