@@ -82,6 +82,30 @@ def clean_graph(model):
     return model
 
 
+def check_initializers(model, path: str) -> None:
+    """Every weight holds as many values as its shape claims (a tiny file declaring a
+    4x3x30000x30000 weight is refused here, before anything of that size is made)."""
+    import math
+
+    import onnx
+
+    fields = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # read from its own file by onnx.load, which checks it
+        claimed = math.prod(t.dims)
+        if t.raw_data:
+            size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            held = len(t.raw_data) // max(size, 1)
+        else:
+            held = max((len(getattr(t, f)) for f in fields), default=0)
+            if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+                held //= 2
+        if held != claimed:
+            raise DeepvisError(f"ONNX file {path}: weight '{t.name}' claims shape {list(t.dims)} "
+                               f"({claimed:,} values) but holds {held:,}: a damaged or forged file")
+
+
 def load_onnx(path: str):
     import onnx
 
@@ -96,6 +120,7 @@ def load_onnx(path: str):
         raise DeepvisError(f"cannot read ONNX file {path}: not an ONNX model, or corrupt ({msg[:200]})") from None
     if not len(model.graph.node):
         raise DeepvisError(f"ONNX file {path} holds no graph")
+    check_initializers(model, path)
     if not len(model.graph.input):
         raise DeepvisError(f"ONNX file {path} has no graph input")
     return clean_graph(model)

@@ -145,6 +145,20 @@ def test_a_tiny_onnx_file_claiming_a_huge_input_is_refused_before_allocating(tmp
     one_line_error(r, "input size 10000x10000")
 
 
+def test_a_tiny_onnx_file_claiming_a_huge_weight_is_one_line(tmp_path):
+    """Issue 21: refused before allocating, but as a ValueError traceback."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    w = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4, 3, 30000, 30000], raw_data=b"\0" * 16)
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["out"], name="conv")], "g", [x], [y],
+                              initializer=[w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "w.onnx")
+    r = run("deepvis-inspect", "backend=onnx", f"backend.path={tmp_path / 'w.onnx'}", timeout=60)
+    one_line_error(r, "weight 'w' claims shape [4, 3, 30000, 30000]")
+
+
 def test_shape_arithmetic_is_not_a_layer(shapes_model, photos, tmp_path):
     path, labels = shapes_model
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
