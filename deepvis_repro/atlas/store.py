@@ -173,6 +173,10 @@ class AtlasStore:
             if ok and items is not None:
                 ids = a["image_ids"]
                 ok = bool(((ids >= -1) & (ids < int(items))).all())
+            shape = info.get("shape")
+            if ok and shape and len(shape) == 3:  # a position inside the layer's map (or -1: none)
+                pos = a["positions"]
+                ok = bool(((pos >= -1) & (pos < np.array(shape[1:]))).all())
         except (KeyError, TypeError, ValueError) as e:
             raise DeepvisError(f"atlas layer file {p} is damaged ({e})") from None
         if not ok:
