@@ -454,3 +454,40 @@ def test_all_units_optimization_resumed_after_sigkill_gives_the_uninterrupted_im
         assert a.read_bytes() == b.read_bytes(), a.name
     rec = json.loads((tmp_path / "k" / "regularized_opt" / "blocks.1" / "results.json").read_text())
     assert len(rec["units"]) == 24
+
+
+def test_damaged_atlas_files_are_one_line(lite0, tmp_path, photos):
+    """Issue 21: an empty checkpoint, a manifest that is a list or has a string where an object
+    belongs, a truncated corpus.txt: each was a traceback."""
+    from deepvis_repro.atlas.mining import load_result, mine
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray(photos["coffee"]).save(tmp_path / name)
+    atlas = tmp_path / "A"
+    mine(lite0, str(tmp_path), ["fc"], top_k=1, progress=False, atlas_dir=atlas)
+    manifest = (atlas / "manifest.json").read_text()
+    (atlas / "corpus.txt").write_text((atlas / "corpus.txt").read_text().splitlines()[0] + "\n")
+    with pytest.raises(DeepvisError, match="corpus.txt lists 1 images, the manifest 2"):
+        load_result(atlas)
+    for bad in ("[1, 2]", manifest.replace('"layers": {', '"layers": "x", "old": {')):
+        (atlas / "manifest.json").write_text(bad)
+        with pytest.raises(DeepvisError, match="manifest"):
+            load_result(atlas)
+    # an empty checkpoint, from the command line
+    other = tmp_path / "B"
+    (other / "checkpoint").mkdir(parents=True)
+    (other / "checkpoint" / "mining.npz").write_bytes(b"")
+    r = subprocess.run(["deepvis-mine", f"corpus.path={tmp_path}", "layers=[fc]", "montages=false",
+                        f"atlas.dir={other}"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 2 and "checkpoint is unusable" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_run_into_an_atlas_leaves_no_run_folder_or_log(tmp_path):
+    """Issue 21: every 'deepvis-optimize ... atlas.dir=A' left an empty outputs/<date>/<time>/."""
+    r = subprocess.run(["deepvis-optimize", "units=[fc:1]", "optimize.steps=2", f"atlas.dir={tmp_path / 'A'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.*"))
+    r = subprocess.run(["deepvis-optimize", "units=[fc:1]", "optimize.steps=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0 and not list((tmp_path / "run").glob("*.log"))  # no empty cli.log
