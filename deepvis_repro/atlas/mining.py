@@ -236,7 +236,7 @@ def _mine(job, eng, identity, state, store, t0, progress, checkpoint_seconds) ->
             if state.skipped:
                 bar.set_postfix_str(f"{len(state.skipped)} skipped", refresh=False)
             if store is not None and time.perf_counter() - last_save > checkpoint_seconds:
-                _checkpoint(store, state, identity)
+                _checkpoint(store, state)
                 last_save = time.perf_counter()
     except KeyboardInterrupt:
         interrupted = True
@@ -301,12 +301,12 @@ def load_result(atlas_dir) -> MiningResult:
     return r
 
 
-def _checkpoint(store: AtlasStore, state: _State, identity: dict) -> None:
+def _checkpoint(store: AtlasStore, state: _State) -> None:
     with signals_deferred():
         save_sealed_npz(store.path(CHECKPOINT), **state.arrays())
 
 
-def _finish(store, job, state, identity, t0, interrupted, write=True) -> MiningResult:
+def _finish(store, job, state, identity, t0, interrupted) -> MiningResult:
     from ..outputs import versions
 
     r = MiningResult(paths=list(job.corpus.items), layers=list(job.layers), top_k=job.k,
@@ -326,7 +326,7 @@ def _finish(store, job, state, identity, t0, interrupted, write=True) -> MiningR
         r.values[l], r.image_ids[l], r.positions[l] = state.top[l].result()
         if state.bottom:
             r.min_values[l], r.min_image_ids[l], r.min_positions[l] = state.bottom[l].result()
-    if store is None or not write:
+    if store is None:
         return r
     with signals_deferred():  # the checkpoint and the atlas files agree, whatever arrives now
         if interrupted:
