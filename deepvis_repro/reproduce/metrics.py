@@ -56,8 +56,12 @@ def class_ranks(judge, images: np.ndarray, classes: list[int | None]) -> list[in
     if judge is None or not any(c is not None for c in classes):
         return [None] * len(classes)
     x = torch.cat([judge.preprocess(im) for im in images])
+    # Ranked by the logits where the judge has them: the same order as its softmax, without the
+    # exponential (whose vectorized rounding may differ between CPUs in a near tie)
+    before_prob = [l for l in judge.layers if l != "prob"]
+    layer = before_prob[-1] if before_prob and "prob" in judge.layers else "prob"
     with torch.no_grad():
-        p = judge.forward(x, ["prob"])["prob"]
+        p = judge.forward(x, [layer])[layer].flatten(1)
     out = []
     for row, c in zip(p, classes):
         out.append(None if c is None else int((row > row[c]).sum()) + 1)
