@@ -491,3 +491,22 @@ def test_a_run_into_an_atlas_leaves_no_run_folder_or_log(tmp_path):
     r = subprocess.run(["deepvis-optimize", "units=[fc:1]", "optimize.steps=2", f"hydra.run.dir={tmp_path / 'run'}"],
                        capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0 and not list((tmp_path / "run").glob("*.log"))  # no empty cli.log
+
+
+def test_a_read_only_cache_still_gives_the_demo_corpus(read_only_dir, monkeypatch):
+    """Issue 21: a read-only cache folder was a traceback for the demo corpus (the README says an
+    unwritable cache means no cache and the same result)."""
+    from deepvis_repro.atlas.corpus import demo_corpus
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(read_only_dir))
+    c = demo_corpus()
+    assert len(c.items) == 400 and not str(c.source).startswith(str(read_only_dir))
+    assert all(os.path.isfile(p) for p in c.items[:5])
+
+
+def test_the_tests_keep_out_of_the_users_cache():
+    """Issue 21: a test run left 85 MB of Caffe cache in the real ~/.cache."""
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache")
+    assert not os.path.abspath(os.environ["XDG_CACHE_HOME"]).startswith(home_cache)
+    from deepvis_repro_backends.caffe_backend import default_cache_dir
+    assert not str(default_cache_dir()).startswith(home_cache)
