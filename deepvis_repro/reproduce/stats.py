@@ -151,10 +151,11 @@ def claim(records: list, baseline: str = "none", measure: str = "judge_rank", al
             if s != baseline:
                 p = paired(s, values[s], baseline, values[baseline], measure, seed)
                 out["vs_baseline"].append({**(p.as_dict() if p else {"a": s, "b": baseline}), "verdict": verdict(p)})
-    med = {s: np.median([v for v in values[s] if v is not None]) for s in settings
-           if any(v is not None for v in values[s])}
-    if med:
-        best = min(med, key=med.get) if better == "lower" else max(med, key=med.get)
+    # the best: by median, ties broken by the mean (paper_1 and paper_3 can both have median 1)
+    score = {s: (np.median([v for v in values[s] if v is not None]), np.mean([v for v in values[s] if v is not None]))
+             for s in settings if any(v is not None for v in values[s])}
+    if score:
+        best = min(score, key=score.get) if better == "lower" else max(score, key=score.get)
         out["best"] = best
         for s in settings:
             if s != best:
