@@ -8,7 +8,8 @@ percentile 50 -> 40 (paper_1), learning rate x2 (paper_3), another seed, another
 
     python benchmarks/calibrate_comparison.py [--steps 80]
 
-Prints per kind the lowest / median / highest SSIM and the margin left by the threshold.
+Prints, per kind, how far the first objective values of the two runs are apart (the trajectory
+criterion the harness uses) and their SSIM (which, measured here, cannot tell the two apart).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch
 
 import deepvis_repro as dv
 from deepvis_repro.optimize import get_preset, optimize
-from deepvis_repro.reproduce.compare import DEFAULT_MIN_SSIM
+from deepvis_repro.reproduce.compare import (DEFAULT_MIN_SSIM, DEFAULT_TRAJECTORY_TOLERANCE, TRAJECTORY_STEPS,
+                                              trajectory_difference)
 from deepvis_repro.reproduce.harness import profile_units
 from deepvis_repro.reproduce.metrics import ssim
 
@@ -32,13 +34,14 @@ def run(backend, units, preset, steps, numerics="portable", threads=2, seed=0, *
                      numerics=numerics)
     finally:
         torch.set_num_threads(2)
-    return r.images
+    return r
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=None, help="default: the quick profile's")
     ap.add_argument("--threshold", type=float, default=DEFAULT_MIN_SSIM)
+    ap.add_argument("--tolerance", type=float, default=DEFAULT_TRAJECTORY_TOLERANCE)
     a = ap.parse_args()
     from omegaconf import OmegaConf
     from importlib import resources
@@ -49,17 +52,19 @@ def main():
     backend = dv.load_backend()
     units = [u for u, _ in profile_units(backend, profile)]
     print(f"{len(units)} units, {steps} steps, threshold {a.threshold}")
-    twins, changes = [], {}
-    base = {}
+    twins, changes, tdiff = [], {}, {}
+    base, base_h = {}, {}
     for s in profile["settings"]:
-        paths = {"portable": run(backend, units, s, steps),
-                 "default, 1 thread": run(backend, units, s, steps, "default", 1),
-                 "default, 2 threads": run(backend, units, s, steps, "default", 2)}
-        base[s] = paths["portable"]
-        for (n1, i1), (n2, i2) in itertools.combinations(paths.items(), 2):
+        runs = {"portable": run(backend, units, s, steps),
+                "default, 1 thread": run(backend, units, s, steps, "default", 1),
+                "default, 2 threads": run(backend, units, s, steps, "default", 2)}
+        base[s], base_h[s] = runs["portable"].images, runs["portable"].history
+        for (n1, r1), (n2, r2) in itertools.combinations(runs.items(), 2):
             for k in range(len(units)):
-                same = np.array_equal(i1[k], i2[k])
-                twins.append((s, units[k], f"{n1} vs {n2}", 1.0 if same else ssim(i1[k], i2[k]), same))
+                i1, i2 = r1.images[k], r2.images[k]
+                same = np.array_equal(i1, i2)
+                twins.append((s, units[k], f"{n1} vs {n2}", 1.0 if same else ssim(i1, i2), same,
+                              trajectory_difference(r1.history[:, k], r2.history[:, k])))
         print(f"  {s}: twins done", flush=True)
     planted = {
         "blur sigma 1.0 -> 0.7 (paper_3)": ("paper_3", {"blur_radius": 0.7}),
@@ -70,12 +75,25 @@ def main():
     }
     for name, (s, over) in planted.items():
         seed = over.pop("seed", 0)
-        imgs = run(backend, units, s, steps, seed=seed, **over)
-        changes[name] = [ssim(imgs[k], base[s][k]) for k in range(len(units))]
+        r = run(backend, units, s, steps, seed=seed, **over)
+        changes[name] = [ssim(r.images[k], base[s][k]) for k in range(len(units))]
+        tdiff[name] = [trajectory_difference(r.history[:, k], base_h[s][:, k]) for k in range(len(units))]
     changes["another unit (every setting)"] = [
         ssim(base[s][i], base[s][j]) for s in base for i in range(len(units)) for j in range(len(units)) if i != j]
+    tdiff["another unit (every setting)"] = [
+        trajectory_difference(base_h[s][:, i], base_h[s][:, j]) for s in base for i in range(len(units))
+        for j in range(len(units)) if i != j]
+    td = np.array([t[5] for t in twins])
+    print(f"\nTRAJECTORY criterion (first {TRAJECTORY_STEPS} objective values, relative): rounding twins max "
+          f"{td.max():.2e}, median {np.median(td):.2e}; tolerance {a.tolerance:g}")
+    lowest_change = min(min(v) for v in tdiff.values())
+    for name, v in tdiff.items():
+        v = np.array(v)
+        print(f"  {name:<36} min {v.min():.2e}  median {np.median(v):.2e}  fail: {int((v > a.tolerance).sum())}/{len(v)}")
+    print(f"  margins: tolerance / twins' largest = {a.tolerance / max(td.max(), 1e-30):.0f}x; "
+          f"changes' smallest / tolerance = {lowest_change / a.tolerance:.0f}x")
     tw = np.array([t[3] for t in twins])
-    print(f"\nrounding twins: {len(tw)} pairs, {sum(t[4] for t in twins)} bit-identical; SSIM min {tw.min():.3f}, "
+    print(f"\nSSIM: rounding twins: {len(tw)} pairs, {sum(t[4] for t in twins)} bit-identical; SSIM min {tw.min():.3f}, "
           f"5th pct {np.percentile(tw, 5):.3f}, median {np.median(tw):.3f}")
     for s in profile["settings"]:
         v = [t[3] for t in twins if t[0] == s]
@@ -89,8 +107,8 @@ def main():
         top = max(top, v.max())
         print(f"  {name:<36} max {v.max():.3f}  median {np.median(v):.3f}  "
               f"fail at {a.threshold}: {int((v < a.threshold).sum())}/{len(v)}")
-    print(f"\nmargins: twins' lowest {tw.min():.3f} - threshold {a.threshold} = {tw.min() - a.threshold:+.3f}; "
-          f"threshold - changes' highest {top:.3f} = {a.threshold - top:+.3f}")
+    print(f"  SSIM margins: twins' lowest {tw.min():.3f} - threshold {a.threshold} = {tw.min() - a.threshold:+.3f}; "
+          f"threshold - changes' highest {top:.3f} = {a.threshold - top:+.3f} (SSIM alone cannot separate them)")
 
 
 if __name__ == "__main__":

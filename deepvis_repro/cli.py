@@ -522,6 +522,7 @@ def reproduce_task(cfg) -> None:
 
     seed = whole("seed", cfg.seed, 0)
     threshold = number("ssim_threshold", cfg.ssim_threshold, minimum=-1.0, maximum=1.0)
+    tolerance = number("rounding_tolerance", cfg.rounding_tolerance, minimum=0.0)
     numerics = Numerics(str(cfg.numerics)).mode
     seed_everything(seed)
     device = resolve_device(cfg.device)
@@ -536,7 +537,8 @@ def reproduce_task(cfg) -> None:
     here = machine()
     here["device"] = str(device)
     info = {"backend": backend.name, "profile": profile["name"], "seed": seed,
-            "ssim_threshold": threshold, "min_ssim": threshold, "references": str(ref_dir),
+            "ssim_threshold": threshold, "min_ssim": threshold, "rounding_tolerance": tolerance,
+            "references": str(ref_dir),
             "judge": getattr(judge, "name", None), "command": command, "versions": versions(),
             "machine": here, "numerics_mode": numerics, "profile_config": profile}
     run = run_profile(backend, profile, seed=seed, judge=judge, numerics=numerics)
@@ -551,7 +553,7 @@ def reproduce_task(cfg) -> None:
         info["reference_numerics"] = theirs.get("numerics")
         bits = (numerics == "portable" and (theirs.get("numerics") or {}).get("mode") == "portable"
                 and str(device) == "cpu")
-        failures = compare(run, ref_dir, threshold, bits_expected=bits)
+        failures = compare(run, ref_dir, threshold, bits_expected=bits, tolerance=tolerance)
     out = Path(output_dir())
     # The run's own outputs first: a signal while the references are written then loses nothing.
     metrics = write_outputs(out, backend, run, info, failures)

@@ -121,7 +121,7 @@ def test_references_change_all_at_once(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     before = {p.name: p.read_bytes() for p in refs.iterdir()}
-    assert len(before) == 16
+    assert len(before) == 17  # 15 images, trajectories.json, manifest.json
     # a second update with other images, killed while writing them: the old set stays whole
     p = start(SLOW + ["reproduce", "profile.steps=4", "profile.classes=[130,366]", "judge=null", f"references={refs}", "update_references=true",
                       f"hydra.run.dir={tmp_path / 'b'}"])

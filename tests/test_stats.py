@@ -78,5 +78,33 @@ def test_compare_statuses(tmp_path):
                    "changed": ("differs", "rounding criterion"), "missing": ("missing", None),
                    "damaged": ("damaged", None)}
     assert {r["unit"] for r in failures} == {"changed", "damaged"}
-    assert verdict(run.records, 0.75) == ("References: 2/4 images match (1 identical, 1 rounding twin "
-                                          "(SSIM >= 0.75)); 1 without a reference")
+    assert verdict(run.records, 0.75) == ("References: 2/4 images match (1 identical, 1 rounding twin); "
+                                          "1 without a reference")
+
+
+def test_the_rounding_criterion_reads_the_first_steps(tmp_path):
+    """Where bits differ, a twin is judged by its first objective values (trajectories.json): a
+    rounding-sized difference passes, a changed setting's does not, and so does a wrong length."""
+    import json
+
+    from deepvis_repro.reproduce.compare import trajectory_difference
+
+    rng = np.random.default_rng(5)
+    ref_hist = list(np.cumsum(rng.random(20)) * 3.0)
+    img = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+    run = Run()
+    cases = {"twin": [v * (1 + 1e-6) for v in ref_hist], "changed": [v * 1.05 for v in ref_hist],
+             "shorter": ref_hist}
+    for u, hist in cases.items():
+        other = img.copy()
+        other[0, 0] ^= 1  # not identical
+        run.images[("s", u)] = other
+        run.records.append({"setting": "s", "unit": u, "image": f"images/s__{u}.png", "history": hist,
+                            "steps": 20 if u != "shorter" else 10})
+        Image.fromarray(img).save(tmp_path / f"s__{u}.png")
+    (tmp_path / "trajectories.json").write_text(json.dumps(
+        {f"s__{u}.png": {"steps": 20, "history": ref_hist[:16]} for u in cases}))
+    compare(run, tmp_path, 0.75, tolerance=1e-3)
+    got = {r["unit"]: r["reference"] for r in run.records}
+    assert got == {"twin": "match", "changed": "differs", "shorter": "differs"}
+    assert trajectory_difference([1.0, 2.0], [1.0]) == 0.0 and trajectory_difference([1.0], [1.0, 2.0]) == float("inf")

@@ -4,11 +4,15 @@
    the same bits on any x86-64 CPU with FMA and any thread count, so this is the normal case.
 2. **rounding criterion**, where bits cannot be equal (a GPU, another architecture, a scalar
    build, default numerics on another CPU): the image passes when it is a *rounding twin* of the
-   reference: SSIM at least ``min_ssim``. Gradient ascent amplifies a last-bit difference into a
-   visible one, but a twin keeps the reference's structure, while a changed setting (blur width,
-   decay, a percentile, the learning rate), another seed or another unit starts another trajectory.
-   The threshold is calibrated by benchmarks/calibrate_comparison.py (README: "How references are
-   compared", with the measured margins).
+   reference, judged by its trajectory, not its pixels. Gradient ascent amplifies a last-bit
+   difference into another image within tens of steps, so late images of twins are as far apart
+   as those of a changed setting (measured: SSIM cannot separate them). But a twin starts on the
+   same trajectory: its first ``TRAJECTORY_STEPS`` objective values agree with the reference's to
+   within rounding, while a changed blur width, decay, percentile or learning rate, another seed
+   or another unit moves them by orders of magnitude more from the first steps on. The reference
+   folder stores those values (trajectories.json); the tolerance is calibrated by
+   benchmarks/calibrate_comparison.py (README: "How references are compared", with the margins).
+   References without trajectories fall back to SSIM >= ``min_ssim``.
 """
 from __future__ import annotations
 
@@ -19,11 +23,41 @@ from PIL import Image
 
 from .metrics import ssim
 
-#: Calibrated on the quick profile (README): rounding twins >= 0.84, real changes <= 0.63.
+#: The fallback for references without trajectories (SSIM alone; README says how weak it is).
 DEFAULT_MIN_SSIM = 0.75
+#: How many of the first objective values the trajectory criterion compares.
+TRAJECTORY_STEPS = 8
+#: Largest relative difference of those values for a rounding twin (calibrated: README).
+DEFAULT_TRAJECTORY_TOLERANCE = 1e-3
 
 
-def compare(run, ref_dir: Path, min_ssim: float = DEFAULT_MIN_SSIM, bits_expected: bool = True) -> list[dict]:
+def trajectory_difference(run_history, ref_history, steps: int = TRAJECTORY_STEPS) -> float:
+    """Largest relative difference of the first objective values, |a - b| / max(|b|, 1) (inf when
+    either is shorter or one is finite where the other is not)."""
+    a = np.asarray([np.nan if v is None else v for v in list(run_history)[:steps]], dtype=np.float64)
+    b = np.asarray([np.nan if v is None else v for v in list(ref_history)[:steps]], dtype=np.float64)
+    n = min(steps, len(ref_history))
+    if len(a) < n or len(b) < n or n == 0 or not np.array_equal(np.isfinite(a[:n]), np.isfinite(b[:n])):
+        return float("inf")
+    ok = np.isfinite(b[:n])
+    if not ok.any():
+        return 0.0
+    return float(np.max(np.abs(a[:n][ok] - b[:n][ok]) / np.maximum(np.abs(b[:n][ok]), 1.0)))
+
+
+def load_trajectories(ref_dir: Path) -> dict:
+    import json
+
+    try:
+        with open(ref_dir / "trajectories.json", encoding="utf-8") as f:
+            t = json.load(f)
+        return t if isinstance(t, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def compare(run, ref_dir: Path, min_ssim: float = DEFAULT_MIN_SSIM, bits_expected: bool = True,
+            tolerance: float = DEFAULT_TRAJECTORY_TOLERANCE) -> list[dict]:
     """Fill each record's reference status (match, differs, missing, damaged: an unreadable file),
     its ssim and how it was compared (identical, or the rounding criterion); return the failures
     (differs and damaged). bits_expected says whether the run and the references were both made
@@ -31,6 +65,7 @@ def compare(run, ref_dir: Path, min_ssim: float = DEFAULT_MIN_SSIM, bits_expecte
     from ..references import recover
 
     recover(ref_dir)
+    trajectories = load_trajectories(Path(ref_dir))
     failures = []
     for r in run.records:
         path = ref_dir / Path(r["image"]).name
@@ -52,7 +87,12 @@ def compare(run, ref_dir: Path, min_ssim: float = DEFAULT_MIN_SSIM, bits_expecte
         r["ssim"] = ssim(img, ref)
         r["comparison"] = "rounding criterion"
         r["bits_expected"] = bool(bits_expected)
-        ok = bool(np.isfinite(r["ssim"]) and r["ssim"] >= min_ssim)
+        theirs = trajectories.get(path.name)
+        if isinstance(theirs, dict) and isinstance(theirs.get("history"), list):
+            r["trajectory_difference"] = trajectory_difference(r.get("history") or [], theirs["history"])
+            ok = r["trajectory_difference"] <= tolerance and theirs.get("steps") in (None, r.get("steps"))
+        else:  # an older reference set: SSIM alone
+            ok = bool(np.isfinite(r["ssim"]) and r["ssim"] >= min_ssim)
         r["reference"] = "match" if ok else "differs"
         if not ok:
             failures.append(r)
@@ -69,18 +109,24 @@ def verdict(records: list, min_ssim: float) -> str | None:
     twins = ok - same
     how = [f"{same} identical"] if same else []
     if twins:
-        how.append(f"{twins} rounding twin{'s' if twins > 1 else ''} (SSIM >= {min_ssim:g})")
+        how.append(f"{twins} rounding twin{'s' if twins > 1 else ''}")
     missing = sum(r["reference"] == "missing" for r in records)
     tail = f"; {missing} without a reference" if missing else ""
     return f"References: {ok}/{len(compared)} images match" + (f" ({', '.join(how)})" if how else "") + tail
 
 
 def failure_table(failures: list, min_ssim: float) -> str:
-    lines = [f"{len(failures)} image(s) differ from their references (not identical, and SSIM < {min_ssim:g}, "
-             "beyond what rounding does):",
-             f"  {'setting':<10}{'unit':<22}{'ssim':>8}"]
-    lines += [f"  {r['setting']:<10}{r['unit']:<22}" + (f"{r['ssim']:>8.3f}" if r["ssim"] is not None else
-              f"  damaged reference ({r.get('reference_error', '')})") for r in failures]
+    lines = [f"{len(failures)} image(s) differ from their references beyond rounding (not identical, and "
+             f"their first {TRAJECTORY_STEPS} objective values differ by more than rounding does):",
+             f"  {'setting':<10}{'unit':<22}{'first steps':>12}{'ssim':>8}"]
+
+    def row(r):
+        if r["ssim"] is None:
+            return f"  {r['setting']:<10}{r['unit']:<22}  damaged reference ({r.get('reference_error', '')})"
+        t = r.get("trajectory_difference")
+        return f"  {r['setting']:<10}{r['unit']:<22}{'-' if t is None else f'{t:.1e}':>12}{r['ssim']:>8.3f}"
+
+    lines += [row(r) for r in failures]
     settings = sorted({r["setting"] for r in failures})
     lines.append(f"  settings with differing images: {', '.join(settings)}")
     return "\n".join(lines)

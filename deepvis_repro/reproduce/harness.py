@@ -121,11 +121,21 @@ def write_references(run: Run, ref_dir: Path, manifest: dict) -> None:
     def fill(folder: Path):
         for r in run.records:
             save_png(folder / Path(r["image"]).name, run.images[(r["setting"], r["unit"])])
+        # the first objective values: what the rounding criterion compares where bits differ
+        write_json(folder / "trajectories.json", trajectories(run.records))
         write_json(folder / "manifest.json", manifest)
 
     replace_folder(ref_dir, fill)
     for r in run.records:
         r["reference"], r["ssim"], r["comparison"] = "written", 1.0, None
+
+
+def trajectories(records: list) -> dict:
+    """{reference file name: {"steps": the setting's length, "history": its first objective values}}."""
+    from .compare import TRAJECTORY_STEPS
+
+    return {Path(r["image"]).name: {"steps": r["steps"], "history": (r.get("history") or [])[:2 * TRAJECTORY_STEPS]}
+            for r in records}
 
 
 def rewrite_metrics(out: Path, metrics: dict) -> None:

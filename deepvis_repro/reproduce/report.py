@@ -118,8 +118,10 @@ def _how_compared(metrics: dict) -> str:
         ref_num = (metrics.get("reference_numerics") or {}).get("mode", "unrecorded")
         text += (f"References: {e(_machine(metrics.get('reference_machine')))}, numerics <b>{e(ref_num)}</b>. "
                  "Each image is first compared pixel for pixel (<i>identical</i>); where the bits differ, by the "
-                 f"rounding criterion (a rounding twin keeps SSIM &ge; {metrics.get('ssim_threshold')}; a changed "
-                 "setting, seed or unit falls below it).")
+                 "rounding criterion: a <i>rounding twin</i> starts on the reference's trajectory, its first "
+                 "objective values within a relative "
+                 f"{metrics.get('rounding_tolerance', 1e-3):g} of the stored ones (a changed setting, seed or unit "
+                 "moves them far more from the first steps on).")
     return f"<p>{text}</p>"
 
 
