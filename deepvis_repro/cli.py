@@ -523,6 +523,7 @@ def reproduce_task(cfg) -> None:
     seed = whole("seed", cfg.seed, 0)
     threshold = number("ssim_threshold", cfg.ssim_threshold, minimum=-1.0, maximum=1.0)
     tolerance = number("rounding_tolerance", cfg.rounding_tolerance, minimum=0.0)
+    median_tolerance = number("rounding_tolerance_median", cfg.rounding_tolerance_median, minimum=0.0)
     numerics = Numerics(str(cfg.numerics)).mode
     seed_everything(seed)
     device = resolve_device(cfg.device)
@@ -538,6 +539,7 @@ def reproduce_task(cfg) -> None:
     here["device"] = str(device)
     info = {"backend": backend.name, "profile": profile["name"], "seed": seed,
             "ssim_threshold": threshold, "min_ssim": threshold, "rounding_tolerance": tolerance,
+            "rounding_tolerance_median": median_tolerance,
             "references": str(ref_dir),
             "judge": getattr(judge, "name", None), "command": command, "versions": versions(),
             "machine": here, "numerics_mode": numerics, "profile_config": profile}
@@ -553,7 +555,8 @@ def reproduce_task(cfg) -> None:
         info["reference_numerics"] = theirs.get("numerics")
         bits = (numerics == "portable" and (theirs.get("numerics") or {}).get("mode") == "portable"
                 and str(device) == "cpu")
-        failures = compare(run, ref_dir, threshold, bits_expected=bits, tolerance=tolerance)
+        failures = compare(run, ref_dir, threshold, bits_expected=bits, tolerance=tolerance,
+                           median_tolerance=median_tolerance)
     out = Path(output_dir())
     # The run's own outputs first: a signal while the references are written then loses nothing.
     metrics = write_outputs(out, backend, run, info, failures)

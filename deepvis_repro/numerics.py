@@ -362,10 +362,14 @@ class Numerics:
             yield self
             return
         m = _PortableMode()
+        # On a GPU, TF32 convolutions and products (cuDNN's default) round to 10 bits: off here
+        tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         try:
             with m:
                 yield self
         finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
             self.native |= m.native
 
     def report(self) -> dict:

@@ -84,7 +84,8 @@ def test_compare_statuses(tmp_path):
 
 def test_the_rounding_criterion_reads_the_first_steps(tmp_path):
     """Where bits differ, a twin is judged by its first objective values (trajectories.json): a
-    rounding-sized difference passes, a changed setting's does not, and so does a wrong length."""
+    rounding-sized difference passes, a changed setting's does not, nor a wrong length; and a
+    setting whose images all move a little (each within one image's tolerance) fails as a whole."""
     import json
 
     from deepvis_repro.reproduce.compare import trajectory_difference
@@ -93,18 +94,20 @@ def test_the_rounding_criterion_reads_the_first_steps(tmp_path):
     ref_hist = list(np.cumsum(rng.random(20)) * 3.0)
     img = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
     run = Run()
-    cases = {"twin": [v * (1 + 1e-6) for v in ref_hist], "changed": [v * 1.05 for v in ref_hist],
-             "shorter": ref_hist}
-    for u, hist in cases.items():
+    cases = {("s", "twin"): [v * (1 + 1e-6) for v in ref_hist], ("s", "twin2"): ref_hist,
+             ("s", "changed"): [v * 1.2 for v in ref_hist], ("s", "shorter"): ref_hist}
+    cases.update({("t", f"u{i}"): [v * 1.02 for v in ref_hist] for i in range(3)})  # all 2% off
+    for (setting, u), hist in cases.items():
         other = img.copy()
         other[0, 0] ^= 1  # not identical
-        run.images[("s", u)] = other
-        run.records.append({"setting": "s", "unit": u, "image": f"images/s__{u}.png", "history": hist,
+        run.images[(setting, u)] = other
+        run.records.append({"setting": setting, "unit": u, "image": f"images/{setting}__{u}.png", "history": hist,
                             "steps": 20 if u != "shorter" else 10})
-        Image.fromarray(img).save(tmp_path / f"s__{u}.png")
+        Image.fromarray(img).save(tmp_path / f"{setting}__{u}.png")
     (tmp_path / "trajectories.json").write_text(json.dumps(
-        {f"s__{u}.png": {"steps": 20, "history": ref_hist[:16]} for u in cases}))
-    compare(run, tmp_path, 0.75, tolerance=1e-3)
-    got = {r["unit"]: r["reference"] for r in run.records}
-    assert got == {"twin": "match", "changed": "differs", "shorter": "differs"}
+        {f"{s}__{u}.png": {"steps": 20, "history": ref_hist[:4]} for s, u in cases}))
+    compare(run, tmp_path, 0.75, tolerance=0.05, median_tolerance=0.005)
+    got = {(r["setting"], r["unit"]): r["reference"] for r in run.records}
+    assert got == {("s", "twin"): "match", ("s", "twin2"): "match", ("s", "changed"): "differs",
+                   ("s", "shorter"): "differs", ("t", "u0"): "differs", ("t", "u1"): "differs", ("t", "u2"): "differs"}
     assert trajectory_difference([1.0, 2.0], [1.0]) == 0.0 and trajectory_difference([1.0], [1.0, 2.0]) == float("inf")
