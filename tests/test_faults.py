@@ -2,6 +2,7 @@
 slowed down so a signal lands in it), full disks (a tiny tmpfs, and a simulated ENOSPC), runs
 started in the same second, tampered and unwritable caches, huge claims from tiny files, FIFOs
 and decompression bombs among images, and the atlas resumed after SIGKILL."""
+import contextlib
 import errno
 import json
 import os
@@ -199,26 +200,29 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporaries(lite0, monkeypatch, t
     assert no_partials(tmp_path)
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    mnt = tmp_path / "tiny"
+@contextlib.contextmanager
+def tmpfs(mnt: Path, options: str):
+    """A tmpfs mounted at mnt for the block (skips the test where mounting is not allowed)."""
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    with tmpfs(tmp_path / "tiny", "size=160k") as mnt:
+        yield mnt
 
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as mnt:
+        yield mnt
 
 
 def test_read_only_places_are_one_line(read_only_dir, tmp_path):
