@@ -17,6 +17,7 @@ import torch
 
 from deepvis_repro.backend import HookBackend
 from deepvis_repro.errors import DeepvisError
+from deepvis_repro.files import file_sha256
 from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
 from .caffe_net import CaffeNet, blob_array, input_shape, read_caffemodel, read_prototxt, trained_blobs
@@ -33,17 +34,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "deepvis-repro" / "caffe"
 
 
-def _file_hash(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(prototxt: str, weights: str) -> str:
     """A hash of both files' hashes, each length-prefixed: no two different pairs share a key."""
-    a, b = _file_hash(prototxt), _file_hash(weights)
+    a, b = file_sha256(prototxt), file_sha256(weights)
     return hashlib.sha256(f"{len(a)}:{a}{len(b)}:{b}".encode()).hexdigest()[:40]
 
 
@@ -272,7 +265,7 @@ def _onnx_backend(cls, path: Path, kw: dict):
 def _file_seal(path: Path, key: str) -> str:
     import hmac
 
-    return hmac.new(_cache_secret(path.parent), f"{key}\0{_file_hash(path)}".encode(), hashlib.sha256).hexdigest()
+    return hmac.new(_cache_secret(path.parent), f"{key}\0{file_sha256(path)}".encode(), hashlib.sha256).hexdigest()
 
 
 def _seal_file(path: Path, key: str) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from deepvis_repro.errors import DeepvisError
+from deepvis_repro.files import file_sha256
 
 OPSET = 17
 
@@ -85,7 +86,6 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
     """The ONNX ModelProto of a loaded CaffeBackend (its parsed net and weights)."""
     from onnx import TensorProto, helper
 
-    from .caffe_backend import _file_hash
     from .caffe_net import BatchNorm, Concat, Eltwise, Flatten, InnerProduct, Pool, Scale, Softmax
 
     net = backend.module
@@ -180,7 +180,7 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
         "deepvis.mean": json.dumps(_mean_rgb(backend)), "deepvis.input_scale": json.dumps(_input_scale(backend)),
         "deepvis.blobs": json.dumps(blob_names), "deepvis.source_prototxt": os.path.basename(prototxt),
         "deepvis.source_caffemodel": os.path.basename(weights),
-        "deepvis.prototxt_sha256": _file_hash(prototxt), "deepvis.caffemodel_sha256": _file_hash(weights),
+        "deepvis.prototxt_sha256": file_sha256(prototxt), "deepvis.caffemodel_sha256": file_sha256(weights),
         **({"deepvis.resize": json.dumps(list(backend.resize))} if backend.resize else {}),
         **(meta or {}),
     }

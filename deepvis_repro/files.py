@@ -94,20 +94,6 @@ def write_json(path, obj, indent: int | None = 1) -> None:
     write_text(path, json.dumps(strict(obj), indent=indent, allow_nan=False) + "\n")
 
 
-def save_image(path, image, quality: int = 92, fsync: bool = False) -> None:
-    """An HxWx{1,3} uint8 image as PNG or JPEG (by the suffix), written atomically."""
-    from PIL import Image
-
-    from .images import to_rgb_uint8
-
-    path = os.fspath(path)
-    fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
-    buf = io.BytesIO()
-    kw = {"quality": quality} if fmt == "JPEG" else {}
-    Image.fromarray(to_rgb_uint8(image)).save(buf, fmt, **kw)
-    write_bytes(path, buf.getvalue(), fsync=fsync)
-
-
 def image_file_ok(path) -> bool:
     """The file exists and decodes whole (a truncated JPEG, which resume logic would otherwise
     count as done forever, does not)."""
@@ -128,6 +114,17 @@ def save_npz(path, **arrays) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     write_bytes(path, buf.getvalue())
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks (a caffemodel can be hundreds of MB)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 DIGEST_KEY = "_sha256"

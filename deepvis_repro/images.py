@@ -1,6 +1,7 @@
 """Image I/O and conversion shared by every backend, the optimizer and the live view."""
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -9,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DeepvisError
+from .files import write_bytes
 
 #: Larger images are refused with a clear message before they are decoded: a 3 MB PNG can
 #: declare 28000x28000 pixels (5.9 GB once decoded). 100 MP is a 10000x10000 photo.
@@ -147,10 +149,18 @@ def resize_for_input(image: np.ndarray, size: tuple[int, int], crop: bool = True
     return np.asarray(img.crop((left, top, left + w, top + h)))
 
 
+def save_image(path, image, quality: int = 92, fsync: bool = False) -> None:
+    """An HxWx{1,3} uint8 image as PNG or JPEG (by the suffix), written atomically."""
+    path = os.fspath(path)
+    fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
+    buf = io.BytesIO()
+    kw = {"quality": quality} if fmt == "JPEG" else {}
+    Image.fromarray(to_rgb_uint8(image)).save(buf, fmt, **kw)
+    write_bytes(path, buf.getvalue(), fsync=fsync)
+
+
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Written atomically: the file is whole or absent, whatever happens while writing."""
-    from .files import save_image
-
     save_image(path, image)
 
 

@@ -163,7 +163,7 @@ def _load_presets() -> dict[str, Preset]:
     folder = resources.files("deepvis_repro_conf").joinpath("regularization")
     out = {}
     for p in sorted(folder.iterdir(), key=lambda p: p.name):
-        if p.name.endswith(".yaml"):
+        if p.name.endswith(".yaml") and not p.name.startswith("_"):  # _file.yaml: regularization=FILE
             d = OmegaConf.to_container(OmegaConf.create(p.read_text()))
             out[d["name"]] = Preset(**d)
     return out
@@ -197,6 +197,8 @@ def preset_from_file(path: str) -> Preset:
 def get_preset(preset, **overrides) -> Preset:
     if isinstance(preset, Preset):
         p = preset
+    elif isinstance(preset, dict) and set(preset) == {"file"}:  # regularization=FILE on the command line
+        p = preset_from_file(str(preset["file"]))
     elif isinstance(preset, dict):
         p = Preset(**preset)
     elif preset in PRESETS:
@@ -282,7 +284,8 @@ class _Batch:
     interrupted: bool
 
 
-def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale, on_step=None) -> _Batch:
+def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale, on_step=None,
+               on_best=None) -> _Batch:
     n = len(units)
     layers = sorted({u.layer for u in units}, key=backend.layers.index)
     mean = backend.mean_image().to(x.device)
@@ -336,6 +339,8 @@ def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale, on_s
                     new = regularize(new, g, step=ii, **p.regularization())
                     x = torch.where(active.view(-1, 1, 1, 1), new, x)
             bar.update(n)
+            if on_best is not None:
+                on_best(ii, best_x, best)  # may raise to stop (a search's early stopping)
     except KeyboardInterrupt:
         interrupted = True
         # A signal between a step's two records leaves one list a step longer: a step's record is
@@ -368,7 +373,7 @@ def backend_lr_scale(backend) -> float:
 def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: int = 0,
              batch_size: int | None = None, progress: bool = True, lr_scale: float | None = None,
              progress_scale: float | None = None, on_step=None, numerics: str = "default",
-             **overrides) -> OptimizationResult:
+             on_best=None, **overrides) -> OptimizationResult:
     """Find, for each unit, the image that maximizes it under a preset's regularization.
 
     units: "layer:channel" or "layer:channel:y:x" strings (conv units default to the centre).
@@ -377,6 +382,8 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     progress_scale: multiplies the progress policies' desired progress; default the backend's own.
     batch_size: units per batch (all at once by default; halved automatically on CUDA OOM).
     on_step: called as on_step(step, steps) before each step (it may sleep, or raise to stop).
+    on_best: called as on_best(step, best_x, best_activation) after each step, with the batch's
+    best x so far (a search scores the images on the way, to stop hopeless settings early).
     numerics: "default" (the fastest kernels) or "portable" (the same bits on any x86-64 CPU and
     thread count, about 1.5x the time: deepvis_repro/numerics.py).
     Ctrl-C stops early and returns the best images so far (result.interrupted is True).
@@ -404,7 +411,7 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
             try:
                 with mode.active():
                     batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale,
-                                       progress_scale, on_step)
+                                       progress_scale, on_step, on_best)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise

@@ -82,7 +82,7 @@ def test_optimizer_and_backprop_take_the_caffe_backend(caffenet_files, tmp_path)
     b = dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir=str(tmp_path))
     r = optimize(b, ["fc8:3", "conv3:5"], preset="paper_3", steps=15, progress=False)
     assert np.all(r.best_activation > r.history[0] + 1e-3)
-    from deepvis_repro.live.backprop import backprop
+    from deepvis_repro.backprop import backprop
 
     for mode in ("gradient", "deconv", "guided"):
         g, _, _ = backprop(b, b.preprocess(np.full((80, 80, 3), 128, np.uint8)), "conv5", 2, mode)

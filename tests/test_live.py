@@ -14,7 +14,7 @@ from torch import nn
 
 from deepvis_repro.backend import HookBackend
 from deepvis_repro.errors import DeepvisError
-from deepvis_repro.live.backprop import backprop
+from deepvis_repro.backprop import backprop
 from deepvis_repro.live.sources import ImageFolderSource, ImageSource, VideoSource, WebcamSource
 from deepvis_repro.live.tiles import grid_shape, tile_layer
 

@@ -16,7 +16,7 @@ def _layers(value):
 
 
 def mine_task(cfg) -> None:
-    from ..cli import resolve_device
+    from ..console import resolve_device
     from ..files import check_output_dir
     from ..registry import instantiate_backend, instantiate_config
     from ..validate import whole
@@ -44,7 +44,7 @@ def mine_task(cfg) -> None:
     if not r.complete:
         print(f"interrupted after {r.images_done} of {len(r.paths)} images; the state is saved in "
               f"{atlas_dir}: rerun the same command to continue", file=sys.stderr)
-        from ..cli import exit_interrupted
+        from ..console import exit_interrupted
 
         exit_interrupted()
     rate = f", {r.images_done / r.seconds:.1f} images/s" if r.seconds > 0.5 else ""

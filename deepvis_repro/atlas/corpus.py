@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DeepvisError
+from ..files import file_sha256
 from ..images import IMAGE_EXTENSIONS, load_image, resize_for_input, to_rgb_uint8
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".gif")
@@ -142,11 +143,6 @@ def demo_corpus(folder: str | None = None) -> Corpus:
     return Corpus(c.items, "demo", folder)
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def _demo_intact(folder: str) -> bool:
     import json
 
@@ -154,7 +150,7 @@ def _demo_intact(folder: str) -> bool:
         with open(os.path.join(folder, "COMPLETE"), encoding="utf-8") as f:
             files = json.load(f)
         return isinstance(files, dict) and len(files) == len(DEMO_PHOTOS) * len(DEMO_VIEWS) * 2 and all(
-            _sha256(os.path.join(folder, name)) == digest for name, digest in files.items())
+            file_sha256(os.path.join(folder, name)) == digest for name, digest in files.items())
     except (OSError, ValueError, TypeError):
         return False
 
@@ -162,7 +158,8 @@ def _demo_intact(folder: str) -> bool:
 def _write_demo(folder: str) -> None:
     import skimage.data
 
-    from ..files import save_image, write_json
+    from ..files import write_json
+    from ..images import save_image
 
     os.makedirs(folder, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -181,7 +178,7 @@ def _write_demo(folder: str) -> None:
                 out = view[:, ::-1] if flip else view
                 fname = f"{name}_{v:02d}{'_m' if flip else ''}.png"
                 save_image(os.path.join(folder, fname), out)
-                files[fname] = _sha256(os.path.join(folder, fname))
+                files[fname] = file_sha256(os.path.join(folder, fname))
     write_json(os.path.join(folder, "COMPLETE"), files)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import DeepvisError
+from .miner import Miner
 
 
 def default_workers() -> int:
@@ -63,8 +64,6 @@ class LocalEngine:
             yield b, worker(b)
 
     def run(self, job, todo):
-        from .mining import Miner
-
         if not todo:
             return
         miner = Miner(job.backend, job.layers, job.k, job.negatives)
@@ -126,8 +125,6 @@ class _MinerActor:
 
     def __init__(self, backend_box, layers, k, negatives, device, threads):
         import ray
-
-        from .mining import Miner
 
         if threads:
             torch.set_num_threads(int(threads))  # the driver's: identical numbers, bit for bit

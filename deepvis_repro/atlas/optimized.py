@@ -22,7 +22,8 @@ from dataclasses import asdict
 import numpy as np
 
 from ..errors import DeepvisError
-from ..files import image_file_ok, save_image, signals_deferred, write_json
+from ..files import image_file_ok, signals_deferred, write_json
+from ..images import save_image
 from ..progress import progress as progress_bar
 from ..units import Unit, layer_shapes, parse_unit, resolve_units
 from .patches import display_box

@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from ..errors import DeepvisError
-from ..files import image_file_ok, save_image
+from ..files import image_file_ok
+from ..images import save_image
 from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, load_items
 from .receptive import crop_box, layer_geometry
@@ -64,7 +65,7 @@ class ViewCache:
 def unit_backprop(backend, views: np.ndarray, layer: str, channels, positions, mode: str = "deconv") -> np.ndarray:
     """Input-space backward pass of each (image, channel, y, x), seeded with a one-hot 1.0 at the
     unit -> (N, H, W, 3) float32, in RGB like the views."""
-    from ..live.backprop import relu_backward
+    from ..backprop import relu_backward
 
     mean = backend.mean_image().to(backend.device).unsqueeze(0)
     x = torch.from_numpy(np.ascontiguousarray(views)).to(backend.device).permute(0, 3, 1, 2).float() - mean
@@ -95,7 +96,7 @@ def has_max_pooling(module) -> bool:
 
 
 def resolve_mode(backend, mode: str) -> str:
-    from ..live.backprop import MODES
+    from ..backprop import MODES
 
     if mode == "auto":
         return "deconv" if has_max_pooling(backend.module) else "guided"

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import DeepvisError
 from ..units import layer_shapes
-from .backprop import MODES
+from ..backprop import MODES
 from .network import Capture, Network
 from .settings import BOOST_GAMMA, BOOST_INDIV, ViewSettings
 from .sources import Source, WebcamSource

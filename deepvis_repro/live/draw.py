@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pygame
 
-from .backprop import MODES
+from ..backprop import MODES
 from .pane import SLOTS
 from .settings import HELP
 

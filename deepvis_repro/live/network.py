@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backprop import MODES, backprop, gradient_image
+from ..backprop import MODES, backprop, gradient_image
 from .settings import BOOST_GAMMA, BOOST_INDIV, ViewSettings
 from .sources import Source
 from .tiles import tile_layer

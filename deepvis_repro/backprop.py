@@ -1,5 +1,5 @@
-"""Back modes of the live view: plain gradient, deconvnet (Zeiler & Fergus: a ReLU's backward
-passes only positive gradients, ignoring the forward mask) and guided backprop (both: positive
+"""Back modes, below both the live view and the atlas's montages: plain gradient, deconvnet
+(Zeiler & Fergus: a ReLU's backward passes only positive gradients, ignoring the forward mask) and guided backprop (both: positive
 gradients where the forward input was active). Seeded, as in the original toolbox, with the
 selected channel's own activation map (all other channels zero)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..images import stretch_around_grey
+from .images import stretch_around_grey
 
 MODES = ("off", "gradient", "deconv", "guided")
 RELU_TYPES = (nn.ReLU, nn.ReLU6)

@@ -1,0 +1,40 @@
+"""The miner: one decoded batch -> per layer the batch's own top k. Below both the mining loop
+(mining.py), which merges the batches, and the engines (engine.py), which run miners locally or
+on Ray."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..backend import HookBackend
+from .topk import batch_top
+
+
+class Miner:
+    """Holds the backend: one decoded batch -> per layer the batch's own top k (what the driver
+    merges, locally or from a remote worker)."""
+
+    def __init__(self, backend, layers, k: int, negatives: bool = False):
+        self.backend, self.layers, self.k = backend, list(layers), int(k)
+        self.negatives = bool(negatives)
+        self.mean = backend.mean_image().to(backend.device).unsqueeze(0)
+
+    def __call__(self, images, ids, ok) -> dict:
+        b = self.backend
+        images = torch.as_tensor(images)
+        x = images.to(b.device, non_blocking=True).permute(0, 3, 1, 2).float() - self.mean
+        ids = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
+        ok = torch.as_tensor(np.asarray(ok), dtype=torch.bool)
+        sides = [("top", True)] + ([("bottom", False)] if self.negatives else [])
+        out = {}
+
+        def reduce(layer, a):
+            out[layer] = {side: batch_top(a, ids, ok, self.k, largest=largest) for side, largest in sides}
+
+        with torch.no_grad():
+            if isinstance(b, HookBackend):  # each layer reduced inside its hook: one layer held at a time
+                b.forward(x, self.layers, visit=reduce)
+            else:  # any other backend: the contract's forward
+                for layer, a in b.forward(x, self.layers).items():
+                    reduce(layer, a)
+        return out

@@ -1,0 +1,287 @@
+"""The search on Ray Tune: one trial per setting with its resources, ASHA early stopping on the
+score reported during the optimization, and a ledger of finished trials that survives Ctrl-C and
+SIGKILL.
+
+Why a ledger of our own beside Tune's experiment state: Tune saves its state periodically, so a
+kill between a trial's end and the next save would run that trial again. The driver appends each
+finished trial to OUT/trials.jsonl (one whole, flushed line per trial) the moment Tune reports it;
+a rerun with the same folder reads the ledger, skips those trials (the random sampler's trial i
+is the same setting on every run; the model-based sampler is told their scores) and runs the rest.
+OUT/trials.csv is rewritten from the ledger after each trial.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+
+from ..errors import DeepvisError
+from ..files import write_json, write_text
+from .space import sample, to_preset, tune_space
+
+#: trials.csv's columns: the trial, its setting (as the preset it stands for), its measures
+PARAM_COLUMNS = ("decay", "blur_radius", "blur_every", "small_norm_pct", "small_contrib_pct", "lr_policy",
+                 "lr", "max_lr", "desired_prog", "steps")
+MEASURE_COLUMNS = ("score", "judge_rank_median", "judge_top5", "recognizability", "relative_activation",
+                   "feature_agreement", "total_variation", "hf_energy")
+COLUMNS = ("trial", "status", "steps_run", "seconds", *PARAM_COLUMNS, *MEASURE_COLUMNS, "pareto", "params")
+
+
+class Ledger:
+    """The finished trials of one search folder: trials.jsonl (the record) and trials.csv."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.path = os.path.join(folder, "trials.jsonl")
+        self.rows: list[dict] = []
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # the last line of a run killed mid-write: that trial runs again
+                        continue
+                    if isinstance(row, dict) and "trial" in row:
+                        self.rows.append(row)
+            self._rewrite_jsonl()  # a torn line would otherwise sit in front of the next one
+
+    def _rewrite_jsonl(self):
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def done(self) -> set[int]:
+        return {int(r["trial"]) for r in self.rows}
+
+    def add(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+        self.write_csv()
+
+    def write_csv(self, pareto: set[int] | None = None) -> None:
+        pareto = pareto if pareto is not None else pareto_front(self.rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in sorted(self.rows, key=lambda r: int(r["trial"])):
+            w.writerow({**{k: _cell(r.get(k)) for k in COLUMNS}, "pareto": int(r["trial"]) in pareto,
+                        "params": json.dumps(r["params"], sort_keys=True)})
+        write_text(os.path.join(self.folder, "trials.csv"), buf.getvalue())
+
+
+def _cell(v):
+    if isinstance(v, float):
+        return "" if not math.isfinite(v) else f"{v:.6g}"
+    return "" if v is None else v
+
+
+def pareto_front(rows: list[dict], x: str = "relative_activation", y: str = "recognizability") -> set[int]:
+    """Trials no other trial beats on both activation and recognizability (higher is better on
+    both; a measure a search has no unit for counts as equal)."""
+    def val(r, k):
+        v = r.get(k)
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
+
+    pts = [(int(r["trial"]), val(r, x), val(r, y)) for r in rows]
+    return {t for t, a, b in pts
+            if not any((a2 >= a and b2 >= b) and (a2 > a or b2 > b) for _, a2, b2 in pts)}
+
+
+def row_from_result(trial: int, params: dict, result: dict, base_steps: int) -> dict:
+    preset = to_preset(params, base_steps)
+    finished = bool(result.get("finished"))
+    return {"trial": int(trial), "status": "finished" if finished else "stopped early",
+            "steps_run": int(result.get("step", 0)), "seconds": float(result.get("seconds", 0.0)),
+            **{k: getattr(preset, k) for k in PARAM_COLUMNS},
+            **{k: result.get(k) for k in MEASURE_COLUMNS},
+            "units": json.loads(result["units"]) if isinstance(result.get("units"), str) else result.get("units"),
+            "params": params}
+
+
+def check_identity(folder: str, identity: dict) -> None:
+    """A search folder holds one search: the same backend, units, space, sampler, seed and steps.
+    A rerun continues it; a different search there is refused (its trials would not compare)."""
+    path = os.path.join(folder, "search.json")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and old != identity:
+            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            raise DeepvisError(f"search.dir {folder} holds another search (its {', '.join(diff)} differ); "
+                               "give a new search.dir, or the same settings to continue it")
+    os.makedirs(folder, exist_ok=True)
+    write_json(path, identity)
+
+
+def _trainable(config, runner):
+    """A Ray Tune function trainable: the setting in ({"index", "params"} from the random
+    sampler's list, or the model-based searcher's flat parameters), the runner's reports out."""
+    from ray import tune
+
+    params = config["setting"]["params"] if "setting" in config else dict(config)
+    runner(params, tune.report)
+
+
+def _init_ray(address: str | None, object_store_memory: int | None) -> bool:
+    import logging
+
+    import ray
+
+    for name in ("ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if ray.is_initialized():
+        return False
+    kw = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True)
+    try:
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_memory, **kw)
+    except ConnectionError as e:
+        raise DeepvisError(f"cannot reach the Ray cluster at engine.address={address}: "
+                           f"{str(e).splitlines()[0][:200]} (start one with 'ray start --head')") from None
+    return True
+
+
+def run_search(runner, space: dict, *, folder: str, trials: int, base_steps: int, sampler: str = "random",
+               seed: int = 0, address: str | None = None, cpus_per_trial: float | None = None,
+               gpus_per_trial: float = 0.0, object_store_memory: int | None = 300_000_000,
+               asha: dict | None = None, progress: bool = True) -> Ledger:
+    """Run the trials the folder's ledger does not hold yet; returns the ledger. ``runner`` is a
+    callable runner(params, report) (trial.TrialRunner, or any objective: a test gives a
+    synthetic one). The identity check (check_identity) is the caller's."""
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches us: the ledger is already written
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1")
+    try:  # Ray is optional (the search extra) and heavy: imported when a search runs
+        import ray
+        from ray import tune
+    except ImportError:
+        raise DeepvisError("deepvis-search runs on Ray Tune: pip install -e \".[search]\" "
+                           "(or pip install 'ray[tune]')") from None
+    ledger = Ledger(folder)
+    done = ledger.done()
+    if sampler not in ("random", "tpe"):
+        raise DeepvisError(f"search.sampler must be random or tpe, got '{sampler}'")
+    remaining = [i for i in range(int(trials)) if i not in done] if sampler == "random" else \
+        list(range(len(done), max(len(done), int(trials))))
+    if not remaining:
+        return ledger
+    started = _init_ray(address, object_store_memory)
+    try:
+        cpus = float(cpus_per_trial or ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        resources = {"cpu": cpus, "gpu": float(gpus_per_trial or 0)}
+        tracker = _progress_callback(ledger, trials, base_steps, progress)
+        kw = {}
+        if sampler == "random":
+            settings = sample(space, int(trials), seed)
+            param_space = {"setting": tune.grid_search([{"index": i, "params": settings[i]} for i in remaining])}
+        else:
+            param_space = {}
+            kw["search_alg"] = _tpe(space, ledger, seed)
+        scheduler = None
+        if asha and int(asha.get("grace_steps", 20)) < int(base_steps):  # else no rung to stop at
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="step", max_t=int(base_steps),
+                                      grace_period=int(asha.get("grace_steps", 20)),
+                                      reduction_factor=float(asha.get("reduction_factor", 2)))
+        name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(_trainable, runner=runner), resources),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
+                                        num_samples=1 if sampler == "random" else len(remaining), reuse_actors=True, **kw),
+            run_config=tune.RunConfig(name=name, storage_path=os.path.abspath(os.path.join(folder, "tune")),
+                                      callbacks=[tracker], verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+        tuner.fit()
+        for msg in tracker.errors:
+            print(f"warning: {msg}", file=sys.stderr)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return ledger
+
+
+def _tpe(space: dict, ledger: Ledger, seed: int):
+    try:
+        import optuna  # (OptunaSearch imports without it and fails later)
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise DeepvisError("search.sampler=tpe needs Optuna 3 or newer: pip install 'optuna>=3'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study
+    rows = sorted(ledger.rows, key=lambda r: int(r["trial"]))
+    # multivariate: the switches and their values are modelled together (independent TPE settles
+    # on whichever switch pattern led early and then only tunes the values; tests/test_search.py)
+    import warnings
+
+    with warnings.catch_warnings():  # multivariate is "experimental" in Optuna's words since 2.2
+        warnings.simplefilter("ignore")
+        sampler = optuna.samplers.TPESampler(seed=int(seed), multivariate=True, n_startup_trials=16)
+    return OptunaSearch(space=tune_space(space), metric="score", mode="max", sampler=sampler,
+                        points_to_evaluate=[r["params"] for r in rows] or None,
+                        evaluated_rewards=[float(r["score"] or 0.0) for r in rows] or None)
+
+
+def _progress_callback(ledger: Ledger, n_trials: int, base_steps: int, enabled: bool):
+    """A Ray Tune callback (made here: Ray is imported only when a search runs): each finished
+    trial goes into the ledger at once, and one line says trials done, the best score so far and
+    the time left."""
+    from ray.tune import Callback
+
+    class SearchProgress(Callback):
+        def __init__(self):
+            self.errors: list[str] = []
+            self.t0, self.finished_here = time.perf_counter(), 0
+
+        @staticmethod
+        def _index(trial) -> tuple[int, dict]:
+            cfg = trial.config
+            if "setting" in cfg:
+                return int(cfg["setting"]["index"]), cfg["setting"]["params"]
+            return len(ledger.rows), dict(cfg)  # the model-based sampler: numbered as they finish
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            if "score" not in result:
+                return
+            index, params = self._index(trial)
+            if index in ledger.done():
+                return
+            row = row_from_result(index, params, result, base_steps)
+            ledger.add(row)
+            self.finished_here += 1
+            if enabled:
+                best = max(ledger.rows, key=lambda r: r["score"] if r["score"] is not None else -1)
+                per = (time.perf_counter() - self.t0) / self.finished_here
+                how = "" if row["status"] == "finished" else f" (stopped early at step {row['steps_run']})"
+                print(f"trial {index}: score {row['score']:.3f}{how}; {len(ledger.rows)}/{n_trials} done, "
+                      f"best {best['score']:.3f} (trial {best['trial']}), about "
+                      f"{_minutes(per * max(0, n_trials - len(ledger.rows)))} left", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            index, _ = self._index(trial)
+            err = getattr(trial, "error_file", None)
+            text = ""
+            if err and os.path.exists(err):
+                with open(err, encoding="utf-8", errors="replace") as f:
+                    lines = [l.strip() for l in f.read().strip().splitlines() if l.strip()]
+                text = lines[-1][:300] if lines else ""
+            self.errors.append(f"trial {index} failed: {text or 'see ' + str(err)}")
+
+    return SearchProgress()
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
