@@ -17,7 +17,7 @@ import torch
 
 from deepvis_repro.backend import HookBackend
 from deepvis_repro.errors import DeepvisError
-from deepvis_repro.files import file_sha256
+from deepvis_repro.files import file_sha256, tensors_sha256
 from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
 from .caffe_net import CaffeNet, blob_array, input_shape, read_caffemodel, read_prototxt, trained_blobs
@@ -38,15 +38,6 @@ def cache_key(prototxt: str, weights: str) -> str:
     """A hash of both files' hashes, each length-prefixed: no two different pairs share a key."""
     a, b = file_sha256(prototxt), file_sha256(weights)
     return hashlib.sha256(f"{len(a)}:{a}{len(b)}:{b}".encode()).hexdigest()[:40]
-
-
-def _tensors_digest(flat: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(flat):
-        t = flat[name].contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def _cache_secret(folder: Path) -> bytes:
@@ -77,7 +68,7 @@ def _seal(secret: bytes, key: str, flat: dict) -> str:
     and re-digested, or another model's entry copied under this key, does not match."""
     import hmac
 
-    return hmac.new(secret, f"{key}\0{_tensors_digest(flat)}".encode(), hashlib.sha256).hexdigest()
+    return hmac.new(secret, f"{key}\0{tensors_sha256(flat)}".encode(), hashlib.sha256).hexdigest()
 
 
 def _read_cache(path: Path) -> dict[str, list[np.ndarray]] | None:
@@ -302,10 +293,14 @@ def make_caffenet_backend(weights: str, via: str = "direct", **kw):
         return CaffeNetBackend(weights, **kw)
     if via != "onnx":
         raise DeepvisError(f"via must be direct or onnx, got '{via}'")
-    kw.setdefault("resize", (256, 256))
-    kw.setdefault("labels", "imagenet")
+    kw = {**CAFFENET_DEFAULTS, **kw}
     return _via_onnx(caffenet_prototxt(), os.fspath(weights), {**kw, "name": "caffenet"}, CaffeNetBackend,
                      dict(weights=weights, **kw))
+
+
+#: CaffeNet's view, whichever route loads it (direct or via ONNX): ImageNet's labels, and images
+#: stretched to 256x256 before the centre crop to 227, as Caffe trained it
+CAFFENET_DEFAULTS = {"labels": "imagenet", "resize": (256, 256)}
 
 
 def caffenet_prototxt() -> str:
@@ -318,6 +313,6 @@ class CaffeNetBackend(CaffeBackend):
     256x256 and centre-cropped to 227, as the original toolbox's find_maxes (caffe.Classifier with
     image_dims 256x256, no oversampling) and CaffeNet's training did."""
 
-    def __init__(self, weights: str, mean=None, labels="imagenet", resize=(256, 256), **kw):
+    def __init__(self, weights: str, mean=None, **kw):
         super().__init__(caffenet_prototxt(), weights, mean=IMAGENET_MEAN_BGR if mean is None else mean,
-                         labels=labels, input_size=(227, 227), name="caffenet", resize=resize, **kw)
+                         input_size=(227, 227), name="caffenet", **{**CAFFENET_DEFAULTS, **kw})

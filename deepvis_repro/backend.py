@@ -2,7 +2,8 @@
 forward hooks that any torch module with named submodules can use.
 
 Everything above this file sees only: ``module``, ``layers``, ``labels``, ``input_size``, ``mean``,
-``forward(x, layers)``, ``preprocess(image)``, ``deprocess(x)`` (plus ``lr_scale`` and ``device``).
+``forward(x, layers)``, ``stream(x, layers, visit)``, ``preprocess(image, crop)``, ``deprocess(x)``
+(plus ``lr_scale`` and ``device``).
 ``x`` is always mean-subtracted RGB on a 0..255 scale; a backend maps it to its module's input.
 """
 from __future__ import annotations
@@ -84,6 +85,19 @@ class Backend:
                            + did_you_mean(name, list(self.layers) + list(self.aliases)))
 
     @property
+    def calibrated_lr_scale(self) -> float:
+        """lr_scale, or where it is None ('calibrate') the scale measured once on this backend's
+        output layer (deepvis_repro.optimize.calibrate_lr_scale) and kept by the backend."""
+        if self.lr_scale not in (None, "auto"):
+            return float(self.lr_scale)
+        if getattr(self, "_calibrated", None) is None:
+            from .optimize import calibrate_lr_scale  # the optimizer's measurement, only when asked
+
+            out = [l for l in self.layers if l != "prob"][-1]
+            self._calibrated = float(calibrate_lr_scale(self, out, n_units=16))
+        return self._calibrated
+
+    @property
     def device(self) -> torch.device:
         return self.mean.device
 
@@ -98,19 +112,22 @@ class Backend:
         h, w = self.input_size
         return self.mean.expand(3, h, w) if self.mean.shape[1:] != (h, w) else self.mean
 
-    def view(self, image: np.ndarray) -> np.ndarray:
+    def view(self, image: np.ndarray, crop: bool | None = None) -> np.ndarray:
         """The image as the network sees it: HxWx3 uint8 at the input size, after this backend's
-        resize / crop. Crops of receptive fields are cut from this view."""
-        return resize_for_input(to_rgb_uint8(image), self.input_size, crop=self.crop, resize=self.resize)
+        resize / crop (crop: this call's choice, e.g. the live view's c key; None: the backend's).
+        Crops of receptive fields are cut from this view."""
+        return resize_for_input(to_rgb_uint8(image), self.input_size, crop=self.crop if crop is None else bool(crop),
+                                resize=self.resize)
 
     def view_spec(self) -> dict:
         """What view() depends on, as plain data (for loader processes and atlas manifests)."""
         return {"input_size": list(self.input_size), "crop": bool(self.crop),
                 "resize": list(self.resize) if self.resize else None}
 
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """HxWx{1,3,4} image of any size and dtype -> (1,3,H,W) mean-subtracted RGB, 0..255 scale."""
-        img = self.view(image)
+    def preprocess(self, image: np.ndarray, crop: bool | None = None) -> torch.Tensor:
+        """HxWx{1,3,4} image of any size and dtype -> (1,3,H,W) mean-subtracted RGB, 0..255 scale
+        (crop as in view)."""
+        img = self.view(image, crop)
         t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().to(self.device)
         return (t - self.mean_image()).unsqueeze(0)
 
@@ -127,6 +144,14 @@ class Backend:
     # ----- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, layers: Iterable[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def stream(self, x: torch.Tensor, layers: Iterable[str], visit: Callable[[str, torch.Tensor], None]) -> None:
+        """Hand each asked layer's value to visit(name, value), as a caller that only reduces
+        each layer wants (the atlas's miner). This default runs forward and visits the results;
+        a backend that can hand out each value as soon as it is computed, and keep none
+        (HookBackend), overrides it to hold one layer at a time."""
+        for name, value in self.forward(x, layers).items():
+            visit(name, value)
 
     def __call__(self, x, layers):
         return self.forward(x, layers)
@@ -184,6 +209,9 @@ class HookBackend(Backend):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.RLock()
+
+    def stream(self, x, layers, visit) -> None:
+        self.forward(x, layers, visit=visit)
 
     def forward(self, x: torch.Tensor, layers: Iterable[str], visit=None) -> dict[str, torch.Tensor]:
         """{name: value} of the layers asked for. With ``visit``, each value is handed to

@@ -9,6 +9,8 @@ import sys
 from .atlas.cli import mine_task
 from .console import exit_interrupted, output_dir, resolve_device, run_app, seed_everything
 from .errors import DeepvisError
+from .labels import top_classes
+from .units import is_whole_layer
 from .search.command import search_task
 
 
@@ -33,9 +35,8 @@ def inspect_task(cfg) -> None:
         if not torch.isfinite(prob).all():
             raise DeepvisError(f"the model's output is NaN or infinite for {cfg.image}: it cannot classify "
                                "it (broken weights, or an input scaling it was not trained with?)")
-        values, idx = prob.topk(min(top_k, prob.numel()))
-        for v, i in zip(values.tolist(), idx.tolist()):
-            print(f"{v:.4f}  {i:4d}  {backend.labels[i] if i < len(backend.labels) else i}")
+        for i, label, v in top_classes(backend.labels, prob[None], top_k)[0]:
+            print(f"{v:.4f}  {i:4d}  {label}")
         return
     h, w = backend.input_size
     shapes = layer_shapes(backend, backend.layers)
@@ -86,7 +87,7 @@ def optimize_task(cfg) -> None:
     lr_scale = number("optimize.lr_scale", o.lr_scale, positive=True, allow_none=True)
     numerics = Numerics(str(o.get("numerics", "default"))).mode
     preset = get_preset(OmegaConf.to_container(cfg.regularization), steps=steps, start=o.start)
-    atlas_mode = cfg.atlas.dir is not None or any(u.endswith(":all") for u in units)
+    atlas_mode = cfg.atlas.dir is not None or any(is_whole_layer(u) for u in units)
     engine = None
     if atlas_mode:
         from .registry import instantiate_config
@@ -97,11 +98,10 @@ def optimize_task(cfg) -> None:
                            "or atlas.dir=DIR")
     seed_everything(seed)
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
-    if lr_scale is not None:
-        backend.lr_scale = lr_scale  # what optimize() and the atlas's workers use by default
     if atlas_mode:
-        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine)
-    result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size, numerics=numerics)
+        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine, lr_scale)
+    result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size, numerics=numerics,
+                      lr_scale=lr_scale)
     out = output_dir()
     record = write_optimization(out, backend, result)
     for r in record["results"]:
@@ -120,7 +120,7 @@ def optimize_task(cfg) -> None:
         exit_interrupted()
 
 
-def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine) -> None:
+def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_scale=None) -> None:
     """Whole layers (or the given units) into an atlas, resumable."""
     from .atlas.optimized import optimize_into_atlas
     from .atlas.page import write_index
@@ -130,7 +130,7 @@ def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine) -> Non
     atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
     check_output_dir(atlas_dir, "atlas.dir")
     r = optimize_into_atlas(backend, atlas_dir, units, preset=preset, seed=seed, batch_size=batch_size,
-                            engine=engine)
+                            engine=engine, lr_scale=lr_scale)
     write_index(atlas_dir)
     print(f"{r['written']} unit(s) optimized with {preset.name} ({preset.steps} steps), {r['skipped']} "
           f"already in the atlas; atlas: {atlas_dir}")

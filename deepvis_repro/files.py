@@ -127,6 +127,24 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(tensors: dict, tail: bytes = b"") -> str:
+    """SHA-256 of named torch tensors (name, dtype, shape and bytes, in name order; bfloat16,
+    which numpy cannot hold, as float32), then ``tail``: what identifies a model's weights (the
+    atlas's manifest, the Caffe cache's seal). arrays_digest is its numpy twin for sealed .npz
+    files; the two keep their own formats so that no stored digest changes."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    h.update(tail)
+    return h.hexdigest()
+
+
 DIGEST_KEY = "_sha256"
 
 

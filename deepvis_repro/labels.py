@@ -42,3 +42,14 @@ def check_label_count(backend, labels_path) -> None:
     if len(backend.labels) < classes:
         raise DeepvisError(f"labels file {labels_path} names {len(backend.labels)} classes, but the model's "
                            f"output layer {out} has {classes}: give one name per line for each")
+
+
+def top_classes(labels, p, k: int = 5) -> list[list[tuple[int, str, float]]]:
+    """Each row of p (N, classes) as its k most probable classes, fewer when the model has fewer:
+    (index, label, probability); a class past the end of the labels is named by its index.
+    The one place that turns a model's output into what a person reads (inspect, the optimizer's
+    record, the live view)."""
+    v, i = p.topk(min(int(k), p.shape[-1]), dim=-1)
+    labels = labels or []
+    return [[(j, labels[j] if j < len(labels) else str(j), float(q)) for q, j in zip(vr, ir)]
+            for vr, ir in zip(v.tolist(), i.tolist())]

@@ -360,14 +360,9 @@ def _pad_rows(a: np.ndarray, rows: int, fill) -> np.ndarray:
 
 
 def backend_lr_scale(backend) -> float:
-    """The backend's lr_scale; a backend that leaves it None (or 'auto') is calibrated once with
-    calibrate_lr_scale on its output layer."""
-    scale = getattr(backend, "lr_scale", None)
-    if scale is None or scale == "auto":
-        out = [l for l in backend.layers if l != "prob"][-1]
-        scale = calibrate_lr_scale(backend, out, n_units=16)
-        backend.lr_scale = scale
-    return float(scale)
+    """The backend's lr_scale; a backend that leaves it None (or 'auto') is calibrated once, by
+    the backend (Backend.calibrated_lr_scale)."""
+    return float(backend.calibrated_lr_scale)
 
 
 def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: int = 0,

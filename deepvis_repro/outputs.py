@@ -9,6 +9,7 @@ from dataclasses import asdict
 import torch
 
 from .images import figure_grid, save_png
+from .labels import top_classes
 
 
 def unit_label(backend, unit) -> str | None:
@@ -25,9 +26,7 @@ def top_k(backend, x: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]
         return [[] for _ in range(len(x))]
     with torch.no_grad():
         p = backend.forward(x.to(backend.device), ["prob"])["prob"]
-    v, i = p.topk(min(k, p.shape[1]), dim=1)
-    return [[(backend.labels[j] if j < len(backend.labels) else str(j), round(float(q), 5))
-             for q, j in zip(vr, ir)] for vr, ir in zip(v.tolist(), i.tolist())]
+    return [[(label, round(q, 5)) for _, label, q in row] for row in top_classes(backend.labels, p, k)]
 
 
 def write_optimization(out_dir: str, backend, result, command: str | None = None) -> dict:

@@ -90,3 +90,23 @@ def gather_units(acts: dict, units: list[Unit]) -> torch.Tensor:
         a = acts[u.layer]
         vals.append(a[i, u.channel] if a.dim() == 2 else a[i, u.channel, u.y, u.x])
     return torch.stack(vals)
+
+
+def is_whole_layer(spec) -> bool:
+    """'blocks.10:all': every channel of a layer (the atlas's unit grammar)."""
+    return isinstance(spec, str) and spec.strip().endswith(":all")
+
+
+def expand_units(backend, specs) -> list[Unit]:
+    """'layer:all' -> every channel of the layer; other specs as resolve_units parses them."""
+    if isinstance(specs, (str, Unit)):
+        specs = [specs]
+    out = []
+    for spec in specs:
+        s = str(spec).strip()
+        if is_whole_layer(s):
+            layer = backend.resolve_layer(s[:-4])
+            out += [f"{layer}:{c}" for c in range(layer_shapes(backend, [layer])[layer][0])]
+        else:
+            out.append(spec)
+    return resolve_units(backend, out)

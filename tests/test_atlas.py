@@ -4,7 +4,9 @@ values, resume after an interruption, unreadable files, the on-disk layout and t
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from deepvis_repro.atlas.mining import load_result
 from deepvis_repro.atlas.receptive import layer_geometry
 from deepvis_repro.errors import DeepvisError
 from caffe_models import caffenet_geometry, caffenet_shaped, random_weights, write_model
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 ANALYTIC_CAFFENET = {"conv1": 11, "pool1": 19, "norm1": 19, "conv2": 51, "pool2": 67, "norm2": 67,
                      "conv3": 99, "conv4": 131, "conv5": 163, "pool5": 195}
@@ -296,15 +300,22 @@ def test_cli_mines_reports_and_resumes_after_sigkill(corpus_dir, tmp_path):
     assert "mined 27 images over 3 layer(s)" in ref.stdout
     skipped = (tmp_path / "ref" / "skipped.tsv").read_text()
     assert "empty.png" in skipped and "broken.jpg" in skipped
-    # killed (SIGKILL: no cleanup) while mining with a checkpoint after every batch
-    p = subprocess.Popen(["deepvis-mine", *args, f"atlas.dir={tmp_path / 'k'}", "checkpoint_seconds=0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t = time.time()
-    while not (tmp_path / "k" / "checkpoint" / "mining.npz").exists() and time.time() - t < 120:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    # killed (SIGKILL: no cleanup) while mining with a checkpoint after every batch: every write
+    # is slowed and announced, and the kill comes while the second checkpoint is being written (an
+    # event, not a delay: however fast the machine, the run is then past its first batch and
+    # cannot have finished)
+    p = subprocess.Popen([sys.executable, str(PLUGINS / "slow_writes.py"), "mine", *args,
+                          f"atlas.dir={tmp_path / 'k'}", "checkpoint_seconds=0"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "SLOW_WRITE_SECONDS": "1"})
+    checkpoints = 0
+    for line in p.stderr:
+        checkpoints += line.startswith("WRITING") and line.rstrip().endswith("mining.npz")
+        if checkpoints == 2:
+            break
     p.kill()
     p.wait()
+    assert checkpoints == 2
     with np.load(tmp_path / "k" / "checkpoint" / "mining.npz") as z:
         assert 0 < z["done"].sum() < len(z["done"])
     r = run_mine(*args, f"atlas.dir={tmp_path / 'k'}")

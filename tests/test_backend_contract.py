@@ -102,12 +102,8 @@ def test_preprocess_converts_gray_rgba_16bit_and_crops(lite0, photos):
     wide = np.zeros((400, 600, 3), np.uint8)
     wide[:, :60] = 255  # a white band on the far left: cropped away, stretched in
     cropped = lite0.deprocess(lite0.preprocess(wide))
-    lite0.crop = False
-    try:
-        stretched = lite0.deprocess(lite0.preprocess(wide))
-    finally:
-        lite0.crop = True
-    assert cropped[:, :20].max() == 0 and stretched[:, :20].min() == 255
+    stretched = lite0.deprocess(lite0.preprocess(wide, crop=False))  # this call's choice (the live view's c key)
+    assert cropped[:, :20].max() == 0 and stretched[:, :20].min() == 255 and lite0.crop is True
 
 
 def test_unknown_layer_lists_valid_ones(lite0):

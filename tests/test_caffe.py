@@ -149,14 +149,13 @@ def test_bad_inputs_are_clear_errors(caffenet_files, tmp_path):
 
 def test_caffenet_sees_images_as_the_original_did():
     """Stretched to 256x256, then the centre 227 (find_maxes' caffe.Classifier, image_dims 256)."""
-    import inspect
-
     from omegaconf import OmegaConf
 
     from deepvis_repro.registry import backend_config
-    from deepvis_repro_backends.caffe_backend import CaffeNetBackend
+    from deepvis_repro_backends.caffe_backend import CAFFENET_DEFAULTS
 
-    assert inspect.signature(CaffeNetBackend).parameters["resize"].default == (256, 256)
+    # both routes (direct and via=onnx) take their defaults from this one place
+    assert CAFFENET_DEFAULTS["resize"] == (256, 256) and CAFFENET_DEFAULTS["labels"] == "imagenet"
     assert OmegaConf.to_container(backend_config("caffenet"))["resize"] == [256, 256]
 
 

@@ -418,11 +418,14 @@ def test_the_image_folder_view_skips_fifos_and_bombs_and_stops_on_sigterm(tmp_pa
     s = json.loads(stats.read_text())
     assert s["source"].startswith("a.png") and "b_bomb.png" in s["message"] and "c_fifo.jpg" in s["message"]
     # SIGTERM ends the view at any time, with its stats
+    stats.unlink()
     p = start(["deepvis-live", "source=images", f"source.path={d}", f"live.stats={stats}"])
-    time.sleep(12)
+    wait_for(p, "deepvis-live: showing")  # the view runs (an event, not a delay)
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=30)
     assert p.returncode == 143
+    s = json.loads(stats.read_text())  # ended by the signal, with its stats written
+    assert s["source"].startswith("a.png") and s["frames"] >= 0
 
 
 def test_unwritable_outputs_are_checked_before_the_run(tmp_path, photos):

@@ -181,6 +181,7 @@ def test_search_command_writes_table_and_presets_and_a_killed_search_continues(t
     prov = OmegaConf.load(out / "best_1.yaml").provenance
     assert prov.backend == "efficientnet_lite0" and prov.judge == "efficientnet_lite1" and prov.trials == 3
     assert (out / "pareto.png").stat().st_size > 1000 and (out / "panel.npz").exists()
+    assert (out / "pareto.csv").read_text().startswith("trial,relative_activation,recognizability")
 
     # the preset on another command: deepvis-optimize regularization=FILE
     o = subprocess.run(["deepvis-optimize", f"regularization={out / 'best_1.yaml'}", "unit=fc:130",
@@ -191,6 +192,7 @@ def test_search_command_writes_table_and_presets_and_a_killed_search_continues(t
 
     # extend to 6 trials, SIGKILL the driver once a fourth trial is in the ledger, and rerun
     before = _rows(out / "trials.jsonl")
+    before_csv = (out / "trials.csv").read_text().splitlines()
     p = subprocess.Popen(["deepvis-search", "search.trials=6", *common], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -206,7 +208,8 @@ def test_search_command_writes_table_and_presets_and_a_killed_search_continues(t
     assert after[:len(killed)] == killed and sorted(x["trial"] for x in after) == list(range(6))
     ran = {int(line.split(":")[0].split()[1]) for line in r.stdout.splitlines() if line.startswith("trial ")}
     assert ran == set(range(len(killed), 6))  # no finished trial ran again
-    assert len((out / "trials.csv").read_text().splitlines()) == 7
+    after_csv = (out / "trials.csv").read_text().splitlines()
+    assert len(after_csv) == 7 and after_csv[:4] == before_csv  # the finished rows, unchanged
 
 
 def test_another_search_in_the_same_folder_is_refused(tmp_path):

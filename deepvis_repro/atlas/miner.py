@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..backend import HookBackend
 from .topk import batch_top
 
 
@@ -32,9 +31,5 @@ class Miner:
             out[layer] = {side: batch_top(a, ids, ok, self.k, largest=largest) for side, largest in sides}
 
         with torch.no_grad():
-            if isinstance(b, HookBackend):  # each layer reduced inside its hook: one layer held at a time
-                b.forward(x, self.layers, visit=reduce)
-            else:  # any other backend: the contract's forward
-                for layer, a in b.forward(x, self.layers).items():
-                    reduce(layer, a)
+            b.stream(x, self.layers, reduce)  # a HookBackend reduces each layer in its hook: one held at a time
         return out

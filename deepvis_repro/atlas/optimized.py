@@ -25,27 +25,12 @@ from ..errors import DeepvisError
 from ..files import image_file_ok, signals_deferred, write_json
 from ..images import save_image
 from ..progress import progress as progress_bar
-from ..units import Unit, layer_shapes, parse_unit, resolve_units
+from ..units import Unit, expand_units, layer_shapes, parse_unit
 from .patches import display_box
 from .receptive import crop_box, layer_geometry
-from .store import AtlasStore, backend_identity, layer_slug
+from .store import AtlasStore, layer_slug
 
 SPRITE_TILE = 64
-
-
-def expand_units(backend, specs) -> list[Unit]:
-    """'layer:all' -> every channel of the layer; other specs as resolve_units parses them."""
-    if isinstance(specs, (str, Unit)):
-        specs = [specs]
-    out = []
-    for spec in specs:
-        s = str(spec).strip()
-        if s.endswith(":all"):
-            layer = backend.resolve_layer(s[:-4])
-            out += [f"{layer}:{c}" for c in range(layer_shapes(backend, [layer])[layer][0])]
-        else:
-            out.append(spec)
-    return resolve_units(backend, out)
 
 
 def unit_image(backend, unit: Unit, image: np.ndarray) -> np.ndarray:
@@ -53,20 +38,6 @@ def unit_image(backend, unit: Unit, image: np.ndarray) -> np.ndarray:
     if unit.y is None:
         return image
     return crop_box(image, display_box(layer_geometry(backend, unit.layer), unit.y, unit.x, backend.input_size))
-
-
-def check_atlas_backend(store: AtlasStore, backend) -> None:
-    """An atlas holds one model's pictures: create its manifest, or check that it is this model."""
-    m = store.manifest()
-    ident = backend_identity(backend)
-    if m is None:
-        store.write_manifest({"state": "optimized", "backend": ident})
-        return
-    theirs = m.get("backend") or m.get("mining", {}).get("backend")
-    if theirs and theirs.get("weights_sha256") != ident["weights_sha256"]:
-        raise DeepvisError(f"atlas {store.root} holds pictures of another model ({theirs.get('name')} "
-                           f"weights {theirs.get('weights_sha256', '')[:12]}, not {ident['name']} "
-                           f"{ident['weights_sha256'][:12]}): give another atlas.dir")
 
 
 class LayerRecord:
@@ -151,17 +122,17 @@ def write_sprite(store: AtlasStore, layer: str, channels: int, tile: int = SPRIT
 
 def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int | None = None, seed: int = 0,
                         batch_size: int = 8, engine="local", progress: bool = True,
-                        engine_options: dict | None = None) -> dict:
+                        engine_options: dict | None = None, lr_scale: float | None = None) -> dict:
     """Optimize every given unit ('layer:all' for a whole layer) that the atlas lacks, in batches,
     and write its image. Returns {"written": n, "skipped": n already there, "interrupted": bool}.
     One writer at a time (AtlasStore.writer)."""
     with AtlasStore(atlas_dir).writer():
         return _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
-                                    engine_options)
+                                    engine_options, lr_scale)
 
 
 def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
-                         engine_options) -> dict:
+                         engine_options, lr_scale=None) -> dict:
     from ..optimize import backend_lr_scale, get_preset
     from .mining import make_engine
 
@@ -172,7 +143,7 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
     eng = make_engine(engine, **(engine_options or {}))
     store = AtlasStore(atlas_dir)
     os.makedirs(store.root, exist_ok=True)
-    check_atlas_backend(store, backend)
+    store.check_model(backend)
     setting = {**asdict(p), "seed": int(seed)}
     records = {}
     for layer in dict.fromkeys(u.layer for u in units):
@@ -195,7 +166,7 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
                for i in range(0, len(us), int(batch_size))
                if not all(done(u) for u in us[i:i + int(batch_size)])]
     todo = [u for b in batches for u in b]
-    lr_scale = backend_lr_scale(backend)
+    lr_scale = backend_lr_scale(backend) if lr_scale is None else float(lr_scale)
     make_worker = functools.partial(OptimizeWorker, backend, p, seed, lr_scale,
                                     float(getattr(backend, "progress_scale", 1.0)))
     bar = progress_bar(total=len(units), initial=len(units) - len(todo),

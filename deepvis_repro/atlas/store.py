@@ -22,7 +22,6 @@ live view reads its downloads (see :class:`AtlasReader`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import contextlib
 import os
@@ -31,7 +30,7 @@ import re
 import numpy as np
 
 from ..errors import DeepvisError
-from ..files import write_bytes, write_json
+from ..files import tensors_sha256, write_bytes, write_json
 
 FORMAT = "deepvis-atlas/1"
 #: The manifest's keys and their JSON types.
@@ -56,16 +55,9 @@ def unit_file(root: str, kind: str, layer: str, unit: int, suffix: str = ".jpg")
 def backend_identity(backend) -> dict:
     """Name, input view and a hash of every weight and buffer (layout-independent): two atlases
     with the same identity were made by the same function of the pixels."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in sorted(backend.module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes())
     mean = backend.mean.detach().cpu().float().contiguous().numpy()
-    h.update(mean.tobytes())
-    return {"name": backend.name, "weights_sha256": h.hexdigest(), **backend.view_spec()}
+    return {"name": backend.name, "weights_sha256": tensors_sha256(backend.module.state_dict(), mean.tobytes()),
+            **backend.view_spec()}
 
 
 class AtlasStore:
@@ -76,6 +68,26 @@ class AtlasStore:
 
     def path(self, *parts) -> str:
         return os.path.join(self.root, *parts)
+
+    def model(self) -> dict | None:
+        """The identity of the model whose pictures this atlas holds (from its mining, or from
+        optimized images written into it first), or None for a new atlas."""
+        m = self.manifest() or {}
+        return (m.get("mining") or {}).get("backend") or m.get("backend")
+
+    def check_model(self, backend) -> None:
+        """An atlas holds one model's pictures: record this model in a new atlas, or refuse
+        another model's weights. (Resuming a mining run asks more, the same view and corpus too:
+        mining._differs.)"""
+        ours, theirs = backend_identity(backend), self.model()
+        if theirs is None:
+            if self.manifest() is None:
+                self.write_manifest({"state": "optimized", "backend": ours})
+            return
+        if theirs.get("weights_sha256") != ours["weights_sha256"]:
+            raise DeepvisError(f"atlas {self.root} holds pictures of another model ({theirs.get('name')} "
+                               f"weights {theirs.get('weights_sha256', '')[:12]}, not {ours['name']} "
+                               f"{ours['weights_sha256'][:12]}): give another atlas.dir")
 
     @contextlib.contextmanager
     def writer(self):

@@ -9,6 +9,7 @@ blitting). The drawing thread never reads a file and never runs the network.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import replace
 
@@ -75,7 +76,6 @@ class LiveApp:
         self.loader = self.on_demand = None
 
     def _open_atlas(self, atlas: str):
-        from ..atlas.optimized import check_atlas_backend
         from ..atlas.store import AtlasReader, AtlasStore
 
         # A path given to read an atlas must be one: a typo would silently start a new, empty one.
@@ -86,7 +86,7 @@ class LiveApp:
         if not os.path.isdir(atlas):
             raise DeepvisError(f"live.atlas={atlas} is a file, not an atlas folder")
         if AtlasStore(atlas).manifest() is not None or not os.listdir(atlas):
-            check_atlas_backend(AtlasStore(atlas), self.backend)
+            AtlasStore(atlas).check_model(self.backend)
         return AtlasReader(atlas)
 
     # ----- settings (drawing thread only) ---------------------------------------------------
@@ -219,6 +219,9 @@ class LiveApp:
         self.capture.start()
         self.net = Network(self.backend, self.capture, self)
         self.net.start()
+        # one line when the view runs (a script or a test can wait for it); keys: h in the window
+        print(f"deepvis-live: showing {self.source.name} through {self.backend.name}; h for keys, q quits",
+              file=sys.stderr, flush=True)
         self._start_atlas_threads(painter.slot_size)
         t0 = time.perf_counter()
         interrupted = None

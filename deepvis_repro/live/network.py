@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..backprop import MODES, backprop, gradient_image
+from ..labels import top_classes
 from .settings import BOOST_GAMMA, BOOST_INDIV, ViewSettings
 from .sources import Source
 from .tiles import tile_layer
@@ -179,8 +180,7 @@ class Network(threading.Thread):
     def compute(self, frame, fid, s: ViewSettings) -> Snapshot:
         b = self.backend
         t = time.perf_counter()
-        b.crop = s.crop
-        x = b.preprocess(frame)
+        x = b.preprocess(frame, crop=s.crop)
         layer = b.layers[s.layer]
         acts = self._forward(x, layer)
         a = acts[layer][0].float().cpu().numpy()
@@ -205,7 +205,6 @@ class Network(threading.Thread):
             if not torch.isfinite(p).all():
                 warning = warning or "the model's probabilities are NaN: it cannot classify this input"
                 p = torch.nan_to_num(p, nan=0.0)
-            v, i = p.topk(min(5, p.numel()))  # a model may have fewer than 5 classes
-            top5 = [(b.labels[j] if j < len(b.labels) else str(j), float(q)) for q, j in zip(v.tolist(), i.tolist())]
+            top5 = [(label, q) for _, label, q in top_classes(b.labels, p[None], 5)[0]]
         return Snapshot(s, fid, b.deprocess(x), grid, rc, hw, len(a), unit_map, top5, back_img,
                         time.perf_counter() - t, warning)

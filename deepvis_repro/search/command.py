@@ -32,7 +32,7 @@ def search_task(cfg) -> None:
     from .select import choose_best, pareto_figure, write_presets
     from .space import check_space
     from .trial import TrialRunner
-    from .tuning import check_identity, pareto_front, run_search
+    from .tuning import check_identity, run_search
 
     s, e = cfg.search, cfg.engine
     trials = whole("search.trials", s.trials, 1)
@@ -84,8 +84,7 @@ def search_task(cfg) -> None:
         if interrupted:
             raise KeyboardInterrupt
         raise DeepvisError(f"no trial finished (see the warnings above); nothing written to {folder}")
-    front = pareto_front(rows)
-    ledger.write_csv(front)
+    front = ledger.write_pareto()
     best = choose_best(rows, space, steps)
     provenance = {"backend": backend.name, "judge": judge.name, "units": units, "trials": len(rows),
                   "budget_steps": steps, "sampler": sampler, "seed": seed, "lr_scale": lr_scale,

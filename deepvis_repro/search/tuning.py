@@ -28,7 +28,7 @@ PARAM_COLUMNS = ("decay", "blur_radius", "blur_every", "small_norm_pct", "small_
                  "lr", "max_lr", "desired_prog", "steps")
 MEASURE_COLUMNS = ("score", "judge_rank_median", "judge_top5", "recognizability", "relative_activation",
                    "feature_agreement", "total_variation", "hf_energy")
-COLUMNS = ("trial", "status", "steps_run", "seconds", *PARAM_COLUMNS, *MEASURE_COLUMNS, "pareto", "params")
+COLUMNS = ("trial", "status", "steps_run", "seconds", *PARAM_COLUMNS, *MEASURE_COLUMNS, "params")
 
 
 class Ledger:
@@ -63,15 +63,24 @@ class Ledger:
         self.rows.append(row)
         self.write_csv()
 
-    def write_csv(self, pareto: set[int] | None = None) -> None:
-        pareto = pareto if pareto is not None else pareto_front(self.rows)
+    def write_csv(self) -> None:
+        """One row per finished trial, in trial order; a row never changes once written (the
+        Pareto front, which can, goes to pareto.csv)."""
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in sorted(self.rows, key=lambda r: int(r["trial"])):
-            w.writerow({**{k: _cell(r.get(k)) for k in COLUMNS}, "pareto": int(r["trial"]) in pareto,
-                        "params": json.dumps(r["params"], sort_keys=True)})
+            w.writerow({**{k: _cell(r.get(k)) for k in COLUMNS}, "params": json.dumps(r["params"], sort_keys=True)})
         write_text(os.path.join(self.folder, "trials.csv"), buf.getvalue())
+
+    def write_pareto(self) -> set[int]:
+        """pareto.csv: the trials on the front of relative activation against recognizability."""
+        front = pareto_front(self.rows)
+        lines = ["trial,relative_activation,recognizability,score"] + [
+            f"{r['trial']},{_cell(r.get('relative_activation'))},{_cell(r.get('recognizability'))},{_cell(r.get('score'))}"
+            for r in sorted(self.rows, key=lambda r: int(r["trial"])) if int(r["trial"]) in front]
+        write_text(os.path.join(self.folder, "pareto.csv"), "\n".join(lines) + "\n")
+        return front
 
 
 def _cell(v):
