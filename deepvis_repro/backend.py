@@ -84,6 +84,13 @@ class Backend:
         raise DeepvisError(f"unknown layer '{name}' for backend {self.name}; "
                            + did_you_mean(name, list(self.layers) + list(self.aliases)))
 
+    def cache(self, kind: str) -> dict:
+        """A dict this backend keeps for facts derived from it that are costly to measure (its
+        layers' shapes: units.layer_shapes; their receptive fields: atlas/receptive.py), one per
+        kind, so that no caller stores anything on the backend itself."""
+        caches = self.__dict__.setdefault("_caches", {})
+        return caches.setdefault(kind, {})
+
     @property
     def calibrated_lr_scale(self) -> float:
         """lr_scale, or where it is None ('calibrate') the scale measured once on this backend's

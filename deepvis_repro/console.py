@@ -29,20 +29,13 @@ def resolve_device(device: str) -> str:
 def _rewrite_backend_args(argv: list[str]) -> list[str]:
     """Let ``backend=NAME`` name any backend load_backend knows (config, yaml path, plugin), and
     ``backend.KEY=VALUE`` set any argument of it, not only those its yaml lists."""
-    from .registry import _is_yaml_path, config_names, list_backends
+    from .registry import _is_yaml_path, backend_kind, config_names
 
     out = []
     for a in argv:
         key, eq, value = a.partition("=")
-        if eq and key == "backend":
-            if value in config_names("backend"):
-                out.append(a)
-            elif _is_yaml_path(value) or value in list_backends():
-                if _is_yaml_path(value) and not os.path.isfile(value):
-                    raise DeepvisError(f"backend config file not found: {value}")
-                out += ["backend=_by_name", f"++backend.name={value}"]
-            else:
-                raise DeepvisError(f"unknown backend '{value}'; " + did_you_mean(value, list_backends()))
+        if eq and key == "backend":  # a config stays a Hydra group choice; a file or plugin goes through load_backend
+            out += [a] if backend_kind(value) == "config" else ["backend=_by_name", f"++backend.name={value}"]
         elif eq and key.startswith("backend.") and not key.startswith(("+", "~")):
             out.append("++" + a)
         elif eq and key == "regularization" and _is_yaml_path(value):

@@ -39,6 +39,22 @@ def _is_yaml_path(name: str) -> bool:
     return name.endswith((".yaml", ".yml")) or os.sep in name
 
 
+def backend_kind(name: str) -> str:
+    """What a backend name is: "config" (conf/backend/<name>.yaml), "file" (a yaml path) or
+    "plugin" (an entry point); an unknown name or a missing file is a DeepvisError. The one
+    resolver of names: load_backend and the command lines (console.py) both ask it."""
+    name = str(name)
+    if name in config_names("backend"):
+        return "config"
+    if _is_yaml_path(name):
+        if not os.path.isfile(name):
+            raise DeepvisError(f"backend config file not found: {name}")
+        return "file"
+    if name in entry_points():
+        return "plugin"
+    raise DeepvisError(f"unknown backend '{name}'; " + did_you_mean(name, list_backends()))
+
+
 def backend_config(name: str) -> DictConfig:
     """The backend's config, composed from conf/backend/<name>.yaml (or read from a yaml path)."""
     if _is_yaml_path(name):
@@ -95,17 +111,14 @@ def load_backend(name: str = "efficientnet_lite0", **overrides):
     """Load a backend by config name, yaml path or entry-point name, with keyword overrides of
     its config (``load_backend("torchvision", arch="alexnet", weights=None)``)."""
     name = str(name)
-    overrides = {k: v for k, v in overrides.items()}
-    if _is_yaml_path(name) or name in config_names("backend"):
+    if backend_kind(name) != "plugin":
         return instantiate_backend(backend_config(name), **overrides)
-    eps = entry_points()
-    if name in eps:
-        try:
-            factory = eps[name].load()
-        except Exception as e:
-            raise DeepvisError(f"backend plugin '{name}' ({eps[name].value}) failed to import: {e}") from None
-        try:
-            return factory(**overrides)
-        except TypeError as e:
-            raise DeepvisError(f"backend plugin '{name}': {e}") from None
-    raise DeepvisError(f"unknown backend '{name}'; " + did_you_mean(name, list_backends()))
+    ep = entry_points()[name]
+    try:
+        factory = ep.load()
+    except Exception as e:
+        raise DeepvisError(f"backend plugin '{name}' ({ep.value}) failed to import: {e}") from None
+    try:
+        return factory(**overrides)
+    except TypeError as e:
+        raise DeepvisError(f"backend plugin '{name}': {e}") from None

@@ -42,7 +42,7 @@ def parse_unit(spec) -> Unit:
 
 def layer_shapes(backend, layers) -> dict[str, tuple[int, ...]]:
     """Output shape (without the batch) of each layer, from one forward of a blank image."""
-    cache = backend.__dict__.setdefault("_layer_shape_cache", {})
+    cache = backend.cache("layer_shapes")
     missing = [backend.resolve_layer(l) for l in layers if backend.resolve_layer(l) not in cache]
     if missing:
         h, w = backend.input_size

@@ -167,13 +167,13 @@ def test_dead_units_do_not_hide_the_field(caffenet_arch, tmp_path):
         with torch.no_grad():
             conv1.weight.copy_(-saved[0].abs())
             conv1.bias.fill_(-1.0)
-        b.__dict__.pop("_rf_cache", None)
+        b.cache("receptive_fields").clear()
         assert layer_geometry(b, "conv3").size_y == 99
     finally:
         with torch.no_grad():
             conv1.weight.copy_(saved[0])
             conv1.bias.copy_(saved[1])
-        b.__dict__.pop("_rf_cache", None)
+        b.cache("receptive_fields").clear()
 
 
 def test_receptive_fields_on_a_branching_model(lite0):

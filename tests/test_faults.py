@@ -291,8 +291,8 @@ def test_a_tampered_or_incomplete_cache_entry_is_rebuilt(caffe_files, tmp_path):
     assert torch.equal(again, clean)  # the tampered entry was not used...
     assert torch.load(entry, weights_only=True)["blobs"]["fc8/0"].equal(-data["blobs"]["fc8/0"])  # ...and was rebuilt
     del data["blobs"]["fc8/0"]  # an incomplete entry (with a digest that matches it)
-    from deepvis_repro_backends.caffe_backend import _tensors_digest
-    data["digest"] = _tensors_digest(data["blobs"])
+    from deepvis_repro.files import tensors_sha256
+    data["digest"] = tensors_sha256(data["blobs"])
     torch.save(data, entry)
     b = dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir=str(tmp_path))
     assert torch.equal(_fc8(b), clean)
@@ -307,7 +307,8 @@ def test_a_resealed_or_transplanted_cache_entry_is_not_used(caffe_files, tmp_pat
     import hashlib
 
     from caffe_models import caffenet_shaped, random_weights, write_model
-    from deepvis_repro_backends.caffe_backend import _tensors_digest, cache_key
+    from deepvis_repro.files import tensors_sha256
+    from deepvis_repro_backends.caffe_backend import cache_key
 
     proto, weights = caffe_files
     cache = tmp_path / "cache"
@@ -315,7 +316,7 @@ def test_a_resealed_or_transplanted_cache_entry_is_not_used(caffe_files, tmp_pat
     entry = cache / f"{cache_key(str(proto), str(weights))}.pt"
     data = torch.load(entry, weights_only=True)
     data["blobs"]["fc8/0"] = data["blobs"]["fc8/0"] * -1.0
-    data["seal"] = hashlib.sha256(_tensors_digest(data["blobs"]).encode()).hexdigest()  # re-digested
+    data["seal"] = hashlib.sha256(tensors_sha256(data["blobs"]).encode()).hexdigest()  # re-digested
     torch.save(data, entry)
     assert torch.equal(_fc8(dv.load_backend("caffe", prototxt=str(proto), weights=str(weights),
                                             cache_dir=str(cache))), clean)

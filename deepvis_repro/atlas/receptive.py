@@ -142,7 +142,7 @@ def layer_geometry(backend, layer: str) -> Geometry:
     from ..units import layer_shapes
 
     layer = backend.resolve_layer(layer)
-    cache = backend.__dict__.setdefault("_rf_cache", {})
+    cache = backend.cache("receptive_fields")
     if layer in cache:
         return cache[layer]
     H, W = backend.input_size
@@ -154,7 +154,7 @@ def layer_geometry(backend, layer: str) -> Geometry:
     yc, xc = h // 2, w // 2
     best = None
     # Fields grow with depth: start where the previous layer's field fitted.
-    start = backend.__dict__.get("_rf_margin", 0)
+    start = backend.cache("receptive_margin").get("margin", 0)
     for margin in [m for m in (0, 64, 128, 256, 512, 1024) if m >= start]:
         shift = {}
 
@@ -184,7 +184,7 @@ def layer_geometry(backend, layer: str) -> Geometry:
         inside = t > 0 and l > 0 and b < H + 2 * margin and r < W + 2 * margin
         best = Geometry(b - t, r - l, sy, sx, t - margin - yc * sy, l - margin - xc * sx, clipped=not inside)
         if inside:
-            backend.__dict__["_rf_margin"] = margin
+            backend.cache("receptive_margin")["margin"] = margin
             break
     if best is None:
         raise DeepvisError(f"layer {layer}: cannot measure its receptive field")
