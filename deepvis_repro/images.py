@@ -164,6 +164,15 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     save_image(path, image)
 
 
+def faded(image: np.ndarray, weight: np.ndarray, pct: float = 99.0) -> np.ndarray:
+    """MACO's transparency view: the image over white, each pixel as opaque as its weight (an
+    attribution map, HxW >= 0) relative to the map's pct-th percentile, so that the parts of the
+    image the unit used stand out and the rest fades away."""
+    w = np.asarray(weight, dtype=np.float64)
+    a = np.clip(w / max(float(np.percentile(w, pct)), 1e-12), 0.0, 1.0)[..., None]
+    return np.round(image.astype(np.float64) * a + 255.0 * (1.0 - a)).astype(np.uint8)
+
+
 def stretch_around_grey(x: np.ndarray) -> np.ndarray:
     """A signed HxWxC array centred on 0 (a mean-subtracted image, a gradient) -> uint8 with 0 at
     mid-grey and the largest |value| at 0 or 255: faint structure made visible."""

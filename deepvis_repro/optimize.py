@@ -1,5 +1,9 @@
-"""Regularized optimization in image space: an exact, batched port of the original toolbox's
-gradient optimizer (Yosinski et al. 2015; ../shared/PAPER.md states the rule).
+"""Regularized optimization in image space: the loop that joins the optimizer's parts
+(deepvis_repro/optvis/): an objective (each unit's value, units.gather_units), an image
+parametrization (the paper's pixels, Lucid's Fourier basis, MACO's phase), robustness transforms
+and a step rule (the paper's lr policies and regularizers, or Adam). With the paper's settings it is
+an exact, batched port of the original toolbox's gradient optimizer (Yosinski et al. 2015;
+../shared/PAPER.md states the rule).
 
 Everything runs in the backend contract's space: mean-subtracted RGB pixels on a 0..255 scale.
 All units run as one batch; each image's regularization (percentiles included) is its own, so a
@@ -8,211 +12,19 @@ batch of N gives the images of N single runs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from importlib import resources
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from .errors import DeepvisError
-from .numerics import Numerics, tree_sum
+from .numerics import Numerics
+from .optvis.param import make_param
+from .optvis.presets import PRESETS, Preset, get_preset
+from .optvis.rules import make_rule
+from .optvis.transforms import Robustness
 from .units import Unit, gather_units, resolve_units
 
-# ----- the four regularizers ------------------------------------------------------------------
-
-
-def _reflect_index(n: int, radius: int, device) -> torch.Tensor:
-    """Indices of scipy.ndimage's 'reflect' mode (d c b a | a b c d | d c b a), any radius."""
-    i = np.arange(-radius, n + radius)
-    j = np.mod(i, 2 * n)
-    j = np.where(j >= n, 2 * n - 1 - j, j)
-    return torch.as_tensor(j, device=device)
-
-
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
-    """scipy.ndimage.gaussian_filter's kernel: radius int(truncate * sigma + 0.5)."""
-    radius = int(truncate * float(sigma) + 0.5)
-    xs = np.arange(-radius, radius + 1, dtype=np.float64)
-    phi = np.exp(-0.5 / (float(sigma) ** 2) * xs ** 2)
-    return phi / phi.sum()
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Blur each channel of (N,C,H,W) like scipy.ndimage.gaussian_filter(channel, sigma):
-    separable, 'reflect' borders, truncated at 4 sigma; on x's device, batched."""
-    k = torch.as_tensor(gaussian_kernel1d(sigma, truncate), dtype=x.dtype, device=x.device)
-    r = (k.numel() - 1) // 2
-    if r == 0:
-        return x
-    n, c, h, w = x.shape
-    flat = x.reshape(n * c, 1, h, w)
-    flat = flat.index_select(2, _reflect_index(h, r, x.device))
-    flat = F.conv2d(flat, k.view(1, 1, -1, 1))
-    flat = flat.index_select(3, _reflect_index(w, r, x.device))
-    flat = F.conv2d(flat, k.view(1, 1, 1, -1))
-    return flat.reshape(n, c, h, w)
-
-
-def percentile(score: torch.Tensor, pct: float) -> torch.Tensor:
-    """Per row of (N, M), numpy's default percentile (linear interpolation, numpy's own lerp
-    formula), in float64 from sorted values and single-rounding operations only, so that it has
-    the same bits on every CPU (torch.quantile's fused lerp may not)."""
-    v = torch.sort(score.double(), dim=1).values
-    pos = (v.shape[1] - 1) * (float(pct) / 100.0)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, v.shape[1] - 1)
-    t = pos - lo
-    a, b = v[:, lo], v[:, hi]
-    d = b - a
-    return b - d * (1.0 - t) if t >= 0.5 else a + d * t
-
-
-def _zero_below_percentile(x: torch.Tensor, score: torch.Tensor, pct: float) -> torch.Tensor:
-    """Zero the pixels of each image whose score (N,H,W) is strictly below that image's pct-th
-    percentile (numpy's default linear interpolation)."""
-    thr = percentile(score.flatten(1), pct)
-    small = score.double() < thr.view(-1, 1, 1)
-    return x.masked_fill(small.unsqueeze(1), 0.0)
-
-
-def _channel_sum(t: torch.Tensor) -> torch.Tensor:
-    """(N,3,H,W) -> (N,H,W): channels added in order, one rounding each (the same bits on every
-    CPU, where a vectorized reduction's order may differ)."""
-    return (t[:, 0] + t[:, 1]) + t[:, 2]
-
-
-def check_regularization(*, decay=0.0, blur_radius=0.0, blur_every=0, small_norm_pct=0.0,
-                         small_contrib_pct=0.0, **_):
-    for name, v in (("small_norm_pct", small_norm_pct), ("small_contrib_pct", small_contrib_pct)):
-        if not 0.0 <= float(v) <= 100.0:
-            raise DeepvisError(f"{name} must be a percentile in [0, 100], got {v}")
-    if not 0.0 <= float(decay) <= 1.0:
-        raise DeepvisError(f"decay must be in [0, 1] (x *= 1 - decay), got {decay}")
-    if float(blur_radius) < 0 or int(blur_every) < 0:
-        raise DeepvisError(f"blur_radius and blur_every must be >= 0, got {blur_radius}, {blur_every}")
-
-
-def regularize(x: torch.Tensor, grad: torch.Tensor, *, decay: float = 0.0, blur_radius: float = 0.0,
-               blur_every: int = 0, small_norm_pct: float = 0.0, small_contrib_pct: float = 0.0,
-               step: int = 0) -> torch.Tensor:
-    """The paper's four regularizers on a batch (N,3,H,W), in the original's order: L2 decay,
-    Gaussian blur (every blur_every steps), clipping small-norm pixels, clipping pixels of small
-    contribution |sum_c grad * (-x)|. Returns the new x."""
-    check_regularization(decay=decay, blur_radius=blur_radius, blur_every=blur_every,
-                         small_norm_pct=small_norm_pct, small_contrib_pct=small_contrib_pct)
-    if decay:
-        x = x * (1.0 - decay)
-    if blur_radius > 0 and blur_every > 0 and step % blur_every == 0:
-        x = gaussian_blur(x, blur_radius)
-    if small_norm_pct > 0:
-        x = _zero_below_percentile(x, _channel_sum(x * x).sqrt(), small_norm_pct)
-    if small_contrib_pct > 0:
-        x = _zero_below_percentile(x, _channel_sum(grad * -x).abs(), small_contrib_pct)
-    return x
-
-
-# ----- presets ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Preset:
-    """One hyperparameter setting: regularization, learning-rate policy, length, start."""
-    name: str = "custom"
-    decay: float = 0.0
-    blur_radius: float = 0.0
-    blur_every: int = 0
-    small_norm_pct: float = 0.0
-    small_contrib_pct: float = 0.0
-    lr_policy: str = "constant"  # constant | progress | progress01
-    lr: float = 100.0
-    max_lr: float = 100.0
-    desired_prog: float = 2.0
-    early_prog: float = 0.03
-    late_prog_mult: float = 0.1
-    steps: int = 1000
-    start: str = "mean_plus_rand"  # mean_plus_rand | mean | randu
-
-    def regularization(self) -> dict:
-        return {k: getattr(self, k) for k in
-                ("decay", "blur_radius", "blur_every", "small_norm_pct", "small_contrib_pct")}
-
-    def validate(self) -> "Preset":
-        """A copy with every field checked and converted (a typed 'abc' or 2.5 steps is a
-        DeepvisError naming the field), or the error."""
-        from .validate import number, whole
-
-        numeric = {k: number(k, getattr(self, k)) for k in (
-            "decay", "blur_radius", "small_norm_pct", "small_contrib_pct", "lr", "max_lr", "desired_prog",
-            "early_prog", "late_prog_mult")}
-        p = replace(self, **numeric, blur_every=whole("blur_every", self.blur_every, 0),
-                    steps=whole("steps", self.steps, 1))
-        check_regularization(**p.regularization())
-        if p.lr_policy not in ("constant", "progress", "progress01"):
-            raise DeepvisError(f"lr_policy must be constant, progress or progress01, got '{p.lr_policy}'")
-        if p.start not in ("mean_plus_rand", "mean", "randu"):
-            raise DeepvisError(f"start must be mean_plus_rand, mean or randu, got '{p.start}'")
-        for k in ("lr", "max_lr", "desired_prog"):
-            if getattr(p, k) <= 0:
-                raise DeepvisError(f"{k} must be a positive number, got {getattr(p, k)}")
-        return p
-
-
-def _load_presets() -> dict[str, Preset]:
-    folder = resources.files("deepvis_repro_conf").joinpath("regularization")
-    out = {}
-    for p in sorted(folder.iterdir(), key=lambda p: p.name):
-        if p.name.endswith(".yaml") and not p.name.startswith("_"):  # _file.yaml: regularization=FILE
-            d = OmegaConf.to_container(OmegaConf.create(p.read_text()))
-            out[d["name"]] = Preset(**d)
-    return out
-
-
-#: paper_1 .. paper_4 (Table 1) and none (plain gradient ascent), from conf/regularization/.
-PRESETS: dict[str, Preset] = _load_presets()
-
-
-def preset_from_file(path: str) -> Preset:
-    """A setting written as a yaml file (the fields of Preset; a search's best_N.yaml), so that a
-    profile can run it beside the paper's: 'profile.settings=[paper_3,my/best_1.yaml]'."""
-    import os
-
-    if not os.path.isfile(path):
-        raise DeepvisError(f"setting file not found: {path}")
-    try:
-        d = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as e:  # yaml syntax: one line naming the file
-        raise DeepvisError(f"cannot read setting file {path}: {str(e).splitlines()[0][:200]}") from None
-    fields = set(Preset.__dataclass_fields__)
-    if not isinstance(d, dict) or set(d) - fields - {"_target_", "provenance"}:
-        bad = sorted(set(d) - fields) if isinstance(d, dict) else []
-        raise DeepvisError(f"setting file {path} must hold Preset fields"
-                           + (f"; unknown: {', '.join(bad)}" if bad else "") + f" (valid: {', '.join(sorted(fields))})")
-    d = {k: v for k, v in d.items() if k in fields}
-    d.setdefault("name", os.path.splitext(os.path.basename(path))[0])
-    return Preset(**d)
-
-
-def get_preset(preset, **overrides) -> Preset:
-    if isinstance(preset, Preset):
-        p = preset
-    elif isinstance(preset, dict) and set(preset) == {"file"}:  # regularization=FILE on the command line
-        p = preset_from_file(str(preset["file"]))
-    elif isinstance(preset, dict):
-        p = Preset(**preset)
-    elif preset in PRESETS:
-        p = PRESETS[preset]
-    elif isinstance(preset, str) and preset.endswith((".yaml", ".yml")):
-        p = preset_from_file(preset)
-    else:
-        raise DeepvisError(f"unknown preset '{preset}'; valid: {', '.join(PRESETS)}, or a .yaml file of one")
-    fields = set(Preset.__dataclass_fields__)
-    bad = set(overrides) - fields
-    if bad:
-        raise DeepvisError(f"unknown optimizer option(s) {', '.join(sorted(bad))}; valid: {', '.join(sorted(fields))}")
-    return replace(p, **{k: v for k, v in overrides.items() if v is not None}).validate()
-
+__all__ = ["optimize", "OptimizationResult", "Preset", "PRESETS", "get_preset", "calibrate_lr_scale"]
 
 # ----- the optimizer ----------------------------------------------------------------------------
 
@@ -223,7 +35,8 @@ class OptimizationResult:
     preset: Preset
     images: np.ndarray              # (N,H,W,3) uint8: best image per unit, mean added
     x: torch.Tensor                 # (N,3,H,W) best x per unit (mean-subtracted, 0..255 scale)
-    best_activation: np.ndarray     # (N,)
+    best_activation: np.ndarray     # (N,) the unit's value in its image (with transforms: measured
+                                    # without them at the end; history holds the objective)
     best_step: np.ndarray           # (N,)
     history: np.ndarray             # (steps_run, N): objective per step, NaN once stopped
     argmax: np.ndarray              # (steps_run, N): argmax channel of the unit's layer per step
@@ -232,6 +45,7 @@ class OptimizationResult:
     lr_scale: float = 1.0
     progress_scale: float = 1.0
     numerics: dict = field(default_factory=lambda: {"mode": "default", "native_reductions": None})
+    attribution: np.ndarray | None = None  # (N,H,W) in 0..1: MACO's transparency map (param=maco only)
 
     def images_without_mean(self) -> np.ndarray:
         """x itself, centred on grey and scaled to fill 0..255 (the original's 'no mean' image)."""
@@ -257,21 +71,6 @@ def start_images(backend, n: int, start: str, seed: int) -> torch.Tensor:
     return x0.unsqueeze(0).repeat(n, 1, 1, 1).to(backend.device)
 
 
-def _learning_rate(p: Preset, g: torch.Tensor, obj: torch.Tensor, lr_scale: float,
-                   progress_scale: float = 1.0) -> torch.Tensor:
-    """Per-image learning rate (N,) under the preset's policy."""
-    if p.lr_policy == "constant":
-        return torch.full_like(obj, p.lr * lr_scale)
-    gd = g.double().flatten(1)
-    gnorm2 = tree_sum(gd * gd, 1).clamp_min(1e-300)  # a fixed order: the same bits on every CPU
-    if p.lr_policy == "progress":
-        desired = torch.full_like(gnorm2, p.desired_prog * progress_scale)
-    else:  # progress01, for units in 0..1 such as softmax outputs
-        desired = torch.minimum(torch.full_like(gnorm2, p.early_prog * progress_scale),
-                                p.late_prog_mult * progress_scale * (1 - obj.double()))
-    return torch.minimum(desired / gnorm2, torch.full_like(gnorm2, p.max_lr * lr_scale)).to(obj.dtype)
-
-
 @dataclass
 class _Batch:
     """One batch's outcome; history and argmax are (steps run, units in the batch)."""
@@ -282,30 +81,41 @@ class _Batch:
     argmax: np.ndarray
     stopped: dict
     interrupted: bool
+    attribution: np.ndarray | None = None  # (units in the batch, H, W): MACO's, else None
 
 
-def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale, on_step=None,
+def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale, on_step=None,
                on_best=None) -> _Batch:
     n = len(units)
     layers = sorted({u.layer for u in units}, key=backend.layers.index)
-    mean = backend.mean_image().to(x.device)
+    param = make_param(backend, p, x, seed)
+    rule = make_rule(p, param, lr_scale, progress_scale)
+    robust = Robustness(p, backend.input_size, seed)
+    k = robust.copies
     best_x = x.clone()
     best = torch.full((n,), -math.inf, device=x.device, dtype=torch.float64)
     best_step = torch.full((n,), -1, dtype=torch.long)
     active = torch.ones(n, dtype=torch.bool, device=x.device)
+    # MACO's transparency map: where the objective's gradient in image space was large, summed over steps
+    attribution = torch.zeros(n, *backend.input_size, device=x.device) if p.param == "maco" else None
     history, argmax, stopped = [], [], {}
     interrupted = False
     try:
         for ii in range(p.steps):
             if on_step is not None:
                 on_step(ii, p.steps)  # may wait (a paused background job) or raise to cancel
-            # 1. keep x + mean a valid image
-            x = (torch.clamp(x + mean, 0.0, 255.0) - mean).detach().requires_grad_(True)
+            # 1. the image (pixels: x kept valid), and the copies the network sees
+            x = param.image()
             # 2. forward only as deep as the deepest unit; the objective is each unit's value
-            acts = backend.forward(x, layers)
-            obj = gather_units(acts, units)
-            # 3. d obj / d x: each image's objective depends on that image only
-            (g,) = torch.autograd.grad(obj, x, torch.ones_like(obj))  # no reduction: same bits anywhere
+            #    (the mean over the transformed copies)
+            acts = backend.forward(robust(x), layers)
+            obj = gather_units(acts, units * k)
+            if k > 1:
+                obj = obj.view(k, n).mean(0)
+            # 3. d obj / d leaf: each image's objective depends on that image only
+            wrt = [param.leaf] + ([x] if attribution is not None and x is not param.leaf else [])
+            grads = torch.autograd.grad(obj, wrt, torch.ones_like(obj))  # no reduction: same bits anywhere
+            g = grads[0]
             x, obj = x.detach(), obj.detach()
             with torch.no_grad():
                 argmax.append(torch.stack([
@@ -319,11 +129,15 @@ def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale, on_s
                 for i in torch.nonzero(active & finite & zero).flatten().tolist():
                     stopped[i] = (ii, "gradient is exactly zero")
                 objd = obj.double()
-                improved = active & finite & (objd > best)
+                # under random transforms each step's objective is a noisy estimate: the image kept
+                # is the latest one, as Lucid and MACO return (the best draw would be a lucky one)
+                improved = active & finite & ((objd > best) | robust.random)
                 best = torch.where(improved, objd, best)
                 best_x[improved] = x[improved]
                 best_step[improved.cpu()] = ii
                 history.append(torch.where(active & finite, objd, torch.nan).cpu())
+                if attribution is not None:
+                    attribution += torch.where(active.view(-1, 1, 1), torch.nan_to_num(grads[-1]).abs().sum(1), 0.0)
                 active = active & finite & ~zero
                 if not bool(active.any()):
                     # every unit has stopped: the rest of the history is NaN, as for any stopped unit
@@ -331,13 +145,9 @@ def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale, on_s
                     argmax += [torch.full((n,), -1, dtype=torch.long)] * (p.steps - ii - 1)
                     bar.update((p.steps - ii) * n)
                     break
-                # 4.-5. step and regularize, except on the last iteration
-                if ii < p.steps - 1:
-                    lr = _learning_rate(p, g, obj, lr_scale, progress_scale)
-                    g = torch.nan_to_num(g)
-                    new = x + lr.view(-1, 1, 1, 1) * g
-                    new = regularize(new, g, step=ii, **p.regularization())
-                    x = torch.where(active.view(-1, 1, 1, 1), new, x)
+            # 4.-5. step (and the paper's regularizers), except on the last iteration
+            if ii < p.steps - 1:
+                rule.update(param, g, obj, active, ii)
             bar.update(n)
             if on_best is not None:
                 on_best(ii, best_x, best)  # may raise to stop (a search's early stopping)
@@ -346,10 +156,23 @@ def _run_batch(backend, units, p: Preset, x, bar, lr_scale, progress_scale, on_s
         # A signal between a step's two records leaves one list a step longer: a step's record is
         # whole or absent (best_x / best are updated together, after both records' values exist).
         del history[min(len(history), len(argmax)):], argmax[min(len(history), len(argmax)):]
+    if robust.random:
+        try:
+            best = _plain_activation(backend, units, layers, best_x, best)
+        except KeyboardInterrupt:  # a second Ctrl-C: the objective's values stand in
+            interrupted = True
     return _Batch(best_x, best.cpu().numpy(), best_step.numpy(),
                   torch.stack(history).numpy() if history else np.zeros((0, n)),
                   torch.stack(argmax).numpy() if argmax else np.zeros((0, n), dtype=np.int64),
-                  stopped, interrupted)
+                  stopped, interrupted, None if attribution is None else attribution.cpu().numpy())
+
+
+def _plain_activation(backend, units, layers, x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Each unit's value in its image as it is, without transforms (what the harness, the atlas and
+    the search compare across settings); a unit that never stepped keeps its fallback."""
+    with torch.no_grad():
+        value = gather_units(backend.forward(x, layers), units).double()
+    return torch.where(torch.isfinite(fallback), value, fallback)
 
 
 def _pad_rows(a: np.ndarray, rows: int, fill) -> np.ndarray:
@@ -405,7 +228,7 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
             chunk = slice(start, min(n, start + size))
             try:
                 with mode.active():
-                    batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), bar, lr_scale,
+                    batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), seed, bar, lr_scale,
                                        progress_scale, on_step, on_best)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
@@ -431,7 +254,17 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
         argmax=np.concatenate([_pad_rows(b.argmax, steps_run, -1) for b in batches], axis=1).astype(int)
         if batches else np.zeros((0, 0), int),
         stopped=stopped, interrupted=any(b.interrupted for b in batches), lr_scale=lr_scale,
-        progress_scale=progress_scale, numerics=mode.report())
+        progress_scale=progress_scale, numerics=mode.report(), attribution=_attribution(batches))
+
+
+def _attribution(batches: list[_Batch]) -> np.ndarray | None:
+    """MACO's transparency maps, each scaled to 0..1 (None unless param=maco)."""
+    maps = [b.attribution for b in batches if b.attribution is not None]
+    if not maps:
+        return None
+    a = np.concatenate(maps)
+    top = a.reshape(len(a), -1).max(1).reshape(-1, 1, 1) if len(a) else 1.0
+    return (a / np.maximum(top, 1e-30)).astype(np.float32)
 
 
 def calibrate_lr_scale(backend, layer: str = "fc", n_units: int = 32, seed: int = 0) -> float:

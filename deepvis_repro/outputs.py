@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import torch
 
-from .images import figure_grid, save_png
+from .images import faded, figure_grid, save_png
 from .labels import top_classes
 
 
@@ -41,6 +41,8 @@ def write_optimization(out_dir: str, backend, result, command: str | None = None
         for i, u in enumerate(result.units):
             save_png(os.path.join(out_dir, f"{u.slug}.png"), result.images[i])
             save_png(os.path.join(out_dir, f"{u.slug}_nomean.png"), nomean[i])
+            if result.attribution is not None:  # MACO: the image faded where the unit did not look
+                save_png(os.path.join(out_dir, f"{u.slug}_transparency.png"), faded(result.images[i], result.attribution[i]))
         report_error = None
         try:
             tops = top_k(backend, result.x)
@@ -57,6 +59,7 @@ def write_optimization(out_dir: str, backend, result, command: str | None = None
                 "image_top5": tops[i], "image": f"{u.slug}.png", "image_without_mean": f"{u.slug}_nomean.png",
                 "objective_per_step": [float(v) for v in result.history[:, i]],
                 "argmax_per_step": [int(v) for v in result.argmax[:, i]],
+                **({"transparency": f"{u.slug}_transparency.png"} if result.attribution is not None else {}),
             })
         if len(result.units) > 1:
             captions = [f"{u} {unit_label(backend, u) or ''}".strip() for u in result.units]

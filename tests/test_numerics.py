@@ -97,7 +97,7 @@ def test_a_model_with_reductions_outside_the_spec_says_so():
 
 
 def test_percentile_is_numpys():
-    from deepvis_repro.optimize import percentile
+    from deepvis_repro.optvis.regularizers import percentile
 
     v = np.random.default_rng(1).normal(size=(3, 1001))
     for pct in (0, 20, 50, 90, 37.3, 100):

@@ -5,7 +5,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from deepvis_repro.errors import DeepvisError
-from deepvis_repro.optimize import PRESETS, gaussian_blur, regularize
+from deepvis_repro.optimize import PRESETS
+from deepvis_repro.optvis.regularizers import gaussian_blur, regularize
 
 
 def reference(x, grad, *, decay, blur_radius, blur_every, small_norm_pct, small_contrib_pct, step):
@@ -84,7 +85,7 @@ def test_bad_values_are_refused(kw, msg):
 
 def test_table_1_presets():
     p = PRESETS
-    assert set(p) == {"paper_1", "paper_2", "paper_3", "paper_4", "none"}
+    assert set(p) == {"paper_1", "paper_2", "paper_3", "paper_4", "none", "lucid", "maco"}
     assert (p["paper_1"].decay, p["paper_1"].blur_radius, p["paper_1"].blur_every,
             p["paper_1"].small_norm_pct, p["paper_1"].lr_policy, p["paper_1"].steps) == (0, 0.5, 4, 50, "progress", 500)
     assert (p["paper_2"].decay, p["paper_2"].small_norm_pct, p["paper_2"].lr, p["paper_2"].steps) == (0.3, 20, 100, 750)

@@ -13,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from deepvis_repro.errors import DeepvisError
 from deepvis_repro.optimize import PRESETS, get_preset
 from deepvis_repro.search.space import (CHOICE, NUMERIC, SWITCHES, check_space, coordinates, pattern,
                                         sample, to_preset)
@@ -44,6 +45,21 @@ def test_random_sampler_covers_every_range_and_is_the_same_on_a_rerun(space):
     presets = [to_preset(p, 60) for p in draws]
     assert len({pattern(p) for p in presets}) == 16
     assert {p.steps for p in presets} == {30, 45, 60}
+
+
+def test_the_successors_as_a_choice_in_the_space(space):
+    """search.space.method: some trials run Lucid or MACO (at the sampled length); the Table 1
+    draws are those of a space without the choice, so earlier searches keep their trials."""
+    with_method = check_space({**space, "method": {"choices": ["pixels", "lucid", "maco"]}})
+    a, b = sample(space, 60, seed=1), sample(with_method, 60, seed=1)
+    assert [{k: v for k, v in p.items() if k != "method"} for p in b] == a
+    presets = [to_preset(p, 60) for p in b]
+    assert {p.param for p in presets} == {"pixels", "fourier", "maco"}
+    lucid = next(p for p in presets if p.param == "fourier")
+    assert lucid.transforms == "lucid" and lucid.lr_policy == "adam" and lucid.steps in (30, 45, 60)
+    assert len(coordinates(with_method, b[0])) == len(coordinates(space, a[0])) + 1
+    with pytest.raises(DeepvisError, match="search.space.method needs 'choices' among"):
+        check_space({**space, "method": {"choices": ["deepdream"]}})
 
 
 def test_a_regularizer_that_is_off_is_zero_as_in_table_1(space):

@@ -13,6 +13,12 @@ from .space import coordinates, pattern, to_preset
 MIN_DISTANCE = 0.35  # in the space's unit cube (space.coordinates), between two kept settings
 
 
+def _kind(preset) -> tuple:
+    """What makes two settings different methods: the image parametrization (a successor's
+    settings use none of Table 1's regularizers) and which regularizers are on."""
+    return (preset.param, pattern(preset))
+
+
 def choose_best(rows: list[dict], space: dict, base_steps: int, k: int = 4) -> list[dict]:
     """The k best finished trials by score, each one differing from those kept before it: first
     by which regularizers it uses (as the paper's four settings differ), then, where too few
@@ -27,9 +33,9 @@ def choose_best(rows: list[dict], space: dict, base_steps: int, k: int = 4) -> l
                 return kept
             if r in kept:
                 continue
-            p = pattern(to_preset(r["params"], base_steps))
+            p = _kind(to_preset(r["params"], base_steps))
             c = coordinates(space, r["params"])
-            if rule == "pattern" and any(pattern(to_preset(o["params"], base_steps)) == p for o in kept):
+            if rule == "pattern" and any(_kind(to_preset(o["params"], base_steps)) == p for o in kept):
                 continue
             if rule in ("pattern", "distance") and any(
                     np.linalg.norm(c - coordinates(space, o["params"])) / np.sqrt(len(c)) < MIN_DISTANCE

@@ -6,6 +6,11 @@ matters when on. Learning rates are in the paper's units (100 is CaffeNet's lr) 
 the backend's calibrated lr_scale, as the paper's presets do; ``steps`` is a fraction of the
 search's step budget.
 
+An optional ``method`` entry (``choices`` among pixels, lucid, maco) makes the paper's successors
+a choice too: a trial that draws lucid or maco runs that preset (its own basis, transforms and
+optimizer; of the sampled values only ``steps`` applies). Without it the space is Table 1's alone,
+and the draws are those of earlier searches (method is drawn last).
+
 Two samplers: ``random`` (the paper's method: each parameter drawn independently, from numpy's
 RandomState so trial i is the same setting on every machine and every restart) and ``tpe``
 (Optuna's model-based sampler through Ray Tune's OptunaSearch).
@@ -18,20 +23,21 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import DeepvisError
-from ..optimize import Preset
+from ..optimize import PRESETS, Preset
 
 #: the regularizers' switches and the value fields each one turns on
 SWITCHES = {"decay_on": ("decay",), "blur_on": ("blur_radius", "blur_every"),
             "norm_on": ("small_norm_pct",), "contrib_on": ("small_contrib_pct",)}
 NUMERIC = ("decay", "blur_radius", "small_norm_pct", "small_contrib_pct", "lr", "max_lr", "desired_prog")
 CHOICE = ("blur_every", "lr_policy", "steps")
+METHODS = ("pixels", "lucid", "maco")  # the paper's pixels with Table 1's regularizers, or a successor
 
 
 def check_space(space: dict) -> dict:
     """The space as plain dicts, every entry checked: {name: {low, high, log} | {choices} | {p_on}}."""
     space = dict(space or {})
     need = set(NUMERIC) | set(CHOICE) | set(SWITCHES)
-    missing, unknown = need - set(space), set(space) - need
+    missing, unknown = need - set(space), set(space) - need - {"method"}
     if missing or unknown:
         raise DeepvisError("search.space must give " + ", ".join(sorted(need))
                            + (f"; missing: {', '.join(sorted(missing))}" if missing else "")
@@ -63,6 +69,13 @@ def check_space(space: dict) -> dict:
         if not 0 <= p <= 1:
             raise DeepvisError(f"search.space.{name}.p_on must be in [0, 1], got {p}")
         out[name] = {"p_on": p}
+    if "method" in space:
+        choices = list((space["method"] or {}).get("choices") or [])
+        bad = [c for c in choices if c not in METHODS]
+        if not choices or bad:
+            raise DeepvisError(f"search.space.method needs 'choices' among {', '.join(METHODS)}"
+                               + (f"; unknown: {', '.join(map(str, bad))}" if bad else ""))
+        out["method"] = {"choices": choices}
     return out
 
 
@@ -84,6 +97,8 @@ def sample(space: dict, n: int, seed: int) -> list[dict]:
             p[name] = space[name]["choices"][rs.randint(len(space[name]["choices"]))]
         for name in SWITCHES:
             p[name] = bool(rs.random_sample() < space[name]["p_on"])
+        if "method" in space:
+            p["method"] = space["method"]["choices"][rs.randint(len(space["method"]["choices"]))]
         out.append(p)
     return out
 
@@ -100,11 +115,18 @@ def tune_space(space: dict) -> dict:
         out[name] = tune.choice(space[name]["choices"])
     for name in SWITCHES:  # a model-based sampler learns the switch; p_on is the random sampler's prior
         out[name] = tune.choice([True, False])
+    if "method" in space:
+        out["method"] = tune.choice(space["method"]["choices"])
     return out
 
 
 def to_preset(params: dict, steps: int, name: str = "search") -> Preset:
-    """The Preset a sampled setting stands for: a regularizer that is off is 0, as in Table 1."""
+    """The Preset a sampled setting stands for: a regularizer that is off is 0, as in Table 1; a
+    successor (method lucid or maco) is its preset at the sampled length."""
+    method = params.get("method", "pixels")
+    if method != "pixels":
+        return replace(PRESETS[method], name=name,
+                       steps=max(1, int(round(float(params["steps"]) * int(steps))))).validate()
     on = {k: bool(params[k]) for k in SWITCHES}
     p = Preset(
         name=name, decay=float(params["decay"]) if on["decay_on"] else 0.0,
@@ -142,4 +164,7 @@ def coordinates(space: dict, params: dict) -> np.ndarray:
                 if f in NUMERIC:
                     x[NUMERIC.index(f)] = 0.0
         x.append(float(bool(params[switch])))
+    if "method" in space:
+        ch = space["method"]["choices"]
+        x.append(ch.index(params.get("method", "pixels")) / max(1, len(ch) - 1) if params.get("method") in ch else 0.5)
     return np.array(x)
