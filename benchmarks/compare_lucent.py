@@ -42,8 +42,21 @@ class Normalized(nn.Module):
         return self.net((img * 255.0 - 127.5) / 128.0)
 
 
+def _kornia_names():
+    """Lucent 0.1.8 calls kornia.get_rotation_matrix2d / kornia.warp_affine, top-level names that
+    kornia >= 0.7 keeps only in kornia.geometry.transform: point the old names at them."""
+    import kornia
+    from kornia.geometry import transform as kt
+
+    for name in ("get_rotation_matrix2d", "warp_affine"):
+        if not hasattr(kornia, name):
+            setattr(kornia, name, getattr(kt, name))
+
+
 def run_lucent(backend, classes, steps, seed):
     from lucent.optvis import objectives, param, render, transform
+
+    _kornia_names()
 
     np.random.seed(seed)
     torch.manual_seed(seed)

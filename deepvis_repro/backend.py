@@ -100,9 +100,15 @@ class Backend:
         if getattr(self, "_calibrated", None) is None:
             from .optimize import calibrate_lr_scale  # the optimizer's measurement, only when asked
 
-            out = [l for l in self.layers if l != "prob"][-1]
-            self._calibrated = float(calibrate_lr_scale(self, out, n_units=16))
+            self._calibrated = float(calibrate_lr_scale(self, self.output_layer, n_units=16))
         return self._calibrated
+
+    @property
+    def output_layer(self) -> str:
+        """The layer of the class scores that units and ranks refer to: the last before Caffe's
+        and our own 'prob' softmax (the logits), or the last layer of a model without one."""
+        before = [l for l in self.layers if l != "prob"]
+        return before[-1] if before else self.layers[-1]
 
     @property
     def device(self) -> torch.device:

@@ -37,7 +37,7 @@ def check_label_count(backend, labels_path) -> None:
 
     if not labels_path or labels_path == "imagenet" or not backend.labels:
         return
-    out = [l for l in backend.layers if l != "prob"][-1]
+    out = backend.output_layer
     classes = layer_shapes(backend, [out])[out][0]
     if len(backend.labels) < classes:
         raise DeepvisError(f"labels file {labels_path} names {len(backend.labels)} classes, but the model's "

@@ -14,7 +14,7 @@ from .labels import top_classes
 
 def unit_label(backend, unit) -> str | None:
     """'flamingo' for fc:130 on an ImageNet model; None for hidden units."""
-    out_layers = [l for l in backend.layers if l != "prob"][-1:] + ["prob"]
+    out_layers = [backend.output_layer, "prob"]
     if backend.labels and backend.resolve_layer(unit.layer) in out_layers and unit.channel < len(backend.labels):
         return backend.labels[unit.channel]
     return None

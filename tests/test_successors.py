@@ -4,6 +4,7 @@ ImageNet weights), a Caffe model built here and the same model through ONNX."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import deepvis_repro as dv
 from deepvis_repro.errors import DeepvisError
@@ -12,6 +13,7 @@ from deepvis_repro.optvis.natural import (_photos, color_correlation, decorrelat
                                           recorrelate)
 from deepvis_repro.optvis.param import FOURIER_DIVISOR, Fourier, Maco, spectrum_scale
 from deepvis_repro.optvis.transforms import Robustness
+from deepvis_repro.outputs import write_optimization
 from deepvis_repro.reproduce.metrics import class_ranks
 from caffe_models import caffenet_shaped, random_weights, write_model
 
@@ -53,7 +55,7 @@ def _field_of(backend, x: torch.Tensor) -> torch.Tensor:
     return decorrelate(torch.log(rgb / (1 - rgb)))
 
 
-def test_maco_keeps_the_magnitude_fixed(lite0):
+def test_maco_keeps_the_magnitude_fixed(lite0, tmp_path):
     r = optimize(lite0, ["fc:130", "blocks.10:5"], preset="maco", steps=6, crops=2, progress=False)
     h, w = lite0.input_size
     fixed = torch.from_numpy(magnitude_spectrum(h, w)).double()
@@ -69,6 +71,10 @@ def test_maco_keeps_the_magnitude_fixed(lite0):
     with torch.no_grad():
         assert not torch.allclose(start.image()[0], r.x[0], atol=1.0)
     assert r.attribution.shape == (2, h, w) and r.attribution.max() == pytest.approx(1.0)
+    # deepvis-optimize's outputs: MACO's transparency view beside each image
+    record = write_optimization(str(tmp_path), lite0, r)
+    view = np.asarray(Image.open(tmp_path / record["results"][0]["transparency"]))
+    assert view.shape == (h, w, 3) and view.max() == 255 and view.min() < 200
 
 
 @pytest.mark.parametrize("preset", ["lucid", "maco"])

@@ -32,7 +32,7 @@ def profile_units(backend, profile) -> list[tuple[str, int | None]]:
     """(unit, class index or None) for the profile: its classes on the output layer (the last
     before 'prob'), then hidden units at fractions of the layer list."""
     layers = [l for l in backend.layers if l != "prob"]
-    out_layer = layers[-1]
+    out_layer = backend.output_layer
     units = []
     n_out = layer_shapes(backend, [out_layer])[out_layer][0]
     for c in profile.get("classes") or []:

@@ -58,8 +58,7 @@ def class_ranks(judge, images: np.ndarray, classes: list[int | None]) -> list[in
     x = torch.cat([judge.preprocess(im) for im in images])
     # Ranked by the logits where the judge has them: the same order as its softmax, without the
     # exponential (whose vectorized rounding may differ between CPUs in a near tie)
-    before_prob = [l for l in judge.layers if l != "prob"]
-    layer = before_prob[-1] if before_prob and "prob" in judge.layers else "prob"
+    layer = judge.output_layer
     with torch.no_grad():
         p = judge.forward(x, [layer])[layer].flatten(1)
     out = []

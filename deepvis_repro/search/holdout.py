@@ -11,7 +11,6 @@ from ..errors import DeepvisError
 from ..optimize import PRESETS
 from ..reproduce.harness import run_profile, write_outputs
 from ..reproduce.stats import by_unit, fmt_p, paired
-from .panel import output_layer
 
 PAPER = ("paper_1", "paper_2", "paper_3", "paper_4", "none")
 
@@ -20,7 +19,7 @@ def holdout_profile(backend, holdout: dict, search_units: list[str], steps: int,
     """The harness profile: the paper's settings at the search's step budget (so that every
     setting has the same budget as in the search), the kept settings as they are, and the
     held-out classes that are not search units."""
-    out = output_layer(backend)
+    out = backend.output_layer
     searched = {str(u) for u in search_units}
     classes = [int(c) for c in holdout.get("classes") or [] if f"{out}:{int(c)}" not in searched]
     settings = [{**asdict(PRESETS[n]), "steps": int(steps)} for n in PAPER] + list(best_paths)

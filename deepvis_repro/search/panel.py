@@ -32,10 +32,6 @@ from ..units import Unit, gather_units, resolve_units
 TOP_NATURAL = 5  # top natural images per hidden unit, whose judge features the image should share
 
 
-def output_layer(backend) -> str:
-    return [l for l in backend.layers if l != "prob"][-1]
-
-
 def feature_layer(judge) -> str:
     """The judge's penultimate layer (its features before the classifier)."""
     layers = [l for l in judge.layers if l != "prob"]
@@ -46,7 +42,7 @@ def feature_layer(judge) -> str:
 
 def _features(judge, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, pooled penultimate features) of a preprocessed batch."""
-    out, feat = output_layer(judge), feature_layer(judge)
+    out, feat = judge.output_layer, feature_layer(judge)
     with torch.no_grad():
         a = judge.forward(x, [feat, out])
     f = a[feat]
@@ -113,7 +109,7 @@ def build_panel(backend, judge, unit_specs, corpus=None, batch: int = 32, progre
     from ..progress import progress as progress_bar
 
     units = resolve_units(backend, unit_specs)
-    out = output_layer(backend)
+    out = backend.output_layer
     classes = [u.channel if u.layer == out and backend.labels else None for u in units]
     n_classes = len(judge.labels) if judge.labels else 0
     if any(c is not None for c in classes) and not n_classes:
@@ -166,7 +162,7 @@ def load_or_build_panel(path: str, backend, judge, unit_specs, corpus=None) -> P
             a = load_sealed_npz(path, "scoring panel")
             meta = json.loads(str(a["meta"]))
             if a["natural_mean"].shape == (len(units),):
-                out = output_layer(backend)
+                out = backend.output_layer
                 classes = [u.channel if u.layer == out and backend.labels else None for u in units]
                 return Panel(units, classes, *(a[k] for k in ARRAYS), int(meta["n_classes"]), meta["corpus"],
                              int(meta["corpus_size"]))

@@ -9,7 +9,7 @@ search's step budget.
 An optional ``method`` entry (``choices`` among pixels, lucid, maco) makes the paper's successors
 a choice too: a trial that draws lucid or maco runs that preset (its own basis, transforms and
 optimizer; of the sampled values only ``steps`` applies). Without it the space is Table 1's alone,
-and the draws are those of earlier searches (method is drawn last).
+and with it Table 1's draws are still those of a space without it (method has a stream of its own).
 
 Two samplers: ``random`` (the paper's method: each parameter drawn independently, from numpy's
 RandomState so trial i is the same setting on every machine and every restart) and ``tpe``
@@ -84,6 +84,7 @@ def sample(space: dict, n: int, seed: int) -> list[dict]:
     where log, else uniform; choices uniformly; switches on with p_on). Deterministic: the same
     list for the same space and seed, so a restarted search knows trial i's setting."""
     rs = np.random.RandomState(int(seed))
+    methods = np.random.RandomState([int(seed), 2])  # its own stream: Table 1's draws stay as without it
     out = []
     for _ in range(int(n)):
         p = {}
@@ -98,7 +99,7 @@ def sample(space: dict, n: int, seed: int) -> list[dict]:
         for name in SWITCHES:
             p[name] = bool(rs.random_sample() < space[name]["p_on"])
         if "method" in space:
-            p["method"] = space["method"]["choices"][rs.randint(len(space["method"]["choices"]))]
+            p["method"] = space["method"]["choices"][methods.randint(len(space["method"]["choices"]))]
         out.append(p)
     return out
 
