@@ -21,25 +21,15 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 import deepvis_repro as dv
 from deepvis_repro.optimize import optimize
 from deepvis_repro.reproduce.metrics import class_ranks
 from deepvis_repro.reproduce.stats import bootstrap_ci, fmt_interval, fmt_p, paired
 
+from bench_optimize import Normalized  # the embedded model as Lucent sees it (RGB 0..1), this folder
+
 CLASSES = [130, 144, 302, 63, 100, 366, 309, 947]  # the paper's six and two more (profile=quick's)
-
-
-class Normalized(nn.Module):
-    """The embedded model as Lucent sees it: RGB in 0..1 -> the backend's own input."""
-
-    def __init__(self, backend):
-        super().__init__()
-        self.net = backend.module
-
-    def forward(self, img):
-        return self.net((img * 255.0 - 127.5) / 128.0)
 
 
 def _kornia_names():
