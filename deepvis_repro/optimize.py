@@ -113,7 +113,7 @@ def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale
             if k > 1:
                 obj = obj.view(k, n).mean(0)
             # 3. d obj / d leaf: each image's objective depends on that image only
-            wrt = [param.leaf] + ([x] if attribution is not None and x is not param.leaf else [])
+            wrt = [param.leaf] + ([x] if attribution is not None else [])
             grads = torch.autograd.grad(obj, wrt, torch.ones_like(obj))  # no reduction: same bits anywhere
             g = grads[0]
             x, obj = x.detach(), obj.detach()

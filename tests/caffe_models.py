@@ -287,3 +287,12 @@ def reference_blobs(layers, blobs, x):
         for top in tops:
             vals[top] = y
     return vals
+
+
+def model_files(shape, seed, folder):
+    """(layers, size, blobs, prototxt path, caffemodel path) of a net of the given shape (a
+    function returning (layers, size)) with random weights, written into folder."""
+    layers, size = shape()
+    blobs, _ = random_weights(layers, size, seed=seed)
+    proto, weights = write_model(layers, size, blobs, folder)
+    return layers, size, blobs, proto, weights

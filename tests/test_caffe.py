@@ -10,7 +10,7 @@ import torch
 import deepvis_repro as dv
 from deepvis_repro.errors import DeepvisError
 from deepvis_repro.optimize import optimize
-from caffe_models import (caffenet_shaped, random_weights, reference_blobs, resnet_shaped,
+from caffe_models import (caffenet_shaped, model_files, reference_blobs, resnet_shaped,
                           write_model)
 
 
@@ -23,22 +23,14 @@ def blob_order(layers):
     return order
 
 
-def _model_files(shape, seed, folder):
-    """(layers, size, blobs, prototxt path, caffemodel path) of a net built with random weights."""
-    layers, size = shape()
-    blobs, _ = random_weights(layers, size, seed=seed)
-    proto, weights = write_model(layers, size, blobs, folder)
-    return layers, size, blobs, proto, weights
-
-
 @pytest.fixture(scope="module")
 def caffenet_files(tmp_path_factory):
-    return _model_files(caffenet_shaped, 1, tmp_path_factory.mktemp("caffenet"))
+    return model_files(caffenet_shaped, 1, tmp_path_factory.mktemp("caffenet"))
 
 
 @pytest.fixture(scope="module")
 def resnet_files(tmp_path_factory):
-    return _model_files(resnet_shaped, 2, tmp_path_factory.mktemp("resnet"))
+    return model_files(resnet_shaped, 2, tmp_path_factory.mktemp("resnet"))
 
 
 @pytest.mark.parametrize("files", ["caffenet_files", "resnet_files"])

@@ -15,7 +15,7 @@ from deepvis_repro.optvis.param import FOURIER_DIVISOR, Fourier, Maco, spectrum_
 from deepvis_repro.optvis.transforms import Robustness
 from deepvis_repro.outputs import write_optimization
 from deepvis_repro.reproduce.metrics import class_ranks
-from caffe_models import caffenet_shaped, random_weights, write_model
+from caffe_models import caffenet_shaped, model_files
 
 
 def test_fourier_image_of_a_known_spectrum(lite0):
@@ -127,11 +127,8 @@ def test_bad_successor_settings_are_one_line():
 
 @pytest.fixture(scope="module")
 def caffe_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("caffe_successors")
-    layers, size = caffenet_shaped()
-    blobs, _ = random_weights(layers, size, seed=4)
-    proto, weights = write_model(layers, size, blobs, d)
-    return d, proto, weights, size
+    _, size, _, proto, weights = model_files(caffenet_shaped, 4, tmp_path_factory.mktemp("caffe_successors"))
+    return proto, weights, size
 
 
 @pytest.mark.parametrize("route", ["caffe", "caffe via onnx"])
@@ -139,7 +136,7 @@ def caffe_model(tmp_path_factory):
 def test_successors_on_a_caffe_model_and_through_onnx(caffe_model, route, preset, tmp_path):
     """An odd input size (69 px), BGR channel order, Caffe's mean: the parametrizations and the
     transforms work in the backend contract's space, whatever the model underneath."""
-    d, proto, weights, size = caffe_model
+    proto, weights, size = caffe_model
     extra = {"via": "onnx"} if route.endswith("onnx") else {}
     b = dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), mean=[104, 117, 123],
                         cache_dir=str(tmp_path), **extra)

@@ -94,6 +94,7 @@ class Maco(_Sigmoid):
         one = rs.uniform(-np.pi, np.pi, (3, self.h, self.w // 2 + 1)).astype(np.float32)
         self.phase = torch.from_numpy(one)[None].repeat(n, 1, 1, 1).to(device).requires_grad_(True)
         self.magnitude = torch.as_tensor(magnitude_spectrum(self.h, self.w), device=device)
+        self._negative = torch.as_tensor([(-k) % self.h for k in range(self.h)], device=device)  # row of -ky
 
     @property
     def leaf(self) -> torch.Tensor:
@@ -106,8 +107,7 @@ class Maco(_Sigmoid):
         magnitude would drift from the fixed one."""
         ph = self.phase
         cols = [0] + ([self.w // 2] if self.w % 2 == 0 else [])
-        neg = torch.as_tensor([(-k) % self.h for k in range(self.h)], device=ph.device)
-        fixed = [(ph[..., c] - ph[..., c].index_select(-1, neg)) / 2 for c in cols]
+        fixed = [(ph[..., c] - ph[..., c].index_select(-1, self._negative)) / 2 for c in cols]
         parts = [fixed[0][..., None], ph[..., 1:self.w // 2 + 1 - (len(cols) - 1)]]
         if len(cols) == 2:
             parts.append(fixed[1][..., None])
