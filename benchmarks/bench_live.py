@@ -1,9 +1,9 @@
 """Live-view speed on the embedded model: network updates per second and display frames per
 second, headless (SDL dummy driver), on a video source so the network always has a new frame.
 
-    python benchmarks/bench_live.py [--seconds 10] [--no-atlas]
+    python benchmarks/bench_live.py [--seconds 10] [--no-atlas] [--device cuda]
 
-Prints one line per back mode (off, gradient, deconv). Then, with a unit atlas (mined from the
+Prints one line per back mode (off, gradient, deconv) and numerics (default: float32; bf16). Then, with a unit atlas (mined from the
 demo corpus into a temporary folder): the view on layer fc while the cursor moves fast (the pane
 loads each unit's pictures) and then rests on a unit without an optimized image (the on-demand
 job makes one): the network's ms per pass and the display rate inside and outside the job, the
@@ -20,10 +20,12 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 import av
 import numpy as np
 import skimage.data
+import torch
 
 import deepvis_repro as dv
 from deepvis_repro.live.app import LiveApp
 from deepvis_repro.live.sources import VideoSource
+from deepvis_repro.outputs import machine
 
 
 def make_video(path: str, seconds: int = 4, fps: int = 30) -> None:
@@ -47,18 +49,23 @@ def main():
     ap.add_argument("--layer", default="blocks.5")
     ap.add_argument("--steps", type=int, default=80, help="on-demand optimization steps")
     ap.add_argument("--no-atlas", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    backend = dv.load_backend()
+    backend = dv.load_backend(device=args.device)
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else machine()["cpu"]
+    print(f"device: {args.device} ({name})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         video = os.path.join(tmp, "pan.mp4")
         make_video(video)
-        for keys, mode in (([], "off"), (["b"], "gradient"), (["b", "b"], "deconv")):
-            frames = int(args.seconds * 30)
-            app = LiveApp(backend, VideoSource(video), max_frames=frames, keys=keys, layer=args.layer)
-            s = app.run()
-            print(f"back {mode:<8} layer {args.layer}: network {s['net_fps']:.1f} fps "
-                  f"({s['net_ms_per_pass']:.0f} ms per pass), display {s['display_fps']:.1f} fps "
-                  f"over {s['seconds']:.1f} s", flush=True)
+        for numerics in ("default", "bf16"):
+            for keys, mode in (([], "off"), (["b"], "gradient"), (["b", "b"], "deconv")):
+                frames = int(args.seconds * 30)
+                app = LiveApp(backend, VideoSource(video), max_frames=frames, keys=keys, layer=args.layer,
+                              numerics=numerics)
+                s = app.run()
+                print(f"numerics {numerics:<7} back {mode:<8} layer {args.layer}: network {s['net_fps']:.1f} fps "
+                      f"({s['net_ms_per_pass']:.0f} ms per pass), display {s['display_fps']:.1f} fps "
+                      f"over {s['seconds']:.1f} s", flush=True)
         if not args.no_atlas:
             atlas_run(backend, video, tmp, args)
 

@@ -41,6 +41,7 @@ def throughput(args) -> None:
     from deepvis_repro.atlas.corpus import open_corpus
     from deepvis_repro.atlas.engine import LocalEngine, _BatchDataset
     from deepvis_repro.atlas.mining import MiningJob
+    from deepvis_repro.numerics import Numerics
 
     backend = dv.load_backend().to(args.device)
     corpus = open_corpus(corpus_list(args.images, args.tmp))
@@ -49,38 +50,54 @@ def throughput(args) -> None:
     engine = LocalEngine(workers=args.workers)
     mean = backend.mean_image().to(backend.device).unsqueeze(0)
 
-    def plain():
+    def plain(numerics="default"):
         loader = torch.utils.data.DataLoader(_BatchDataset(job, range(job.n_batches)), batch_size=None,
                                              num_workers=engine.workers, collate_fn=lambda b: b,
                                              pin_memory=backend.device.type == "cuda")
         t, c = time.perf_counter(), time.process_time()
         for b in loader:
             x = b["images"].to(backend.device, non_blocking=True).permute(0, 3, 1, 2).float() - mean
-            with torch.no_grad():
+            with torch.no_grad(), Numerics(numerics).active(backend.device):
                 out = backend.forward(x, [layers[-1]])
             out[layers[-1]].sum().item()  # wait for the device
         return len(corpus) / (time.perf_counter() - t), time.process_time() - c
 
-    def mining():
+    def mining(numerics="default"):
         t, c = time.perf_counter(), time.process_time()
-        r = mine(backend, corpus, layers, top_k=9, batch_size=args.batch_size, engine=engine, progress=False)
+        r = mine(backend, corpus, layers, top_k=9, batch_size=args.batch_size, engine=engine, progress=False,
+                 numerics=numerics)
         r.values[layers[-1]].sum()
         return len(corpus) / (time.perf_counter() - t), time.process_time() - c
 
-    plain()  # warm-up: first batches, worker start, allocator
-    runs = []  # interleaved pairs: a noisy neighbour slows both sides of a pair alike
-    for _ in range(args.repeats):
-        runs.append((plain(), mining()))
-    med = lambda v: float(np.median(v))
-    p, m = med([a[0] for a, _ in runs]), med([b[0] for _, b in runs])
-    ratio = med([b[0] / a[0] for a, b in runs])
-    cpu = med([a[1] / b[1] for a, b in runs])
-    print(f"device {args.device}, {len(corpus)} images, batch {args.batch_size}, {engine.workers} decode "
-          f"worker(s), torch threads {torch.get_num_threads()}, all {len(layers)} layers, k=9, {len(runs)} pairs")
-    print(f"  plain forward to {layers[-1]}: {p:7.1f} images/s median   (runs: {', '.join(f'{a[0]:.1f}' for a, _ in runs)})")
-    print(f"  mining:                 {m:7.1f} images/s median   (runs: {', '.join(f'{b[0]:.1f}' for _, b in runs)})")
-    print(f"  mining / plain, median of the pairs: {ratio:.3f} in images/s; {cpu:.3f} in the main process's "
-          "CPU seconds (decoding is in workers for both)")
+    med = lambda v: float(np.median(v))  # noqa: E731
+    print(f"device {args.device} ({device_name(args.device)}), {len(corpus)} images, batch {args.batch_size}, "
+          f"{engine.workers} decode worker(s), torch threads {torch.get_num_threads()}, all {len(layers)} layers, "
+          f"k=9, {args.repeats} pairs each")
+    for numerics in ("default", "bf16"):
+        plain(numerics)  # warm-up: first batches, worker start, allocator
+        runs = []  # interleaved pairs: a noisy neighbour slows both sides of a pair alike
+        for _ in range(args.repeats):
+            runs.append((plain(numerics), mining(numerics)))
+        p, m = med([a[0] for a, _ in runs]), med([b[0] for _, b in runs])
+        ratio = med([b[0] / a[0] for a, b in runs])
+        cpu = med([a[1] / b[1] for a, b in runs])
+        name = "float32" if numerics == "default" else "bf16"
+        print(f" numerics={numerics} ({name}):")
+        print(f"  plain forward to {layers[-1]}: {p:7.1f} images/s median   (runs: {', '.join(f'{a[0]:.1f}' for a, _ in runs)})")
+        print(f"  mining:                 {m:7.1f} images/s median   (runs: {', '.join(f'{b[0]:.1f}' for _, b in runs)})")
+        print(f"  mining / plain, median of the pairs: {ratio:.3f} in images/s; {cpu:.3f} in the main process's "
+              "CPU seconds (decoding is in workers for both)", flush=True)
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    from deepvis_repro.outputs import machine
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    m = machine()
+    return f"{m['cpu']}, {m['isa']}"
 
 
 def peak_rss_mb() -> float:

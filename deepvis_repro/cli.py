@@ -191,6 +191,9 @@ def reproduce_task(cfg) -> None:
     tolerance = number("rounding_tolerance", cfg.rounding_tolerance, minimum=0.0)
     median_tolerance = number("rounding_tolerance_median", cfg.rounding_tolerance_median, minimum=0.0)
     numerics = Numerics(str(cfg.numerics)).mode
+    if numerics == "bf16" and cfg.update_references:
+        raise DeepvisError("update_references=true with numerics=bf16: references are float32 images "
+                           "(numerics=portable, or default); bf16 runs are compared against them")
     seed_everything(seed)
     device = resolve_device(cfg.device)
     profile = OmegaConf.to_container(cfg.profile)

@@ -38,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .bf16 import autocast_bf16
+from .errors import DeepvisError
+
 #: Length of one sequential multiply-add chain in a matrix product (see the module's doc).
 BLOCK = 64
 
@@ -343,23 +346,29 @@ class _PortableMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+MODES = ("default", "portable", "bf16")
+
+
 class Numerics:
     """What a run's numerics were: the mode, and for 'portable' the reductions that ran natively
-    (empty: every reduction followed the spec)."""
+    (empty: every reduction followed the spec). 'bf16' runs the network in bfloat16 (autocast,
+    deepvis_repro/bf16.py): the fastest where the hardware has it, never the same bits."""
 
     def __init__(self, mode: str = "default"):
-        if mode not in ("default", "portable"):
-            from .errors import DeepvisError
-
-            raise DeepvisError(f"numerics must be default or portable, got '{mode}'")
+        if mode not in MODES:
+            raise DeepvisError(f"numerics must be one of {', '.join(MODES)}, got '{mode}'")
         self.mode = mode
         self.native: set[str] = set()
 
     @contextlib.contextmanager
-    def active(self):
-        """Run the block under this mode (a no-op for 'default')."""
+    def active(self, device="cpu"):
+        """Run the block under this mode (a no-op for 'default'); device: where the network runs."""
         if self.mode == "default":
             yield self
+            return
+        if self.mode == "bf16":
+            with autocast_bf16(torch.device(device).type):
+                yield self
             return
         m = _PortableMode()
         # On a GPU, TF32 convolutions and products (cuDNN's default) round to 10 bits: off here

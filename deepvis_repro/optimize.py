@@ -109,7 +109,7 @@ def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale
             # 2. forward only as deep as the deepest unit; the objective is each unit's value
             #    (the mean over the transformed copies)
             acts = backend.forward(robust(x), layers)
-            obj = gather_units(acts, units * k)
+            obj = gather_units(acts, units * k).float()  # bf16 numerics: statistics in float32
             if k > 1:
                 obj = obj.view(k, n).mean(0)
             # 3. d obj / d leaf: each image's objective depends on that image only
@@ -202,8 +202,9 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     on_step: called as on_step(step, steps) before each step (it may sleep, or raise to stop).
     on_best: called as on_best(step, best_x, best_activation) after each step, with the batch's
     best x so far (a search scores the images on the way, to stop hopeless settings early).
-    numerics: "default" (the fastest kernels) or "portable" (the same bits on any x86-64 CPU and
-    thread count, about 1.5x the time: deepvis_repro/numerics.py).
+    numerics: "default" (the fastest float32 kernels), "portable" (the same bits on any x86-64 CPU
+    and thread count, about 1.5x the time: deepvis_repro/numerics.py) or "bf16" (the network in
+    bfloat16: faster where the hardware has it; deepvis_repro/bf16.py).
     Ctrl-C stops early and returns the best images so far (result.interrupted is True).
     """
     from .progress import progress as progress_bar
@@ -227,7 +228,7 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
         while start < n:
             chunk = slice(start, min(n, start + size))
             try:
-                with mode.active():
+                with mode.active(backend.device):
                     batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), seed, bar, lr_scale,
                                        progress_scale, on_step, on_best)
             except torch.cuda.OutOfMemoryError:

@@ -232,6 +232,8 @@ def test_a_different_model_or_corpus_is_refused(lite0, corpus_dir, tmp_path):
         mine(lite0, items[:9], ["blocks.1"], top_k=2, progress=False, atlas_dir=tmp_path)
     with pytest.raises(DeepvisError, match="was mined with layers"):
         mine(lite0, items[:8], ["blocks.2"], top_k=2, progress=False, atlas_dir=tmp_path)
+    with pytest.raises(DeepvisError, match="was mined with numerics default .this run: bf16"):
+        mine(lite0, items[:8], ["blocks.1"], top_k=2, progress=False, atlas_dir=tmp_path, numerics="bf16")
     other = dv.load_backend(fuse_bn=False)  # the same function, other weights in the file: refused
     with pytest.raises(DeepvisError, match="another model"):
         mine(other, items[:8], ["blocks.1"], top_k=2, progress=False, atlas_dir=tmp_path)

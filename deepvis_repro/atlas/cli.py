@@ -19,6 +19,7 @@ def mine_task(cfg) -> None:
     from ..console import resolve_device
     from ..files import check_output_dir
     from ..registry import instantiate_backend, instantiate_config
+    from ..numerics import Numerics
     from ..validate import whole
     from .corpus import open_corpus
     from .mining import mine
@@ -27,6 +28,7 @@ def mine_task(cfg) -> None:
     from .store import layer_slug
 
     top_k = whole("top_k", cfg.top_k, 1)
+    Numerics(str(cfg.numerics))  # checked before any work
     batch_size = whole("batch_size", cfg.batch_size, 1)
     every = whole("corpus.every", cfg.corpus.every, 1)
     device = resolve_device(cfg.device)
@@ -40,7 +42,7 @@ def mine_task(cfg) -> None:
     print(f"corpus: {corpus.kind} {corpus.source or ''} ({len(corpus)} images); atlas: {atlas_dir}", flush=True)
     r = mine(backend, corpus, _layers(cfg.layers), top_k=top_k, engine=engine,
              negatives=bool(cfg.negatives), batch_size=batch_size, atlas_dir=atlas_dir,
-             checkpoint_seconds=float(cfg.checkpoint_seconds))
+             checkpoint_seconds=float(cfg.checkpoint_seconds), numerics=str(cfg.numerics))
     if not r.complete:
         print(f"interrupted after {r.images_done} of {len(r.paths)} images; the state is saved in "
               f"{atlas_dir}: rerun the same command to continue", file=sys.stderr)

@@ -66,7 +66,7 @@ class LocalEngine:
     def run(self, job, todo):
         if not todo:
             return
-        miner = Miner(job.backend, job.layers, job.k, job.negatives)
+        miner = Miner(job.backend, job.layers, job.k, job.negatives, job.numerics)
         loader = torch.utils.data.DataLoader(
             _BatchDataset(job, todo), batch_size=None, shuffle=False, num_workers=self.workers,
             pin_memory=job.backend.device.type == "cuda",
@@ -123,14 +123,14 @@ class _DecodeBatch:
 class _MinerActor:
     """Ray actor: holds the model, turns decoded batches into their own top-k."""
 
-    def __init__(self, backend_box, layers, k, negatives, device, threads):
+    def __init__(self, backend_box, layers, k, negatives, device, threads, numerics):
         import ray
 
         if threads:
             torch.set_num_threads(int(threads))  # the driver's: identical numbers, bit for bit
         backend = ray.get(backend_box[0]).to(device)
         self.layers = layers
-        self.miner = Miner(backend, layers, k, negatives)
+        self.miner = Miner(backend, layers, k, negatives, numerics)
 
     def __call__(self, batch: dict) -> dict:
         out = {"index": [], "start": [], "payload": [], "ok": [], "errors": []}
@@ -252,7 +252,7 @@ class RayEngine:
             ds = ds.map(_decode_fn(job.backend.view_spec()), num_cpus=self.decode_cpus)
             kwargs = dict(batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.actors),
                           fn_constructor_args=(box, list(job.layers), job.k, job.negatives, self.device,
-                                               self.threads or torch.get_num_threads()),
+                                               self.threads or torch.get_num_threads(), job.numerics),
                           num_cpus=self.num_cpus, num_gpus=self.num_gpus or None)
             ds = _map_batches_no_restarts(ds, _MinerActor, kwargs)
             for row in ds.iter_rows():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..numerics import Numerics
 from .topk import batch_top
 
 
@@ -13,8 +14,9 @@ class Miner:
     """Holds the backend: one decoded batch -> per layer the batch's own top k (what the driver
     merges, locally or from a remote worker)."""
 
-    def __init__(self, backend, layers, k: int, negatives: bool = False):
+    def __init__(self, backend, layers, k: int, negatives: bool = False, numerics: str = "default"):
         self.backend, self.layers, self.k = backend, list(layers), int(k)
+        self.numerics = Numerics(numerics)
         self.negatives = bool(negatives)
         self.mean = backend.mean_image().to(backend.device).unsqueeze(0)
 
@@ -30,6 +32,6 @@ class Miner:
         def reduce(layer, a):
             out[layer] = {side: batch_top(a, ids, ok, self.k, largest=largest) for side, largest in sides}
 
-        with torch.no_grad():
+        with torch.no_grad(), self.numerics.active(b.device):
             b.stream(x, self.layers, reduce)  # a HookBackend reduces each layer in its hook: one held at a time
         return out

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import DeepvisError
 from ..files import load_sealed_npz, remove_stale_partials, save_sealed_npz, signals_deferred
+from ..numerics import Numerics
 from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, Corpus, as_corpus
 from .engine import LocalEngine, RayEngine
@@ -56,6 +57,7 @@ class MiningJob:
     negatives: bool
     corpus: Corpus
     batch_size: int
+    numerics: str = "default"  # deepvis_repro/numerics.py; bf16: the forward passes in bfloat16
 
     @property
     def n_batches(self) -> int:
@@ -93,14 +95,14 @@ def _resolve_layers(backend, layers) -> list[str]:
 def _identity(job: MiningJob) -> dict:
     return {"backend": backend_identity(job.backend), "corpus": job.corpus.identity(),
             "layers": list(job.layers), "top_k": job.k, "negatives": job.negatives,
-            "batch_size": job.batch_size, "threads": torch.get_num_threads()}
+            "batch_size": job.batch_size, "numerics": job.numerics, "threads": torch.get_num_threads()}
 
 
 def _differs(old: dict, new: dict) -> str | None:
     """The first difference between two identities, in words."""
     # (not "threads": any thread count gives the same result but for the last bits of fc layers)
-    for key in ("backend", "corpus", "layers", "top_k", "negatives", "batch_size"):
-        a, b = old.get(key), new.get(key)
+    for key in ("backend", "corpus", "layers", "top_k", "negatives", "batch_size", "numerics"):
+        a, b = old.get(key, "default" if key == "numerics" else None), new.get(key)  # atlases before bf16
         if a != b:
             if key == "backend":
                 return (f"another model ({a.get('name')} weights {str(a.get('weights_sha256'))[:12]}, "
@@ -162,13 +164,14 @@ class _State:
 
 def mine(backend, paths=None, layers=None, top_k: int = 9, engine="local", *, negatives: bool = False,
          batch_size: int = 32, atlas_dir=None, progress: bool = True, checkpoint_seconds: float = 60.0,
-         engine_options: dict | None = None) -> MiningResult:
+         engine_options: dict | None = None, numerics: str = "default") -> MiningResult:
     """Mine the top-k images of every channel of ``layers`` (default: all) over ``paths`` (a list
     of image paths, a folder, a .txt list, a video, or None for the demo corpus).
 
     With ``atlas_dir`` the state is checkpointed there (every ``checkpoint_seconds``, on Ctrl-C
     and at the end) and a rerun resumes it; a rerun with another model, corpus or settings is
-    refused. Ctrl-C returns what was merged so far (``result.complete`` is False).
+    refused. Ctrl-C returns what was merged so far (``result.complete`` is False). numerics:
+    "default", "portable" or "bf16" (deepvis_repro/numerics.py), part of the atlas's identity.
     """
     t0 = time.perf_counter()
     k = int(top_k)
@@ -177,7 +180,8 @@ def mine(backend, paths=None, layers=None, top_k: int = 9, engine="local", *, ne
     if int(batch_size) < 1:
         raise DeepvisError(f"batch_size must be at least 1, got {batch_size}")
     corpus = as_corpus(paths)
-    job = MiningJob(backend, _resolve_layers(backend, layers), k, bool(negatives), corpus, int(batch_size))
+    job = MiningJob(backend, _resolve_layers(backend, layers), k, bool(negatives), corpus, int(batch_size),
+                    Numerics(str(numerics)).mode)
     eng = make_engine(engine, **(engine_options or {}))
     identity = _identity(job)
     state = _State(job, backend.device)

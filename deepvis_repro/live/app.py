@@ -16,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import DeepvisError
+from ..numerics import Numerics
 from ..units import layer_shapes
 from ..backprop import MODES
 from .network import Capture, Network
@@ -42,7 +43,8 @@ class LiveApp:
     def __init__(self, backend, source: Source, *, window=(1280, 720), fps: int = 30,
                  max_frames: int | None = None, keys=(), screenshot: str | None = None,
                  stats: str | None = None, layer: str | None = None, sync_timeout: float = 30.0,
-                 camera_factory=WebcamSource, atlas: str | None = None, on_demand: dict | None = None):
+                 camera_factory=WebcamSource, atlas: str | None = None, on_demand: dict | None = None,
+                 numerics: str = "default"):
         from ..files import check_writable_file
 
         self.backend, self.source, self.files_source = backend, source, source
@@ -57,6 +59,7 @@ class LiveApp:
             if path:  # checked before the window opens, not after the run
                 check_writable_file(path, what)
         self.sync_timeout = sync_timeout
+        self.numerics = Numerics(str(numerics)).mode  # the network's passes (checked before the window)
         self.camera_factory = camera_factory
         start = backend.layers.index(backend.resolve_layer(layer)) if layer else 0
         # Channel counts up front: the drawing thread must never run the network itself.
@@ -217,7 +220,7 @@ class LiveApp:
         if self.capture.latest()[0] is None:
             raise DeepvisError(f"source {self.source.name} gave no frame")
         self.capture.start()
-        self.net = Network(self.backend, self.capture, self)
+        self.net = Network(self.backend, self.capture, self, numerics=self.numerics)
         self.net.start()
         # one line when the view runs (a script or a test can wait for it); keys: h in the window
         print(f"deepvis-live: showing {self.source.name} through {self.backend.name}; h for keys, q quits",
@@ -324,7 +327,7 @@ class LiveApp:
             "net_passes": net.passes,
             # one definition of network speed (status line, stats, README): passes per second
             # of network time; net_passes_per_s is how often it ran (it idles on a still frame)
-            "net_fps": net.passes / net.busy_seconds if net.busy_seconds else 0.0,
+            "net_fps": net.passes / net.busy_seconds if net.busy_seconds else 0.0, "numerics": self.numerics,
             "net_ms_per_pass": 1000 * net.busy_seconds / max(net.passes, 1),
             "net_passes_per_s": net.passes / max(net.running_seconds, 1e-9),  # over the thread's own span
             "seconds": elapsed,

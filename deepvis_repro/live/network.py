@@ -18,6 +18,7 @@ import torch
 
 from ..backprop import MODES, backprop, gradient_image
 from ..labels import top_classes
+from ..numerics import Numerics
 from .settings import BOOST_GAMMA, BOOST_INDIV, ViewSettings
 from .sources import Source
 from .tiles import tile_layer
@@ -109,9 +110,10 @@ class Capture(threading.Thread):
 
 
 class Network(threading.Thread):
-    def __init__(self, backend, capture: Capture, app):
+    def __init__(self, backend, capture: Capture, app, numerics: str = "default"):
         super().__init__(daemon=True, name="network")
         self.backend, self.capture, self.app = backend, capture, app
+        self.numerics = Numerics(numerics)
         self.snapshot: Snapshot | None = None
         self.passes, self.busy_seconds = 0, 0.0
         self.recent = collections.deque(maxlen=10)  # seconds of the last passes (status line)
@@ -178,6 +180,10 @@ class Network(threading.Thread):
         return b.forward(x, want)
 
     def compute(self, frame, fid, s: ViewSettings) -> Snapshot:
+        with self.numerics.active(self.backend.device):  # here: autocast is per thread
+            return self._compute(frame, fid, s)
+
+    def _compute(self, frame, fid, s: ViewSettings) -> Snapshot:
         b = self.backend
         t = time.perf_counter()
         x = b.preprocess(frame, crop=s.crop)

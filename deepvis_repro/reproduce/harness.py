@@ -87,7 +87,8 @@ def run_profile(backend, profile, *, seed=0, judge=None, progress=True, numerics
         result = optimize(backend, [u for u, _ in units], preset=preset, seed=seed, progress=False,
                           on_step=step, numerics=numerics)
         run.numerics = result.numerics
-        with Numerics(numerics).active():  # the judge's ranks, too, the same on every machine
+        # the judge's ranks, too, the same on every machine; measured in float32 under bf16
+        with Numerics("default" if numerics == "bf16" else numerics).active(backend.device):
             ranks = class_ranks(judge, result.images, [c for _, c in units[:len(result.units)]])
             own = class_ranks(backend, result.images, [c for _, c in units[:len(result.units)]])
         for i, (u, c) in enumerate(units[:len(result.units)]):
