@@ -7,9 +7,11 @@
 1. Throughput (images/s), embedded model, every layer, k=9: mining vs a plain forward pass to the
    deepest mined layer over the same images, batches and DataLoader workers. The ratio is what the
    bookkeeping (spatial max and position per channel, the top-k merge) costs.
-2. Peak RSS of a mining run over 200 and 2,000 images (each in a fresh process): the state is
+2. Montages per second: max_im and max_deconv of every unit of blocks.10 and 200 fc units, in
+   float32 and bf16.
+3. Peak RSS of a mining run over 200 and 2,000 images (each in a fresh process): the state is
    O(channels * k), so it must not grow with the corpus.
-3. With --ray: the Ray engine (local cluster) against the local engine, startup reported apart.
+4. With --ray: the Ray engine (local cluster) against the local engine, startup reported apart.
 """
 from __future__ import annotations
 
@@ -100,6 +102,32 @@ def device_name(device: str) -> str:
     return f"{m['cpu']}, {m['isa']}"
 
 
+def montage_rate(args) -> None:
+    """Montages (max_im + guided-backprop max_deconv, 3x3 tiles) per second, on an atlas mined
+    from the same corpus: every unit of blocks.10 and the first --montage-units of fc, in float32
+    and bf16 (each from scratch)."""
+    import shutil
+
+    import deepvis_repro as dv
+    from deepvis_repro.atlas import mine
+    from deepvis_repro.atlas.patches import render_montages
+
+    backend = dv.load_backend().to(args.device)
+    atlas = os.path.join(args.tmp, "atlas")
+    mine(backend, corpus_list(args.images, args.tmp), ["blocks.10", "fc"], top_k=9, batch_size=args.batch_size,
+         atlas_dir=atlas, progress=False)
+    print(f"montages ({args.images}-image corpus, k=9, guided backprop, tiles written as JPEG):")
+    for numerics in ("default", "bf16"):
+        for layer, units in (("blocks.10", None), ("fc", range(args.montage_units))):
+            for kind in ("max_im", "max_deconv"):
+                shutil.rmtree(os.path.join(atlas, kind), ignore_errors=True)
+            t = time.perf_counter()
+            n = render_montages(backend, atlas, layers=[layer], units=units, progress=False, numerics=numerics)[layer]
+            dt = time.perf_counter() - t
+            print(f"  numerics={numerics:<7} {layer:<9} {n} units in {dt:5.1f} s: {n / dt:5.2f} units/s "
+                  f"({1000 * dt / n:.0f} ms per unit)", flush=True)
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM: unlike ru_maxrss it does not carry over the parent's peak
     through fork + exec)."""
@@ -174,6 +202,7 @@ def main():
     ap.add_argument("--ray-images", type=int, default=200)
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--montage-units", type=int, default=200, help="fc units whose montages are timed")
     ap.add_argument("--rss", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -184,6 +213,7 @@ def main():
     if args.rss:
         return rss_child(args)
     throughput(args)
+    montage_rate(args)
     if not args.no_memory:
         memory(args)
     if args.ray:

@@ -289,6 +289,34 @@ def test_montages_and_layout(lite0, corpus_dir, tmp_path):
     assert again == {"blocks.4": 1, "fc": 1}
 
 
+@pytest.mark.parametrize("layer", ["blocks.5", "fc"])
+def test_shared_forward_backprop_equals_one_pass_per_pair(lite0, photos, layer):
+    """Montages share each image's forward pass among the units that list it: every pair's
+    gradient is still the one a separate forward and backward pass gives (guided backprop,
+    one-hot seed), whatever the grouping (3 images at a time, images with 1 to 5 pairs)."""
+    from deepvis_repro.atlas.patches import shared_backprop
+    from deepvis_repro.backprop import relu_backward
+
+    views = {i: np.asarray(Image.fromarray(photos[n]).resize((224, 224))) for i, n in enumerate(sorted(photos))}
+    rng = np.random.default_rng(1)
+    pairs = [(int(rng.integers(4)), int(rng.integers(40)), (int(rng.integers(14)), int(rng.integers(14))))
+             for _ in range(12)]
+    got = {}
+    shared_backprop(lite0, views, pairs, layer, got.__setitem__, "guided", images=3)
+    assert sorted(got) == list(range(len(pairs)))
+    mean = lite0.mean_image().unsqueeze(0)
+    for k, (i, c, (y, x)) in enumerate(pairs):
+        inp = (torch.from_numpy(views[i]).permute(2, 0, 1)[None].float() - mean).requires_grad_(True)
+        with relu_backward(lite0.module, "guided"):
+            a = lite0.forward(inp, [layer])[layer]
+            seed = torch.zeros_like(a)
+            seed[(0, c, y, x) if a.dim() == 4 else (0, c)] = 1.0
+            (want,) = torch.autograd.grad(a, inp, seed)
+        want = want[0].permute(1, 2, 0).numpy()
+        assert got[k].shape == want.shape
+        assert np.abs(got[k] - want).max() <= 1e-4 * np.abs(want).max(), (layer, k)
+
+
 def run_mine(*args, timeout=600, **kw):
     return subprocess.run(["deepvis-mine", *args], capture_output=True, text=True, timeout=timeout, **kw)
 

@@ -28,6 +28,7 @@ from PIL import Image
 from ..errors import DeepvisError
 from ..files import image_file_ok
 from ..images import save_image
+from ..numerics import Numerics
 from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, load_items
 from .receptive import crop_box, layer_geometry
@@ -62,28 +63,48 @@ class ViewCache:
         return out
 
 
-def unit_backprop(backend, views: np.ndarray, layer: str, channels, positions, mode: str = "deconv") -> np.ndarray:
-    """Input-space backward pass of each (image, channel, y, x), seeded with a one-hot 1.0 at the
-    unit -> (N, H, W, 3) float32, in RGB like the views."""
+def shared_backprop(backend, views: dict, pairs: list, layer: str, on_grad, mode: str = "deconv",
+                    images: int = 8, numerics: str = "default") -> None:
+    """The input-space backward pass of each (image id, channel, (y, x)) pair, seeded with a
+    one-hot 1.0 at the unit (the original's max_deconv), in RGB like the views. Each image's forward
+    pass shared by every pair that lists it: up to ``images`` distinct images go forward together,
+    then their pairs go backward in rounds over the same graph (round r seeds each image's r-th
+    pair; images are grouped by how many pairs they have, so that few seeds in a round are empty).
+    A plain backward pass per round: autograd's batched one (is_grads_batched, vmap) measured
+    slower per seed on CPU. Calls on_grad(index into pairs, (H, W, 3) float32 gradient) for each
+    pair (the caller reduces it to a tile at once: a layer's gradients would not fit in memory)."""
     from ..backprop import relu_backward
 
+    by_image: dict[int, list[int]] = {}
+    for i, (img, _, _) in enumerate(pairs):
+        by_image.setdefault(int(img), []).append(i)
+    order = sorted(by_image, key=lambda i: (-len(by_image[i]), i))
     mean = backend.mean_image().to(backend.device).unsqueeze(0)
-    x = torch.from_numpy(np.ascontiguousarray(views)).to(backend.device).permute(0, 3, 1, 2).float() - mean
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), relu_backward(backend.module, mode):
-        a = backend.forward(x, [layer])[layer]
-        seed = torch.zeros_like(a)
-        n = torch.arange(len(views))
-        c = torch.as_tensor(np.asarray(channels), dtype=torch.long)
-        if a.dim() == 4:
-            p = torch.as_tensor(np.asarray(positions), dtype=torch.long)
-            seed[n, c, p[:, 0], p[:, 1]] = 1.0
-        else:
-            seed.view(len(views), -1)[n, c] = 1.0
-        (g,) = torch.autograd.grad(a, x, grad_outputs=seed, allow_unused=True)
-    if g is None:
-        return np.zeros(views.shape, np.float32)
-    return g.detach().permute(0, 2, 3, 1).float().cpu().numpy()
+    for start in range(0, len(order), images):
+        ids = order[start:start + images]
+        batch = np.stack([views[i] for i in ids])
+        x = torch.from_numpy(batch).to(backend.device).permute(0, 3, 1, 2).float() - mean
+        x = x.detach().requires_grad_(True)
+        depth = max(len(by_image[i]) for i in ids)
+        with torch.enable_grad(), relu_backward(backend.module, mode), Numerics(numerics).active(backend.device):
+            a = backend.forward(x, [layer])[layer]
+            for r in range(depth):
+                seed = torch.zeros_like(a)
+                filled = []
+                for m, img in enumerate(ids):
+                    if r < len(by_image[img]):
+                        k = by_image[img][r]
+                        _, c, (y, xx) = pairs[k]
+                        if a.dim() == 4:
+                            seed[m, int(c), int(y), int(xx)] = 1.0
+                        else:
+                            seed[m].view(-1)[int(c)] = 1.0
+                        filled.append((m, k))
+                (g,) = torch.autograd.grad(a, x, grad_outputs=seed, allow_unused=True, retain_graph=r + 1 < depth)
+                g = torch.zeros_like(x) if g is None else g  # None: the layer does not depend on the input
+                g = g.detach().permute(0, 2, 3, 1).float().cpu().numpy()
+                for m, k in filled:
+                    on_grad(k, g[m])
 
 
 def has_max_pooling(module) -> bool:
@@ -158,9 +179,13 @@ def default_tile(geometry, input_size, largest: int = 128, smallest: int = 64) -
 
 
 def render_montages(backend, atlas_dir, layers=None, units=None, mode: str = "auto", tile: int | None = None,
-                    batch_size: int = 8, progress: bool = True) -> dict:
+                    batch_size: int = 8, progress: bool = True, units_per_chunk: int = 128,
+                    numerics: str = "default") -> dict:
     """Write max_im / max_deconv (and min_im with negatives) montages for every unit of the mined
     layers (or the given ones). Units whose files exist are skipped: an interrupted run resumes.
+    The units of a chunk share their images' forward passes (``shared_backprop``, ``batch_size``
+    images at a time), and JPEGs are encoded by a writer thread while the next chunk computes.
+    numerics: the backward passes' (deepvis_repro/numerics.py; deepvis-mine passes its own).
     Returns {layer: units written}."""
     mode = resolve_mode(backend, mode)
     store = AtlasStore(atlas_dir)
@@ -177,53 +202,88 @@ def render_montages(backend, atlas_dir, layers=None, units=None, mode: str = "au
             raise DeepvisError(f"layer {l} was not mined in {store.root}; mined: {', '.join(mined)}")
     cache = ViewCache(store.corpus(), backend.view_spec())
     written = {}
-    for layer in layers:
-        arrays = store.layer_arrays(layer)
-        geometry = layer_geometry(backend, layer)
-        t = int(tile or default_tile(geometry, backend.input_size))
-        channels = arrays["values"].shape[0]
-        todo = [u for u in (range(channels) if units is None else units) if 0 <= int(u) < channels]
-        sides = [("max_im", "max_deconv", "")] + ([("min_im", None, "min_")] if "min_values" in arrays else [])
-        # done: every file there and whole (a truncated one, from a crash, is made again)
-        todo = [u for u in todo if not all(image_file_ok(store.unit_file(k, layer, u)) for s in sides
-                                           for k in s[:2] if k)]
-        bar = progress_bar(total=len(todo), desc=f"montages {layer}", unit="unit", enabled=progress)
-        per_chunk = max(1, batch_size // max(1, arrays["values"].shape[1]))
-        for start in range(0, len(todo), per_chunk):
-            chunk = todo[start:start + per_chunk]
-            for im_kind, deconv_kind, prefix in sides:
-                _render_chunk(backend, store, cache, layer, geometry, arrays, chunk, t, mode, batch_size,
-                              im_kind, deconv_kind, prefix)
-            bar.update(len(chunk))
-        bar.close()
-        written[layer] = len(todo)
-        manifest = store.manifest()
-        manifest["layers"][layer].update(receptive_field=geometry.as_dict(), tile=t)
-        manifest.setdefault("montages", {})[layer] = {"mode": mode, "tile": t}
-        manifest.pop("format", None)
-        store.write_manifest(manifest)
+    with _Writer() as writer:
+        for layer in layers:
+            arrays = store.layer_arrays(layer)
+            geometry = layer_geometry(backend, layer)
+            t = int(tile or default_tile(geometry, backend.input_size))
+            channels = arrays["values"].shape[0]
+            todo = [u for u in (range(channels) if units is None else units) if 0 <= int(u) < channels]
+            sides = [("max_im", "max_deconv", "")] + ([("min_im", None, "min_")] if "min_values" in arrays else [])
+            # done: every file there and whole (a truncated one, from a crash, is made again)
+            todo = [u for u in todo if not all(image_file_ok(store.unit_file(k, layer, u)) for s in sides
+                                               for k in s[:2] if k)]
+            bar = progress_bar(total=len(todo), desc=f"montages {layer}", unit="unit", enabled=progress)
+            for start in range(0, len(todo), units_per_chunk):
+                chunk = todo[start:start + units_per_chunk]
+                for im_kind, deconv_kind, prefix in sides:
+                    _render_chunk(backend, store, cache, layer, geometry, arrays, chunk, t, mode, batch_size,
+                                  im_kind, deconv_kind, prefix, writer, numerics)
+                bar.update(len(chunk))
+            writer.wait()  # the layer's files on disk before the manifest says it has montages
+            bar.close()
+            written[layer] = len(todo)
+            manifest = store.manifest()
+            manifest["layers"][layer].update(receptive_field=geometry.as_dict(), tile=t)
+            manifest.setdefault("montages", {})[layer] = {"mode": mode, "tile": t}
+            manifest.pop("format", None)
+            store.write_manifest(manifest)
     return written
 
 
+class _Writer:
+    """One thread that writes the montages, in the order given (a unit's max_im after its
+    max_deconv: its presence still means both are done); PIL's JPEG encoder releases the GIL, so
+    encoding overlaps the next chunk's backward passes. A failed write (a full disk) is raised in
+    the caller at the next wait, and nothing more is written after it."""
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.pending = ThreadPoolExecutor(1, thread_name_prefix="montage-writer"), []
+        return self
+
+    def save(self, path, image):
+        self.pending.append(self.pool.submit(save_image, path, image))
+        if len(self.pending) > 256:  # bounded: the computing side may not run far ahead
+            self.wait(keep=64)
+
+    def wait(self, keep: int = 0):
+        while len(self.pending) > keep:
+            self.pending.pop(0).result()
+
+    def __exit__(self, kind, *_):
+        if kind is not None:  # an error or Ctrl-C: what was queued is dropped, not written
+            for f in self.pending:
+                f.cancel()
+        self.pool.shutdown(wait=True)
+        if kind is None:
+            self.wait()
+        return False
+
+
 def _render_chunk(backend, store, cache, layer, geometry, arrays, units, tile, mode, batch_size,
-                  im_kind, deconv_kind, prefix):
+                  im_kind, deconv_kind, prefix, writer, numerics):
     ids = arrays[f"{prefix}image_ids"][units]        # (U, k)
     pos = arrays[f"{prefix}positions"][units]        # (U, k, 2)
     k = ids.shape[1]
     flat_ids = ids.reshape(-1)
+    flat_pos = pos.reshape(-1, 2)
     views = cache.get_many(flat_ids)
-    boxes = [display_box(geometry, y, x, backend.input_size) for y, x in pos.reshape(-1, 2)]
+    boxes = [display_box(geometry, y, x, backend.input_size) for y, x in flat_pos]
     patches = [None if v is None else fit_tile(crop_box(v, b), tile) for v, b in zip(views, boxes)]
     deconvs: list = [None] * len(views)
     if deconv_kind:
         have = [i for i, v in enumerate(views) if v is not None]
         chans = np.repeat(np.asarray(units), k)
-        for s in range(0, len(have), batch_size):
-            sel = have[s:s + batch_size]
-            g = unit_backprop(backend, np.stack([views[i] for i in sel]), layer, chans[sel],
-                              pos.reshape(-1, 2)[sel], mode)
-            for j, i in enumerate(sel):
-                deconvs[i] = fit_tile(render_signed(crop_box(g[j], boxes[i])), tile)
+        by_id = {int(flat_ids[i]): views[i] for i in have}
+
+        def tile_of(j, g):
+            i = have[j]
+            deconvs[i] = fit_tile(render_signed(crop_box(g, boxes[i])), tile)
+
+        shared_backprop(backend, by_id, [(int(flat_ids[i]), int(chans[i]), tuple(flat_pos[i])) for i in have],
+                        layer, tile_of, mode, images=batch_size, numerics=numerics)
     for u_i, u in enumerate(units):
         part = slice(u_i * k, (u_i + 1) * k)
         path = store.unit_file(im_kind, layer, u)
@@ -231,5 +291,5 @@ def _render_chunk(backend, store, cache, layer, geometry, arrays, units, tile, m
         if deconv_kind:
             dpath = store.unit_file(deconv_kind, layer, u)
             os.makedirs(os.path.dirname(dpath), exist_ok=True)
-            save_image(dpath, montage(deconvs[part], tile))
-        save_image(path, montage(patches[part], tile))  # last: its presence means both are done
+            writer.save(dpath, montage(deconvs[part], tile))
+        writer.save(path, montage(patches[part], tile))  # last: its presence means both are done
