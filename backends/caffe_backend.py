@@ -194,6 +194,7 @@ class CaffeBackend(HookBackend):
         elif labels:
             labels = read_labels(labels)
         has_prob = any(b == "prob" for b, _ in writers)
+        self.channel_order = "BGR"
         flip = torch.tensor([2, 1, 0])
         scale = float(input_scale)
         super().__init__(

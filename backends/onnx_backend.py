@@ -82,6 +82,59 @@ def clean_graph(model):
     return model
 
 
+AUTO_PAD_OPS = ("Conv", "MaxPool", "AveragePool", "LpPool")
+
+
+def explicit_pads(model, path: str):
+    """auto_pad SAME_UPPER / SAME_LOWER / VALID (Keras and TensorFlow exports) written as the
+    explicit pads they stand for, which onnx2torch converts (it refuses SAME_*). SAME pads the
+    total (ceil(in / stride) - 1) * stride + (kernel - 1) * dilation + 1 - in, its odd pixel at the
+    end (UPPER) or the start (LOWER): the input sizes come from onnx's shape inference."""
+    import math
+
+    import onnx
+
+    nodes = [n for n in model.graph.node if n.op_type in AUTO_PAD_OPS
+             and any(a.name == "auto_pad" and a.s.decode() not in ("NOTSET", "") for a in n.attribute)]
+    if not nodes:
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is a convenience here: without it, sizes stay unknown
+        inferred = model
+    shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in nodes:
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs["auto_pad"].s.decode()
+        where = f"ONNX file {path}: node {node.name or node.output[0]} ({node.op_type}, auto_pad={mode})"
+        shape = shapes.get(node.input[0])
+        spatial = shape[2:] if shape and len(shape) >= 3 else [None]
+        if None in spatial:
+            raise DeepvisError(f"{where}: the size of its input is unknown (onnx's shape inference gives "
+                               "none), so its padding cannot be made explicit; export the model with a fixed "
+                               "input size")
+        rank = len(spatial)
+        kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else inits.get(node.input[1], [])[2:]
+        strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * rank
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * rank
+        if len(kernel) != rank:
+            raise DeepvisError(f"{where}: its kernel size is unknown (no kernel_shape, and the weight is not "
+                               "a constant), so its padding cannot be made explicit")
+        begin, end = [], []
+        for n, k, st, d in zip(spatial, kernel, strides, dilations):
+            total = 0 if mode == "VALID" else max((math.ceil(n / st) - 1) * st + (k - 1) * d + 1 - n, 0)
+            small, large = total // 2, total - total // 2
+            begin.append(small if mode != "SAME_LOWER" else large)
+            end.append(total - begin[-1])
+        for name in ("auto_pad", "pads"):
+            if name in attrs:
+                node.attribute.remove(attrs[name])
+        node.attribute.append(onnx.helper.make_attribute("pads", begin + end))
+    return model
+
+
 def check_initializers(model, path: str) -> None:
     """Every weight holds as many values as its shape claims (a tiny file declaring a
     4x3x30000x30000 weight is refused here, before anything of that size is made)."""
@@ -123,7 +176,7 @@ def load_onnx(path: str):
     check_initializers(model, path)
     if not len(model.graph.input):
         raise DeepvisError(f"ONNX file {path} has no graph input")
-    return clean_graph(model)
+    return explicit_pads(clean_graph(model), path)
 
 
 def _opset(model) -> int:
@@ -168,6 +221,7 @@ def _convert(model, path: str):
         return onnx2torch.convert(model)
     except NotImplementedError as e:
         op, ver = describe(e)
+        why = str(e)
         if _opset(model) > TARGET_OPSET:
             from onnx import version_converter
 
@@ -176,12 +230,16 @@ def _convert(model, path: str):
                 return onnx2torch.convert(down)
             except NotImplementedError as e2:
                 op, ver = describe(e2)
+                why = str(e2)
             except Exception as e2:
                 raise DeepvisError(
                     f"ONNX file {path} uses operator {op} at opset {ver}, which onnx2torch cannot convert, and "
                     f"onnx cannot convert the file to opset {TARGET_OPSET} ({str(e2).splitlines()[0][:120]}); "
                     f"export it with opset_version={TARGET_OPSET} (torch.onnx.export(..., dynamo=False, "
                     f"opset_version={TARGET_OPSET}))") from None
+        if "operation_type='" not in why:  # a refusal inside a converter: its own words
+            raise DeepvisError(f"ONNX file {path} (opset {_opset(model)}): onnx2torch cannot convert it: "
+                               f"{(why.splitlines() or [''])[0][:200]}") from None
         raise DeepvisError(f"ONNX file {path} uses operator {op} (opset {ver}), which onnx2torch "
                            "cannot convert") from None
 
@@ -267,7 +325,8 @@ class OnnxBackend(HookBackend):
         mean, std = (mean_image if mean_image is not None else _three("mean", mean)), _three("std", std)
         if any(s <= 0 for s in std):
             raise DeepvisError(f"std must be three positive numbers, got {std}")
-        order = torch.tensor([0, 1, 2] if str(channel_order).upper() == "RGB" else [2, 1, 0])
+        self.channel_order = str(channel_order).upper()
+        order = torch.tensor([0, 1, 2] if self.channel_order == "RGB" else [2, 1, 0])
         inv_std = 1.0 / torch.tensor(std).view(1, 3, 1, 1)
         nhwc = layout == "NHWC"
 

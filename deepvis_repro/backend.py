@@ -73,6 +73,9 @@ class Backend:
     #: (h, w): stretch to this size first, then centre-crop the input size (Caffe's transform).
     resize: tuple[int, int] | None = None
     name: str = "backend"
+    #: The channel order the model itself reads ("RGB" or "BGR": Caffe models). Informational: the
+    #: contract's x is RGB for every backend, and a BGR model swaps the channels inside.
+    channel_order: str = "RGB"
 
     # ----- layers ---------------------------------------------------------------------------------
     def resolve_layer(self, name: str) -> str:

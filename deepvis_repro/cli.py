@@ -25,8 +25,11 @@ def inspect_task(cfg) -> None:
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
     if cfg.image:
         image = load_image(cfg.image)
-        if backend.labels is None:
-            raise DeepvisError(f"backend {backend.name} has no class labels to name what is in an image")
+        if "prob" not in backend.layers:
+            raise DeepvisError(f"backend {backend.name} has no class output ('prob') to name what is in an image")
+        if backend.labels is None:  # a model without a labels file still says which classes: by index
+            print(f"(backend {backend.name} has no labels: classes by index; backend.labels=FILE names them)",
+                  file=sys.stderr)
         from .validate import whole
 
         top_k = whole("top_k", cfg.top_k, 1)
@@ -41,12 +44,16 @@ def inspect_task(cfg) -> None:
     h, w = backend.input_size
     shapes = layer_shapes(backend, backend.layers)
     inverse_alias = {v: k for k, v in backend.aliases.items()}
-    print(f"backend {backend.name}: input {h}x{w} RGB, {len(backend.layers)} layers")
-    print(f"{'layer':<24}{'output shape':<22}{'channels':>8}")
+    order = backend.channel_order
+    print(f"backend {backend.name}: input {h}x{w}, {order}" + (" (images are given as RGB; swapped inside)"
+                                                                 if order != "RGB" else "")
+          + f", {len(backend.layers)} layers")
+    labels = {n: n + (f" ({inverse_alias[n]})" if n in inverse_alias else "") for n in backend.layers}
+    width = max([24] + [len(v) + 2 for v in labels.values()])  # long names keep their own column
+    print(f"{'layer':<{width}}{'output shape':<22}{'channels':>8}")
     for name in backend.layers:
         shape = shapes[name]
-        label = name + (f" ({inverse_alias[name]})" if name in inverse_alias else "")
-        print(f"{label:<24}{str(shape):<22}{shape[0]:>8}")
+        print(f"{labels[name]:<{width}}{str(shape):<22}{shape[0]:>8}")
 
 
 def inspect_main() -> None:

@@ -181,6 +181,13 @@ def stretch_around_grey(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(127.5 + 127.5 * x / m), 0, 255).astype(np.uint8)
 
 
+def stretched(img: np.ndarray) -> np.ndarray:
+    """An image (uint8, 0..255) with its deviation from mid-grey stretched to the full range: how
+    optimized images are shown (short runs and strong regularization leave faint images; the
+    stored file is untouched)."""
+    return stretch_around_grey(np.asarray(img).astype(np.float64) - 127.5)
+
+
 def _font(size: int):
     from PIL import ImageFont
 

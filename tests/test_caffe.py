@@ -5,7 +5,9 @@ import time
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
+from PIL import Image
 
 import deepvis_repro as dv
 from deepvis_repro.errors import DeepvisError
@@ -169,6 +171,17 @@ def test_inspect_cli_with_caffe(caffenet_files, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "conv1" in r.stdout and "(16, 32, 32)" in r.stdout and "fc8" in r.stdout
+    # the model's own channel order in the header (Caffe: BGR; the contract's images stay RGB)
+    assert "BGR (images are given as RGB; swapped inside)" in r.stdout.splitlines()[0]
+    # a model without a labels file still names the classes, by index, and says so once
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "cat.png")
+    r = subprocess.run(["deepvis-inspect", "backend=caffe", f"backend.prototxt={proto}",
+                        f"backend.weights={weights}", f"backend.cache_dir={tmp_path}", f"image={tmp_path / 'cat.png'}",
+                        "top_k=3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [l.split() for l in r.stdout.strip().splitlines()]
+    assert len(rows) == 3 and all(len(x) == 3 and x[1] == x[2] for x in rows)  # index named by itself
+    assert "has no labels: classes by index" in r.stderr
     r = subprocess.run(["deepvis-inspect", "backend=caffe", f"backend.prototxt={proto}",
                         f"backend.weights={tmp_path / 'x.caffemodel'}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "caffemodel not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1

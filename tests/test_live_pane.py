@@ -11,7 +11,7 @@ from PIL import Image
 from deepvis_repro.atlas import mine
 from deepvis_repro.atlas.optimized import optimize_into_atlas
 from deepvis_repro.atlas.patches import render_montages
-from deepvis_repro.atlas.store import AtlasStore
+from deepvis_repro.atlas.store import AtlasReader, AtlasStore
 from deepvis_repro.live.draw import CAPTION_H, STATUS_H, UNIT_PANE
 
 ENV = dict(os.environ, SDL_VIDEODRIVER="dummy", SDL_AUDIODRIVER="dummy")
@@ -36,7 +36,7 @@ def fitted(path, quadrant=False, stretch=False):
     s = min(UNIT_PANE / w, SLOT_H / h)
     a = np.asarray(im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR))
     if stretch:
-        from deepvis_repro.live.pane import stretched
+        from deepvis_repro.images import stretched
         a = stretched(a)
     return a
 
@@ -83,6 +83,15 @@ def test_pane_shows_the_selected_units_three_pictures(atlas, tmp_path):
     # another unit's montage differs: the pane follows the cursor
     other = fitted(st.unit_file("max_im", "blocks.4", 3)).astype(int)
     assert np.abs(slot(img, 1, other.shape[1::-1]) - other).mean() > 10
+
+
+def test_pane_captions_count_the_atlas_own_k(lite0, photos, tmp_path):
+    """An atlas mined with top_k=4 is captioned "top 4" (the reader's k), not the original's 9."""
+    for name, img in photos.items():
+        Image.fromarray(img).save(tmp_path / f"{name}.png")
+    mine(lite0, [str(tmp_path / f"{n}.png") for n in photos], ["blocks.1"], top_k=4, progress=False,
+         atlas_dir=tmp_path / "a")
+    assert AtlasReader(tmp_path / "a").top_k == 4
 
 
 def test_pattern_mode_and_an_on_demand_image(atlas, tmp_path):

@@ -262,7 +262,7 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path):
     ("deepvis-live", ["source=image", "source.path=PHOTO", "live.atlas=MISSING"], "atlas folder not found"),
     ("deepvis-live", ["source=image", "source.path=PHOTO", "live.keys=[x,F5,zz,o]"],
      "unknown key(s) in live.keys: x, F5, zz; valid:"),
-    ("deepvis-optimize", ["optimize.numerics=exact"], "numerics must be default or portable, got 'exact'"),
+    ("deepvis-optimize", ["optimize.numerics=exact"], "numerics must be one of default, portable, bf16, got 'exact'"),
     ("deepvis-optimize", ["optimize.steps=abc"], "optimize.steps must be a whole number, got 'abc'"),
     ("deepvis-optimize", ["optimize.steps=2.5"], "optimize.steps must be a whole number, got 2.5"),
     ("deepvis-optimize", ["optimize.seed=abc"], "optimize.seed must be a whole number"),

@@ -51,3 +51,76 @@ def test_unsupported_operator_is_named(tmp_path):
         dv.load_backend("onnx", path=str(tmp_path / "junk.onnx"))
     with pytest.raises(DeepvisError, match="ONNX file not found"):
         dv.load_backend("onnx", path=str(tmp_path / "none.onnx"))
+
+
+def _keras_style(path, pool_mode="SAME_UPPER"):
+    """A graph as keras2onnx / tf2onnx write it: NHWC input, a Transpose to NCHW, convolutions and
+    a max-pool with auto_pad SAME_UPPER / SAME_LOWER / VALID (odd totals: asymmetric pads), PRelu,
+    global pooling, a dense layer and a softmax."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Transpose", ["data"], ["nchw"], perm=[0, 3, 1, 2], name="to_nchw"),
+        helper.make_node("Conv", ["nchw", "w1", "b1"], ["c1"], strides=[2, 2], kernel_shape=[3, 3],
+                         auto_pad="SAME_UPPER", name="conv1"),
+        helper.make_node("PRelu", ["c1", "slope"], ["a1"], name="prelu1"),
+        helper.make_node("MaxPool", ["a1"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], auto_pad=pool_mode,
+                         name="pool1"),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], kernel_shape=[2, 2], auto_pad="SAME_LOWER", name="conv2"),
+        helper.make_node("Relu", ["c2"], ["a2"], name="relu2"),
+        helper.make_node("Conv", ["a2", "w3"], ["c3"], kernel_shape=[3, 3], auto_pad="VALID", name="conv3"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "wd", "bd"], ["logits"], transB=1, name="dense"),
+        helper.make_node("Softmax", ["logits"], ["prob"], axis=1, name="softmax"),
+    ]
+    inits = [w("w1", 8, 3, 3, 3), w("b1", 8), w("slope", 8, 1, 1), w("w2", 12, 8, 2, 2), w("w3", 16, 12, 3, 3),
+             w("wd", 5, 16), w("bd", 5)]
+    graph = helper.make_graph(nodes, "keras_style", [helper.make_tensor_value_info("data", TensorProto.FLOAT,
+                                                                                   [1, 37, 37, 3])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 5])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("pool_mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_keras_style_auto_pad_matches_onnxruntime(tmp_path, photos, pool_mode):
+    """auto_pad=SAME_* (refused by onnx2torch) is written as explicit pads: every layer of an
+    odd-sized NHWC graph (37 px: totals of 1 and 3 pixels, put at the end or the start) equals
+    onnxruntime's value of the same tensor."""
+    import numpy as np
+    import onnxruntime as ort
+
+    path = _keras_style(tmp_path / "keras.onnx", pool_mode)
+    b = dv.load_backend("onnx", path=str(path), mean=[127.5] * 3, std=[127.5] * 3, crop=False)
+    assert b.input_size == (37, 37) and "pool1" in b.layers
+    x = b.preprocess(photos["coffee"])
+    with torch.no_grad():
+        got = b.forward(x, ["conv1", "pool1", "conv2", "conv3", "prob"])
+    # onnxruntime on the file as written (auto_pad intact), asked for the same intermediate values
+    m = onnx.load(str(path))
+    m.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("c1", "p1", "c2", "c3")])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    nhwc = (x / 127.5).permute(0, 2, 3, 1).numpy()
+    ref = dict(zip(["prob", "c1", "p1", "c2", "c3"], sess.run(None, {"data": nhwc})))
+    for layer, name in (("conv1", "c1"), ("pool1", "p1"), ("conv2", "c2"), ("conv3", "c3"), ("prob", "prob")):
+        assert got[layer].shape == ref[name].shape, layer
+        np.testing.assert_allclose(got[layer].numpy(), ref[name], rtol=1e-4, atol=1e-5, err_msg=layer)
+
+
+def test_auto_pad_on_an_input_of_unknown_size_is_one_line(tmp_path):
+    node = helper.make_node("MaxPool", ["data"], ["out"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER",
+                            name="pool")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    path = tmp_path / "dyn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    with pytest.raises(DeepvisError, match=r"node pool \(MaxPool, auto_pad=SAME_UPPER\): the size of its input is "
+                                           r"unknown"):
+        dv.load_backend("onnx", path=str(path), input_size=[32, 32])

@@ -1,15 +1,10 @@
-"""Looking at an atlas: index.html (every mined unit's pictures, by layer; opens offline), and a
-labelled figure of chosen units (the README's picture)."""
+"""Looking at an atlas: index.html (every mined unit's pictures, by layer; opens offline)."""
 from __future__ import annotations
 
 import html
 import os
 
-import numpy as np
-from PIL import Image
-
 from ..files import write_text
-from ..images import figure_grid
 from .store import AtlasStore, layer_slug
 
 KIND_TITLES = {"regularized_opt": "optimized", "max_im": "top-9 patches", "max_deconv": "their deconv",
@@ -58,29 +53,3 @@ def write_index(atlas_dir, max_units: int | None = None) -> str:
     path = store.path("index.html")
     write_text(path, "\n".join(parts) + "\n")
     return path
-
-
-def atlas_figure(atlas_dir, units: list[tuple[str, int]], labels: dict | None = None, tile: int = 240) -> np.ndarray:
-    """A figure: one row per unit, columns optimized image (contrast-stretched around grey, as the
-    live view shows it) / top-9 patches / their deconv or guided backprop (what exists)."""
-    from ..images import stretch_around_grey
-
-    store = AtlasStore(atlas_dir)
-    m = store.manifest() or {}
-    kinds = [k for k in ("regularized_opt", "max_im", "max_deconv")
-             if any(os.path.isfile(store.unit_file(k, l, u)) for l, u in units)]
-    rows = []
-    for l, u in units:
-        row = []
-        for k in kinds:
-            p = store.unit_file(k, l, u)
-            im = np.asarray(Image.open(p).convert("RGB")) if os.path.isfile(p) else None
-            if im is not None and k == "regularized_opt":
-                im = stretch_around_grey(im.astype(np.float64) - 127.5)
-            row.append(im)
-        rows.append(row)
-    modes = {v.get("mode") for v in m.get("montages", {}).values()}
-    back = {"guided": "guided backprop", "gradient": "gradient"}.get(modes.pop(), "deconv") if len(modes) == 1 else "deconv"
-    titles = {"regularized_opt": "optimized (stretched)", "max_im": "top-9 patches", "max_deconv": f"their {back}"}
-    names = [f"{l}:{u}" + (f" {labels[(l, u)]}" if labels and (l, u) in labels else "") for l, u in units]
-    return figure_grid(rows, row_labels=names, col_labels=[titles[k] for k in kinds], tile=tile)

@@ -220,6 +220,11 @@ class AtlasReader:
             raise DeepvisError(f"{self.root} is not an atlas: no manifest.json and none of "
                                f"{', '.join(k + '/' for k in KINDS)}")
 
+    @property
+    def top_k(self) -> int:
+        """Images per unit in the montages (the original toolbox's: 9)."""
+        return int((self.manifest or {}).get("top_k") or 9)
+
     def layer_folder(self, layer: str) -> str:
         if self.original:
             return CAFFENET_REMAP.get(layer, layer)

@@ -19,18 +19,11 @@ from PIL import Image
 
 from ..atlas.patches import PAD, fit_tile, montage
 from ..atlas.store import AtlasReader
+from ..images import stretched
 
 #: Slots of the pane, top to bottom, and their captions.
 SLOTS = (("regularized_opt", "optimized (contrast-stretched)"), ("max_im", "top 9"),
          ("max_deconv", "deconv of the top 9"))
-
-
-def stretched(img: np.ndarray) -> np.ndarray:
-    """An optimized image for display: its deviation from mid-grey stretched to the full range
-    (short runs leave faint images; the stored file is untouched)."""
-    from ..images import stretch_around_grey
-
-    return stretch_around_grey(img.astype(np.float64) - 127.5)
 
 
 def read_picture(path: str, quadrant: bool, size: tuple[int, int]) -> np.ndarray | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DeepvisError
-from ..images import figure_grid, save_png, stretch_around_grey
+from ..images import figure_grid, save_png, stretched
 from ..numerics import Numerics
 from ..optimize import get_preset, optimize
 from ..outputs import unit_label
@@ -174,9 +174,8 @@ def _write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> 
         save_png(out / "grid.png", figure_grid(rows, row_labels=settings, col_labels=cols, tile=160))
         # The same images contrast-stretched around grey (the original's 'without mean' view):
         # faint images show what structure they hold.
-        stretched = [[None if im is None else stretch_around_grey(im.astype(np.float64) - 127.5)
-                      for im in row] for row in rows]
-        save_png(out / "grid_stretched.png", figure_grid(stretched, row_labels=settings, col_labels=cols, tile=160))
+        save_png(out / "grid_stretched.png", figure_grid([[None if im is None else stretched(im) for im in row]
+                                                          for row in rows], row_labels=settings, col_labels=cols, tile=160))
     seed = int(info.get("seed", 0))
     claim_tests = claim(run.records, seed=seed)
     metrics = {**info, "interrupted": run.interrupted, "seconds": run.seconds, "numerics": run.numerics,

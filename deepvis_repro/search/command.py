@@ -86,10 +86,11 @@ def search_task(cfg) -> None:
         raise DeepvisError(f"no trial finished (see the warnings above); nothing written to {folder}")
     front = ledger.write_pareto()
     best = choose_best(rows, space, steps)
+    here = machine()
     provenance = {"backend": backend.name, "judge": judge.name, "units": units, "trials": len(rows),
                   "budget_steps": steps, "sampler": sampler, "seed": seed, "lr_scale": lr_scale,
                   "search_dir": os.path.abspath(folder), "command": "deepvis-search " + " ".join(sys.argv[1:]),
-                  "machine": machine(),
+                  "machine": here,
                   "date": time.strftime("%Y-%m-%d")}
     paths = write_presets(folder, best, steps, provenance)
     pareto_figure(os.path.join(folder, "pareto.png"), rows, front, best)
@@ -97,7 +98,7 @@ def search_task(cfg) -> None:
                "stopped_early": sum(r["status"] != "finished" for r in rows), "seconds_this_run": time.perf_counter() - t0,
                "pareto": sorted(front), "best": [{"file": p, "trial": r["trial"], "score": r["score"]}
                                                  for p, r in zip(paths, best)],
-               "versions": versions(), "machine": machine()}
+               "versions": versions(), "machine": here}
     print(f"{len(rows)} trials in {folder}/trials.csv ({summary['stopped_early']} stopped early); "
           f"Pareto front: {len(front)} trials")
     for p, r in zip(paths, best):

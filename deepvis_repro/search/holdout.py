@@ -66,15 +66,12 @@ def comparison_line(p: dict) -> str:
 def comparison_figure(path: Path, records: list, images: dict) -> None:
     """The kept settings, paper_3 and plain gradient ascent on the held-out units, one row each,
     contrast-stretched around grey (as the README's figures)."""
-    import numpy as np
-
-    from ..images import figure_grid, save_png, stretch_around_grey
+    from ..images import figure_grid, save_png, stretched
 
     settings = [s for s in dict.fromkeys(r["setting"] for r in records) if s.startswith("best_")]
     settings += [s for s in ("paper_3", "none") if any(r["setting"] == s for r in records)]
     units = list(dict.fromkeys(r["unit"] for r in records))
     labels = {r["unit"]: r["label"] for r in records}
-    rows = [[None if images.get((s, u)) is None else stretch_around_grey(images[(s, u)].astype(np.float64) - 127.5)
-             for u in units] for s in settings]
+    rows = [[None if images.get((s, u)) is None else stretched(images[(s, u)]) for u in units] for s in settings]
     cols = [f"{u} {labels[u] or ''}".strip() for u in units]
     save_png(path, figure_grid(rows, row_labels=settings, col_labels=cols, tile=128))

@@ -102,6 +102,13 @@ def summarize(per_unit: list[dict]) -> dict:
             "total_variation": mean("total_variation"), "hf_energy": mean("hf_energy"), "units": per_unit}
 
 
+def unit_classes(backend, units) -> list[int | None]:
+    """The class each unit stands for: its channel in the output layer of a labelled model, else
+    None (a hidden unit)."""
+    out = backend.output_layer
+    return [u.channel if u.layer == out and backend.labels else None for u in units]
+
+
 def build_panel(backend, judge, unit_specs, corpus=None, batch: int = 32, progress: bool = True) -> Panel:
     """The panel for these units: each unit's natural statistics over the corpus (a folder, a list,
     a video, or None for the demo corpus), mined once before the trials."""
@@ -109,8 +116,7 @@ def build_panel(backend, judge, unit_specs, corpus=None, batch: int = 32, progre
     from ..progress import progress as progress_bar
 
     units = resolve_units(backend, unit_specs)
-    out = backend.output_layer
-    classes = [u.channel if u.layer == out and backend.labels else None for u in units]
+    classes = unit_classes(backend, units)
     n_classes = len(judge.labels) if judge.labels else 0
     if any(c is not None for c in classes) and not n_classes:
         raise DeepvisError(f"the judge {judge.name} has no class labels to rank the class units by")
@@ -162,9 +168,7 @@ def load_or_build_panel(path: str, backend, judge, unit_specs, corpus=None) -> P
             a = load_sealed_npz(path, "scoring panel")
             meta = json.loads(str(a["meta"]))
             if a["natural_mean"].shape == (len(units),):
-                out = backend.output_layer
-                classes = [u.channel if u.layer == out and backend.labels else None for u in units]
-                return Panel(units, classes, *(a[k] for k in ARRAYS), int(meta["n_classes"]), meta["corpus"],
+                return Panel(units, unit_classes(backend, units), *(a[k] for k in ARRAYS), int(meta["n_classes"]), meta["corpus"],
                              int(meta["corpus_size"]))
         except (DeepvisError, KeyError, ValueError):
             pass  # measured again below

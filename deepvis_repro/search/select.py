@@ -26,23 +26,23 @@ def choose_best(rows: list[dict], space: dict, base_steps: int, k: int = 4) -> l
     Trials stopped early rank after every finished one (their score is of a shorter run)."""
     ranked = sorted([r for r in rows if r.get("score") is not None],
                     key=lambda r: (r["status"] != "finished", -r["score"], int(r["trial"])))
-    kept: list[dict] = []
+    # each trial's pattern and place in the space, once
+    kind = [_kind(to_preset(r["params"], base_steps)) for r in ranked]
+    place = [coordinates(space, r["params"]) for r in ranked]
+    kept: list[int] = []
     for rule in ("pattern", "distance", "any"):
-        for r in ranked:
+        for i in range(len(ranked)):
             if len(kept) == k:
-                return kept
-            if r in kept:
+                return [ranked[j] for j in kept]
+            if i in kept:
                 continue
-            p = _kind(to_preset(r["params"], base_steps))
-            c = coordinates(space, r["params"])
-            if rule == "pattern" and any(_kind(to_preset(o["params"], base_steps)) == p for o in kept):
+            if rule == "pattern" and any(kind[j] == kind[i] for j in kept):
                 continue
             if rule in ("pattern", "distance") and any(
-                    np.linalg.norm(c - coordinates(space, o["params"])) / np.sqrt(len(c)) < MIN_DISTANCE
-                    for o in kept):
+                    np.linalg.norm(place[i] - place[j]) / np.sqrt(len(place[i])) < MIN_DISTANCE for j in kept):
                 continue
-            kept.append(r)
-    return kept
+            kept.append(i)
+    return [ranked[j] for j in kept]
 
 
 def write_presets(folder: str, best: list[dict], base_steps: int, provenance: dict) -> list[str]:
