@@ -16,6 +16,7 @@ from torch import nn
 from deepvis_repro.errors import DeepvisError
 
 from . import caffe_proto
+from .caffe_proto import RAW_DTYPES
 
 SKIPPED_IN_DEPLOY = {"Input", "Data", "ImageData", "MemoryData", "HDF5Data", "DummyData", "Silence",
                      "Accuracy", "SoftmaxWithLoss", "EuclideanLoss", "HingeLoss"}
@@ -58,7 +59,17 @@ def read_caffemodel(path: str):
 def blob_array(blob) -> np.ndarray:
     shape = list(blob.shape.dim) if blob.HasField("shape") else \
         [d for d in (blob.num, blob.channels, blob.height, blob.width)]
-    data = np.asarray(blob.data if len(blob.data) else blob.double_data, dtype=np.float32)
+    if blob.raw_data:  # NVIDIA Caffe's / OpenCV's raw storage: half precision, most often
+        kind = RAW_DTYPES.get(blob.raw_data_type)
+        if kind is None:
+            raise DeepvisError(f"blob of shape {shape} is stored as raw data of type "
+                               f"{blob.raw_data_type} (INT/UINT), which holds no weights")
+        if len(blob.raw_data) % np.dtype(kind).itemsize:
+            raise DeepvisError(f"blob of shape {shape}: its raw data ({len(blob.raw_data)} bytes) is not a whole "
+                               f"number of {np.dtype(kind).name} values")
+        data = np.frombuffer(blob.raw_data, dtype=kind).astype(np.float32)
+    else:
+        data = np.asarray(blob.data if len(blob.data) else blob.double_data, dtype=np.float32)
     if data.size != int(np.prod(shape)):
         raise DeepvisError(f"blob holds {data.size} values but declares shape {shape}")
     return data.reshape(shape)

@@ -3,7 +3,8 @@ pass over the graph.
 
 What works (tests/test_onnx.py builds each case): classification models exported by
 torch.onnx.export (TorchScript exporter, opset 9-17; the dynamo exporter's opset 18+ is converted
-to opset 17 with onnx's version converter), tf2onnx / paddle2onnx style graphs with NHWC inputs,
+to opset 17 with onnx's version converter, or, where it has no adapter, read as opset 17 when every
+node means the same there: onnx_opset.py), tf2onnx / paddle2onnx style graphs with NHWC inputs,
 graphs that end in their own Softmax, graphs full of shape arithmetic, and the files
 deepvis-convert writes from Caffe models (their metadata gives the channel order, mean and scale).
 What does not: operators onnx2torch has no converter for (the error names the operator and opset),
@@ -27,6 +28,8 @@ from onnx2torch.node_converters.pad import OnnxPadDynamic
 from deepvis_repro.backend import HookBackend, check_input_size
 from deepvis_repro.errors import DeepvisError
 from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
+
+from .onnx_opset import as_opset17
 
 SKIP_MODULES = ("Dropout", "Identity", "OnnxCopyIdentity")
 #: ONNX operators that only move or relabel values (a transposed or reshaped copy of another
@@ -231,12 +234,14 @@ def _convert(model, path: str):
             except NotImplementedError as e2:
                 op, ver = describe(e2)
                 why = str(e2)
-            except Exception as e2:
-                raise DeepvisError(
-                    f"ONNX file {path} uses operator {op} at opset {ver}, which onnx2torch cannot convert, and "
-                    f"onnx cannot convert the file to opset {TARGET_OPSET} ({str(e2).splitlines()[0][:120]}); "
-                    f"export it with opset_version={TARGET_OPSET} (torch.onnx.export(..., dynamo=False, "
-                    f"opset_version={TARGET_OPSET}))") from None
+            except Exception:
+                # no adapter down (Pad, ...): read the file as opset 17 where every node means the
+                # same there, else the refusal names the node that does not
+                try:
+                    return onnx2torch.convert(as_opset17(model, path, _opset(model)))
+                except NotImplementedError as e3:
+                    op, ver = describe(e3)
+                    why = str(e3)
         if "operation_type='" not in why:  # a refusal inside a converter: its own words
             raise DeepvisError(f"ONNX file {path} (opset {_opset(model)}): onnx2torch cannot convert it: "
                                f"{(why.splitlines() or [''])[0][:200]}") from None

@@ -159,8 +159,9 @@ def pooled(h, k, s, p):
     return n
 
 
-def write_model(layers, size, blobs, folder, name="net", v1_weights=False):
-    """deploy.prototxt (text) and net.caffemodel (binary, weights only), as Caffe writes them."""
+def write_model(layers, size, blobs, folder, name="net", v1_weights=False, half=False):
+    """deploy.prototxt (text) and net.caffemodel (binary, weights only), as Caffe writes them;
+    half: the blobs in half precision, as OpenCV's shrinkCaffeModel writes them (raw_data, FLOAT16)."""
     net = caffe_proto.NetParameter()
     net.name = name
     inp = net.layer.add()
@@ -202,7 +203,11 @@ def write_model(layers, size, blobs, folder, name="net", v1_weights=False):
         for b in ([] if v1_weights else blobs.get(lname, [])):
             blob = model.layer[-1].blobs.add()
             blob.shape.dim.extend(b.shape)
-            blob.data.extend(b.reshape(-1).tolist())
+            if half:
+                blob.raw_data_type = 2  # FLOAT16
+                blob.raw_data = b.astype("<f2").tobytes()
+            else:
+                blob.data.extend(b.reshape(-1).tolist())
     proto = folder / f"{name}.prototxt"
     proto.write_text(text_format.MessageToString(net))
     weights = folder / f"{name}.caffemodel"

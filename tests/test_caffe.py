@@ -187,6 +187,32 @@ def test_inspect_cli_with_caffe(caffenet_files, tmp_path):
     assert r.returncode == 2 and "caffemodel not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_half_precision_caffemodel_loads_its_values(caffenet_files, tmp_path):
+    """A caffemodel shrunk to half precision (OpenCV's shrinkCaffeModel: BlobProto.raw_data,
+    FLOAT16) is the float model with its weights rounded to half: the same outputs, bit for bit,
+    as a float caffemodel of those rounded weights; a raw blob of the wrong length is one line."""
+    layers, size, blobs, proto, _ = caffenet_files
+    rounded = {k: [b.astype(np.float16).astype(np.float32) for b in v] for k, v in blobs.items()}
+    _, half = write_model(layers, size, blobs, tmp_path, name="half", half=True)
+    _, full = write_model(layers, size, rounded, tmp_path, name="rounded")
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    a = dv.load_backend("caffe", prototxt=str(proto), weights=str(half), cache_dir="")
+    b = dv.load_backend("caffe", prototxt=str(proto), weights=str(full), cache_dir="")
+    x = torch.randn(2, 3, size, size) * 40
+    with torch.no_grad():
+        assert torch.equal(a.forward(x, ["fc8"])["fc8"], b.forward(x, ["fc8"])["fc8"])
+    from deepvis_repro_backends import caffe_proto
+
+    model = caffe_proto.NetParameter()
+    model.ParseFromString(half.read_bytes())
+    first = next(l for l in model.layer if len(l.blobs))
+    first.blobs[0].raw_data = first.blobs[0].raw_data[:-3]  # a truncated blob
+    bad = tmp_path / "bad.caffemodel"
+    bad.write_bytes(model.SerializeToString())
+    with pytest.raises(DeepvisError, match=r"raw data \(\d+ bytes\) is not a whole number of float16 values"):
+        dv.load_backend("caffe", prototxt=str(proto), weights=str(bad), cache_dir="")
+
+
 def test_old_v1_caffemodel_loads_the_same(caffenet_files, tmp_path):
     """Old caffemodels (BVLC's own files among them) store 'layers' with legacy 4-D blobs."""
     layers, size, blobs, proto, weights = caffenet_files
