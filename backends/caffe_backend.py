@@ -163,7 +163,7 @@ class CaffeBackend(HookBackend):
     def __init__(self, prototxt: str, weights: str, mean=IMAGENET_MEAN_BGR, labels=None,
                  input_size=None, crop: bool = True, input_scale: float = 1.0, lr_scale: float = 1.0,
                  progress_scale: float = 1.0, cache_dir=None, device: str = "cpu", name: str = "caffe",
-                 resize=None):
+                 resize=None, until: str | None = None):
         prototxt, weights = os.fspath(prototxt), os.fspath(weights)
         self.prototxt, self.weights = prototxt, weights
         self.input_scale = float(input_scale)
@@ -176,15 +176,18 @@ class CaffeBackend(HookBackend):
                                "pixels per side; give backend.input_size=[H,W]")
         cache = default_cache_dir() if cache_dir is None else cache_dir
         blobs, cached = load_weights(prototxt, weights, cache)
+        until = None if until in (None, "") else str(until)
         try:
-            model = CaffeNet(net, blobs)
+            model = CaffeNet(net, blobs, until=until)
         except DeepvisError:
             if not cached:
                 raise
             # the cache entry does not fit (it should not happen): rebuild it from the caffemodel,
             # so that any error names the caffemodel only when the caffemodel is at fault
             blobs, _ = load_weights(prototxt, weights, cache, use_cache=False)
-            model = CaffeNet(net, blobs)
+            model = CaffeNet(net, blobs, until=until)
+        if model.cut:  # the head is gone: the kept blob's channels are not classes
+            labels = None
         # a mismatch names its layer, here rather than mid-run; the shapes also serve the ONNX writer
         self.blob_shapes = model.blob_shapes(size)
         writers = [(b, m) for b, m in model.blob_writers() if b != model.input_blob]
@@ -278,12 +281,18 @@ def _sealed_file_ok(path: Path, key: str) -> bool:
         return False
 
 
+def _direct_only_until(kw: dict) -> None:
+    if kw.pop("until", None) not in (None, ""):
+        raise DeepvisError("backend.until works on the direct route (via=direct); via=onnx converts the whole net")
+
+
 def make_caffe_backend(prototxt: str, weights: str, via: str = "direct", **kw):
     """backend=caffe: the direct route (default), or via=onnx."""
     if via == "direct":
         return CaffeBackend(prototxt, weights, **kw)
     if via != "onnx":
         raise DeepvisError(f"via must be direct or onnx, got '{via}'")
+    _direct_only_until(kw)
     return _via_onnx(os.fspath(prototxt), os.fspath(weights), kw, CaffeBackend,
                      dict(prototxt=prototxt, weights=weights, **kw))
 
@@ -294,6 +303,7 @@ def make_caffenet_backend(weights: str, via: str = "direct", **kw):
         return CaffeNetBackend(weights, **kw)
     if via != "onnx":
         raise DeepvisError(f"via must be direct or onnx, got '{via}'")
+    _direct_only_until(kw)
     kw = {**CAFFENET_DEFAULTS, **kw}
     return _via_onnx(caffenet_prototxt(), os.fspath(weights), {**kw, "name": "caffenet"}, CaffeNetBackend,
                      dict(weights=weights, **kw))

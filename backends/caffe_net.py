@@ -241,6 +241,23 @@ def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
             if p.bias_term:
                 m.bias.copy_(torch.from_numpy(blobs[1].reshape(-1)))
         return m, p.num_output
+    if t == "Deconvolution":  # Caffe's weights are (in, out / group, kh, kw): ConvTranspose2d's layout
+        p = layer.convolution_param
+        k = _pair(p.kernel_size, p.kernel_h, p.kernel_w, 1)
+        s = _pair(p.stride, p.stride_h, p.stride_w, 1)
+        pad = _pair(p.pad, p.pad_h, p.pad_w, 0)
+        dil = _pair(p.dilation, 0, 0, 1)
+        g = p.group
+        if g < 1 or channels % g or p.num_output % g:
+            raise DeepvisError(f"layer '{layer.name}': group {g} does not divide its channels")
+        shapes = [(channels, p.num_output // g, *k)] + ([(p.num_output,)] if p.bias_term else [])
+        _expect(layer, blobs, shapes)
+        m = nn.ConvTranspose2d(channels, p.num_output, k, s, pad, 0, g, bias=p.bias_term, dilation=dil)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(blobs[0].reshape(m.weight.shape)))
+            if p.bias_term:
+                m.bias.copy_(torch.from_numpy(blobs[1].reshape(-1)))
+        return m, p.num_output
     if t == "InnerProduct":
         p = layer.inner_product_param
         if not blobs:
@@ -261,6 +278,20 @@ def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
         return (nn.LeakyReLU(slope) if slope else nn.ReLU()), channels
     if t == "Sigmoid":
         return nn.Sigmoid(), channels
+    if t == "ELU":
+        return nn.ELU(layer.elu_param.alpha), channels
+    if t == "AbsVal":
+        return AbsVal(), channels
+    if t == "Power":
+        p = layer.power_param
+        return Power(p.power, p.scale, p.shift), channels
+    if t == "PReLU":
+        shared = layer.prelu_param.channel_shared
+        _expect(layer, blobs, [(1,) if shared else (channels,)])
+        m = nn.PReLU(1 if shared else channels)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(blobs[0].reshape(-1)))
+        return m, channels
     if t == "TanH":
         return nn.Tanh(), channels
     if t == "Dropout":  # identity at test time (Caffe scales while training)
@@ -293,17 +324,43 @@ def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
     raise DeepvisError(f"unsupported layer '{layer.name}' of type {t}")
 
 
+class AbsVal(nn.Module):
+    """Caffe's AbsVal: |x| (its gradient is sign(x), 0 at 0, as torch.abs's)."""
+
+    def forward(self, x):
+        return x.abs()
+
+
+class Power(nn.Module):
+    """Caffe's Power: (shift + scale * x) ^ power."""
+
+    def __init__(self, power: float, scale: float, shift: float):
+        super().__init__()
+        self.power, self.scale, self.shift = float(power), float(scale), float(shift)
+
+    def forward(self, x):
+        y = x * self.scale + self.shift if (self.scale, self.shift) != (1.0, 0.0) else x
+        return y if self.power == 1.0 else y.pow(self.power)
+
+
 class CaffeNet(nn.Module):
     """Runs the layers in prototxt order on a dict of named blobs."""
 
-    def __init__(self, net, weights: dict, input_blob: str = "data"):
-        """net: the prototxt's NetParameter; weights: layer name -> list of blob arrays."""
+    def __init__(self, net, weights: dict, input_blob: str = "data", until: str | None = None):
+        """net: the prototxt's NetParameter; weights: layer name -> list of blob arrays; until: the
+        last blob to make (the layers after it, and their weights, are never built: a detector's
+        head of unsupported layers does not stop its backbone). ``cut`` says whether any was left."""
         super().__init__()
+        self.cut = False
         self.input_blob = input_blob
         self.steps: list[tuple[str, list[str], list[str]]] = []
         self.layers_ = nn.ModuleDict()
         channels = {input_blob: 3}
         layers = list(net.layer) or list(net.layers)
+        blobs = list(dict.fromkeys(t for l in layers for t in l.top))
+        if until is not None and until not in blobs:  # checked first: a typo is named as such
+            raise DeepvisError(f"until={until}: the net makes no blob of that name; its blobs: "
+                               f"{', '.join(blobs[:12])}{' ...' if len(blobs) > 12 else ''}")
         for layer in layers:
             t = layer_type(layer)
             if t in SKIPPED_IN_DEPLOY:
@@ -314,6 +371,9 @@ class CaffeNet(nn.Module):
             if any(r.phase == 0 for r in layer.include):  # TRAIN-only layers
                 continue
             bottoms, tops = list(layer.bottom), list(layer.top)
+            if until is not None and until in channels and not (tops == bottoms == [until]):
+                self.cut = True  # past the blob, but for layers in place on it (its ReLU)
+                break
             missing = [b for b in bottoms if b not in channels]
             if missing:
                 raise DeepvisError(f"layer '{layer.name}' reads blob '{missing[0]}', which no earlier layer makes")
@@ -321,7 +381,13 @@ class CaffeNet(nn.Module):
                 axis = layer.concat_param.axis
                 module, c = Concat(axis), sum(channels[b] for b in bottoms)
             else:
-                module, c = build_layer(layer, weights.get(layer.name, []), channels[bottoms[0]])
+                try:
+                    module, c = build_layer(layer, weights.get(layer.name, []), channels[bottoms[0]])
+                except DeepvisError as e:
+                    if not str(e).startswith("unsupported layer"):
+                        raise
+                    raise DeepvisError(f"{e}; to look at the network before it, give backend.until={bottoms[0]}") \
+                        from None
             key = f"l{len(self.steps)}_{layer.name}".replace(".", "_")
             self.layers_[key] = module
             self.steps.append((key, bottoms, tops))

@@ -86,7 +86,7 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
     """The ONNX ModelProto of a loaded CaffeBackend (its parsed net and weights)."""
     from onnx import TensorProto, helper
 
-    from .caffe_net import BatchNorm, Concat, Eltwise, Flatten, InnerProduct, Pool, Scale, Softmax
+    from .caffe_net import AbsVal, BatchNorm, Concat, Eltwise, Flatten, InnerProduct, Pool, Power, Scale, Softmax
 
     net = backend.module
     h, w = backend.input_size
@@ -121,6 +121,12 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
             ph, pw = m.padding
             g.node("Conv", args, out, kernel_shape=list(m.kernel_size), strides=list(m.stride),
                    pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups)
+        elif isinstance(m, torch.nn.ConvTranspose2d):
+            wname = g.const(f"{layer}.weight", m.weight.detach().numpy())
+            args = [src[0], wname] + ([g.const(f"{layer}.bias", m.bias.detach().numpy())] if m.bias is not None else [])
+            ph, pw = m.padding
+            g.node("ConvTranspose", args, out, kernel_shape=list(m.kernel_size), strides=list(m.stride),
+                   pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups)
         elif isinstance(m, InnerProduct):
             flat = g.node("Flatten", src[:1], g.value(f"{top}/{layer}/flatten"), axis=1)
             args = [flat, g.const(f"{layer}.weight", m.weight.detach().numpy())]
@@ -133,6 +139,23 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
             g.node("Relu", src, out)
         elif isinstance(m, torch.nn.Sigmoid):
             g.node("Sigmoid", src, out)
+        elif isinstance(m, torch.nn.ELU):
+            g.node("Elu", src, out, alpha=float(m.alpha))
+        elif isinstance(m, AbsVal):
+            g.node("Abs", src, out)
+        elif isinstance(m, Power):
+            y = src[0]
+            if m.scale != 1.0:
+                y = g.node("Mul", [y, g.const(f"{layer}.scale", np.array(m.scale, np.float32))],
+                           g.value(f"{top}/{layer}/scale"))
+            if m.shift != 0.0:
+                y = g.node("Add", [y, g.const(f"{layer}.shift", np.array(m.shift, np.float32))],
+                           g.value(f"{top}/{layer}/shift"))
+            g.node("Pow", [y, g.const(f"{layer}.power", np.array(m.power, np.float32))], out)
+        elif isinstance(m, torch.nn.PReLU):
+            slope = m.weight.detach().numpy().reshape(-1)
+            shape = (1,) if slope.size == 1 else (slope.size,) + (1,) * (len(shapes[bottoms[0]]) - 1)
+            g.node("PRelu", [src[0], g.const(f"{layer}.slope", slope.reshape(shape))], out)
         elif isinstance(m, torch.nn.Tanh):
             g.node("Tanh", src, out)
         elif isinstance(m, Pool):

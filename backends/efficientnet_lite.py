@@ -192,7 +192,8 @@ class EfficientNetLiteBackend(HookBackend):
 
     def __init__(self, variant: str = "lite0", weights: str | None = None, input_size=None,
                  crop: bool = True, lr_scale: float | None = 19.0, progress_scale: float = 100.0,
-                 fuse_bn: bool = True, channels_last: bool = True, device: str = "cpu", resize=None):
+                 fuse_bn: bool = True, channels_last: bool = True, device: str = "cpu", resize=None,
+                 until: str | None = None):
         if variant not in PACKAGED:
             raise DeepvisError(f"unknown EfficientNet variant '{variant}'; valid: {', '.join(PACKAGED)}")
         path = weights or packaged_weights_path(variant)
@@ -209,7 +210,7 @@ class EfficientNetLiteBackend(HookBackend):
             to_input=lambda x: x * (1.0 / 128.0),
             mean=[127.5, 127.5, 127.5], input_size=size, labels=imagenet_labels(),
             crop=crop, lr_scale=lr_scale, name=f"efficientnet_{variant}", device=device,
-            channels_last=channels_last, progress_scale=progress_scale, resize=resize)
+            channels_last=channels_last, progress_scale=progress_scale, resize=resize, until=until)
 
 
 class EfficientNetLite0Backend(EfficientNetLiteBackend):

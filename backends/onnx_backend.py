@@ -306,7 +306,8 @@ class OnnxBackend(HookBackend):
 
     def __init__(self, path: str, mean=None, std=None, channel_order: str | None = None,
                  labels=None, input_size=None, crop: bool = True, lr_scale=None, progress_scale: float = 1.0,
-                 device: str = "cpu", layout: str | None = "auto", resize=None, name: str | None = None):
+                 device: str = "cpu", layout: str | None = "auto", resize=None, name: str | None = None,
+                 until: str | None = None):
         from onnx2torch.onnx_graph import OnnxGraph
 
         path = os.fspath(path)
@@ -362,7 +363,7 @@ class OnnxBackend(HookBackend):
             module, paths, to_input=to_input, mean=mean, input_size=input_size, labels=labels,
             prob=labels is not None and not own_prob and not has_prob, crop=crop, lr_scale=lr_scale,
             progress_scale=progress_scale, name=name or f"onnx:{os.path.basename(path)}", device=device,
-            aliases=aliases, resize=resize if resize is not None else meta.get("resize"))
+            aliases=aliases, resize=resize if resize is not None else meta.get("resize"), until=until)
         self.layout = layout
         check_label_count(self, labels_arg)
 

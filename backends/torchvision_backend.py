@@ -73,7 +73,8 @@ def _build(arch: str, weights):
 
 class TorchvisionBackend(HookBackend):
     def __init__(self, arch: str = "alexnet", weights=None, input_size=None, crop: bool = True,
-                 lr_scale=None, progress_scale: float = 1.0, device: str = "cpu", resize=None):
+                 lr_scale=None, progress_scale: float = 1.0, device: str = "cpu", resize=None,
+                 until: str | None = None):
         model, w = _build(arch, weights)
         mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
         labels = imagenet_labels()
@@ -94,4 +95,4 @@ class TorchvisionBackend(HookBackend):
             to_input=lambda x, s=scale.view(1, 3, 1, 1): x * s.to(x.device),
             mean=mean255, input_size=size, labels=labels if n_out in (None, 1000) else None,
             aliases=aliases, crop=crop, lr_scale=lr_scale, name=f"torchvision:{arch}", device=device,
-            progress_scale=progress_scale, resize=resize)
+            progress_scale=progress_scale, resize=resize, until=until)

@@ -187,7 +187,7 @@ class HookBackend(Backend):
                  to_input: Callable[[torch.Tensor], torch.Tensor], mean, input_size,
                  labels=None, prob: bool = True, aliases=None, crop=True, lr_scale=1.0,
                  name="backend", device="cpu", channels_last: bool = False,
-                 progress_scale: float = 1.0, resize=None):
+                 progress_scale: float = 1.0, resize=None, until: str | None = None):
         self.module = freeze(module)
         # NHWC convolutions are faster on CPU (oneDNN) and on GPU tensor cores for conv nets.
         self.channels_last = bool(channels_last)
@@ -214,7 +214,22 @@ class HookBackend(Backend):
         for n, p in self._paths.items():
             if p not in self._submodules:
                 raise DeepvisError(f"layer '{n}' names submodule '{p}', which the model does not have")
+        if until not in (None, ""):
+            self._keep_until(str(until))
         self.to(device)
+
+    def _keep_until(self, until: str) -> None:
+        """backend.until=LAYER: the network up to LAYER only (a detector's or segmenter's
+        backbone): later layers are no layers, never run (the forward pass stops at the deepest
+        layer asked for), and a cut before the class scores leaves no classes: the kept layer's
+        channels are not classes, and 'prob' would be the softmax of a feature map."""
+        name = self.resolve_layer(until)
+        output = self.output_layer
+        self.layers = self.layers[:self.layers.index(name) + 1]
+        self._order = {n: i for i, n in enumerate(self.layers)}
+        self._synthetic_prob = self._synthetic_prob and "prob" in self.layers
+        if name not in (output, "prob"):
+            self.labels = None
 
     def __getstate__(self):
         # A lock cannot be pickled; a copy (a Ray actor, a deepcopy) gets a lock of its own.

@@ -98,10 +98,29 @@ def mixed_shaped(size=35):
     return L, size
 
 
-PARAM_FIELD = {"Convolution": "convolution_param", "Pooling": "pooling_param", "LRN": "lrn_param",
+def activations_shaped(size=29):
+    """Caffe's other activation layers, each with its parameters: ELU (alpha), PReLU (per channel
+    and channel-shared slopes, learned blobs), AbsVal, Power (power, scale, shift; a positive base
+    after AbsVal), in place and not; and a Deconvolution (stride 2, pad 1: 15 -> 30 px)."""
+    L = [("conv1", "Convolution", ["data"], ["conv1"], dict(num_output=8, kernel_size=3, stride=2, pad=1), None),
+         ("elu1", "ELU", ["conv1"], ["conv1"], dict(alpha=0.7), None),
+         ("conv2", "Convolution", ["conv1"], ["conv2"], dict(num_output=6, kernel_size=3, pad=1), None),
+         ("prelu2", "PReLU", ["conv2"], ["prelu2"], {}, None),
+         ("up", "Deconvolution", ["prelu2"], ["up"], dict(num_output=6, kernel_size=4, stride=2, pad=1), None),
+         ("conv3", "Convolution", ["up"], ["conv3"], dict(num_output=6, kernel_size=1), None),
+         ("prelu3", "PReLU", ["conv3"], ["conv3"], dict(channel_shared=True), None),
+         ("abs3", "AbsVal", ["conv3"], ["abs3"], {}, None),
+         ("pow3", "Power", ["abs3"], ["pow3"], dict(power=1.5, scale=0.5, shift=0.25), None),
+         ("pool", "Pooling", ["pow3"], ["pool"], dict(pool="MAX", kernel_size=3, stride=2), None),
+         ("fc", "InnerProduct", ["pool"], ["fc"], dict(num_output=4), None),
+         ("prob", "Softmax", ["fc"], ["prob"], {}, None)]
+    return L, size
+
+
+PARAM_FIELD = {"Convolution": "convolution_param", "Deconvolution": "convolution_param", "Pooling": "pooling_param", "LRN": "lrn_param",
                "InnerProduct": "inner_product_param", "Dropout": "dropout_param",
                "Scale": "scale_param", "BatchNorm": "batch_norm_param", "Eltwise": "eltwise_param",
-               "ReLU": "relu_param"}
+               "ReLU": "relu_param", "ELU": "elu_param", "Power": "power_param", "PReLU": "prelu_param"}
 
 
 def random_weights(layers, size, seed=0):
@@ -121,6 +140,12 @@ def random_weights(layers, size, seed=0):
             if p.get("bias_term", True):
                 blobs[name].append(rng.normal(0, 0.1, n).astype(np.float32))
             out = (n, (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1)
+        elif t == "Deconvolution":
+            k, s_, pad = p["kernel_size"], p.get("stride", 1), p.get("pad", 0)
+            n = p["num_output"]
+            blobs[name] = [rng.normal(0, math.sqrt(1 / (c * k * k)), (c, n, k, k)).astype(np.float32),
+                           rng.normal(0, 0.1, n).astype(np.float32)]
+            out = (n, (h - 1) * s_ + k - 2 * pad, (w - 1) * s_ + k - 2 * pad)
         elif t == "InnerProduct":
             fan = int(np.prod(shapes[bottoms[0]]))
             n = p["num_output"]
@@ -143,6 +168,9 @@ def random_weights(layers, size, seed=0):
             out = shapes[bottoms[0]]
         elif t == "Scale":
             blobs[name] = [rng.uniform(0.5, 1.5, c).astype(np.float32), rng.normal(0, 0.2, c).astype(np.float32)]
+            out = shapes[bottoms[0]]
+        elif t == "PReLU":
+            blobs[name] = [rng.uniform(0.05, 0.5, 1 if p.get("channel_shared") else c).astype(np.float32)]
             out = shapes[bottoms[0]]
         else:
             out = shapes[bottoms[0]]
@@ -194,7 +222,7 @@ def write_model(layers, size, blobs, folder, name="net", v1_weights=False, half=
                 for k, v in p.items():
                     if k == "pool":
                         msg.pool = {"MAX": 0, "AVE": 1}[v]
-                    elif k in ("kernel_size", "stride", "pad") and t == "Convolution":
+                    elif k in ("kernel_size", "stride", "pad") and t in ("Convolution", "Deconvolution"):
                         getattr(msg, k).append(v)
                     elif k == "coeff":
                         msg.coeff.extend(v)
@@ -233,6 +261,20 @@ def conv_ref(x, w, b, stride, pad, group):
     return out + (b.reshape(1, -1, 1, 1) if b is not None else 0)
 
 
+def deconv_ref(x, w, b, stride, pad):
+    """Caffe's Deconvolution (group 1): each input pixel scatters its kernel-weighted copy into
+    the output at stride spacing (col2im), then pad pixels are cut from every border."""
+    n, c, h, wd = x.shape
+    _, o, k, _ = w.shape
+    full = np.zeros((n, o, (h - 1) * stride + k, (wd - 1) * stride + k))
+    for ky in range(k):
+        for kx in range(k):
+            full[:, :, ky:ky + stride * (h - 1) + 1:stride, kx:kx + stride * (wd - 1) + 1:stride] += \
+                np.einsum("nchw,co->nohw", x, w[:, :, ky, kx])
+    out = full[:, :, pad:full.shape[2] - pad, pad:full.shape[3] - pad]
+    return out + b.reshape(1, -1, 1, 1)
+
+
 def pool_ref(x, kind, k, s, p):
     n, c, h, w = x.shape
     oh, ow = pooled(h, k, s, p), pooled(w, k, s, p)
@@ -267,8 +309,20 @@ def reference_blobs(layers, blobs, x):
         bl = [b.astype(np.float64) for b in blobs.get(name, [])]
         if t == "Convolution":
             y = conv_ref(a, bl[0], bl[1] if len(bl) > 1 else None, p.get("stride", 1), p.get("pad", 0), p.get("group", 1))
+        elif t == "Deconvolution":
+            y = deconv_ref(a, bl[0], bl[1], p.get("stride", 1), p.get("pad", 0))
         elif t == "ReLU":
             y = np.maximum(a, 0)
+        elif t == "ELU":
+            alpha = p.get("alpha", 1.0)
+            y = np.where(a > 0, a, alpha * (np.exp(np.minimum(a, 0)) - 1))
+        elif t == "PReLU":
+            slope = bl[0].reshape(1, -1, 1, 1) if bl[0].size > 1 else bl[0].reshape(())
+            y = np.maximum(a, 0) + slope * np.minimum(a, 0)
+        elif t == "AbsVal":
+            y = np.abs(a)
+        elif t == "Power":
+            y = (p.get("shift", 0.0) + p.get("scale", 1.0) * a) ** p.get("power", 1.0)
         elif t == "Pooling":
             y = pool_ref(a, p["pool"], p["kernel_size"], p.get("stride", 1), p.get("pad", 0))
         elif t == "LRN":

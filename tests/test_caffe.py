@@ -12,8 +12,8 @@ from PIL import Image
 import deepvis_repro as dv
 from deepvis_repro.errors import DeepvisError
 from deepvis_repro.optimize import optimize
-from caffe_models import (caffenet_shaped, model_files, reference_blobs, resnet_shaped,
-                          write_model)
+from caffe_models import (activations_shaped, caffenet_shaped, model_files, random_weights, reference_blobs,
+                          resnet_shaped, write_model)
 
 
 def blob_order(layers):
@@ -35,7 +35,12 @@ def resnet_files(tmp_path_factory):
     return model_files(resnet_shaped, 2, tmp_path_factory.mktemp("resnet"))
 
 
-@pytest.mark.parametrize("files", ["caffenet_files", "resnet_files"])
+@pytest.fixture(scope="module")
+def activations_files(tmp_path_factory):
+    return model_files(activations_shaped, 4, tmp_path_factory.mktemp("activations"))
+
+
+@pytest.mark.parametrize("files", ["caffenet_files", "resnet_files", "activations_files"])
 def test_every_blob_matches_caffe_semantics(files, request, tmp_path):
     layers, size, blobs, proto, weights = request.getfixturevalue(files)
     b = dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), mean=[104, 117, 123],
@@ -241,3 +246,33 @@ def test_live_view_takes_the_caffe_backend(caffenet_files, tmp_path, photos):
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["layer"] == "norm1" and s["back_mode"] == "deconv" and s["net_passes"] >= 1
+
+
+def test_a_detectors_backbone_with_until(tmp_path):
+    """An SSD-style prototxt: a backbone, then layers this backend does not have (Permute,
+    PriorBox). Refused in one line that names the layer and suggests until= with the blob before
+    it; with until= the backbone loads (the head's layers are never built), in place layers on the
+    kept blob included, and has no classes: the optimizer and the live view's pictures work."""
+    layers, size = caffenet_shaped()
+    cut = next(i for i, l in enumerate(layers) if l[0] == "relu5") + 1
+    head = [("conv5_perm", "Permute", ["conv5"], ["conv5_perm"], {}, None),
+            ("priors", "PriorBox", ["conv5", "data"], ["priors"], {}, None)]
+    ssd = layers[:cut] + head
+    blobs, _ = random_weights(layers[:cut], size, seed=5)
+    proto, weights = write_model(ssd, size, blobs, tmp_path, name="ssd")
+    with pytest.raises(DeepvisError, match=r"unsupported layer 'conv5_perm' of type Permute; to look at the network "
+                                           r"before it, give backend.until=conv5"):
+        dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir="")
+    b = dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir="", until="conv5",
+                        labels="imagenet")
+    assert b.layers[-1] == "conv5" and "prob" not in b.layers and b.labels is None
+    x = torch.randn(1, 3, size, size) * 40
+    with torch.no_grad():
+        conv5 = b.forward(x, ["conv5"])["conv5"]
+    assert float(conv5.min()) == 0.0  # relu5, in place on conv5, is kept: Caffe's blob value
+    cy, cx = conv5.shape[2] // 2, conv5.shape[3] // 2
+    live = int(conv5[0, :, cy, cx].argmax())  # random weights: a unit that is not dead at the centre
+    r = optimize(b, [f"conv5:{live}"], preset="paper_3", steps=5, progress=False)
+    assert r.stopped == {} and r.best_activation[0] > 0
+    with pytest.raises(DeepvisError, match="until=conv9: the net makes no blob of that name"):
+        dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir="", until="conv9")

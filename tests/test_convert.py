@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import deepvis_repro as dv
-from caffe_models import caffenet_shaped, mixed_shaped, random_weights, resnet_shaped, write_model
+from caffe_models import activations_shaped, caffenet_shaped, mixed_shaped, random_weights, resnet_shaped, write_model
 
 ort = pytest.importorskip("onnxruntime")
 
 #: (model, seed, the net's transform_param scale): raw 0..255 pixels as CaffeNet, or 1/255 as many
 MODELS = {"caffenet": (caffenet_shaped, 2, 1.0), "resnet": (resnet_shaped, 3, 1.0),
-          "mixed": (mixed_shaped, 1, 1 / 255)}
+          "mixed": (mixed_shaped, 1, 1 / 255), "activations": (activations_shaped, 4, 1 / 255)}
 
 
 def convert(proto, weights, out, *extra):
@@ -60,7 +60,8 @@ def test_the_file_is_clean_onnx(converted):
     assert {n.op_type for n in m.graph.node} <= {"Conv", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "MaxPool",
                                                   "AveragePool", "Pad", "Mul", "Add", "Max", "LRN", "Flatten", "Gemm",
                                                   "Softmax", "BatchNormalization", "Concat", "ReduceMax",
-                                                  "GlobalAveragePool", "Identity"}
+                                                  "GlobalAveragePool", "Identity", "ConvTranspose", "PRelu", "Elu",
+                                                  "Abs", "Pow"}
     produced = {o: n for n in m.graph.node for o in n.output}
     for blob in direct.layers:  # every blob is a value of the graph, under its Caffe name
         assert blob in produced, blob

@@ -178,6 +178,21 @@ def test_headless_keys_screenshot_and_stats(image_dir, tmp_path):
     assert pane.std() > 20 and pane[..., 0].mean() > pane[..., 2].mean()
 
 
+def test_a_wide_input_keeps_its_aspect_ratio_in_the_panes(image_dir, tmp_path):
+    """A 112x224 network input is shown 300x150 in the input and back panes, centred on the pane's
+    background, not stretched into a square (issue: 48x192 OCR inputs were squashed)."""
+    shot = tmp_path / "shot.png"
+    r = run_live("source=images", f"source.path={image_dir}", "backend.input_size=[112,224]", "live.max_frames=25",
+                 "live.keys=[b]", f"live.screenshot={shot}")
+    assert r.returncode == 0, r.stderr
+    img = np.asarray(Image.open(shot)).astype(int)
+    for top in (8, 8 + 300 + 8):  # the input pane, then the back pane under it
+        pane = img[top:top + 300, 8:308]
+        band, picture = pane[20:70], pane[80:220]  # above the picture (rows 0-74 empty) / inside it
+        assert np.abs(band - np.array([40, 40, 46])).max() <= 2, top  # the pane's own background
+        assert picture.std() > 10, top
+
+
 def test_headless_video_source(video_file, tmp_path):
     stats = tmp_path / "stats.json"
     r = run_live("source=video", f"source.path={video_file}", "live.max_frames=40",

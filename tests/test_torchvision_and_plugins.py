@@ -94,3 +94,17 @@ def test_yaml_target_plugin(plugin_package, tmp_path):
     assert dv.load_backend(str(cfg), width=2).forward(torch.zeros(1, 3, 32, 32), ["conv"])["conv"].shape[1] == 2
     with pytest.raises(DeepvisError, match="bogus"):
         dv.load_backend(str(cfg), bogus=1)
+
+
+def test_until_keeps_the_backbone_only(photos):
+    """backend.until=LAYER on the embedded model: the layers end there, the head never runs, and
+    without the class scores there are no classes (the kept layer's channels are not ImageNet's)."""
+    b = dv.load_backend(until="blocks.10")
+    assert b.layers[-1] == "blocks.10" and b.labels is None and b.output_layer == "blocks.10"
+    with pytest.raises(DeepvisError, match="fc"):
+        b.resolve_layer("fc")
+    full = dv.load_backend()
+    x = full.preprocess(photos["chelsea"])
+    with torch.no_grad():
+        assert torch.equal(b.forward(x, ["blocks.10"])["blocks.10"], full.forward(x, ["blocks.10"])["blocks.10"])
+    assert dv.load_backend(until="fc").labels is not None  # cut at the class scores: classes kept

@@ -41,6 +41,11 @@ def fit(size, box):
     return max(1, int(w * s)), max(1, int(h * s))
 
 
+def centred(surf, box) -> tuple[int, int]:
+    """Where surf goes to sit in the middle of box."""
+    return box.x + (box.width - surf.get_width()) // 2, box.y + (box.height - surf.get_height()) // 2
+
+
 def layer_window(n: int, current: int, rows: int) -> int:
     """First layer shown when rows of n fit: the selection stays in view, near the middle, and
     the list never scrolls past its end."""
@@ -72,14 +77,17 @@ class Painter:
 
     def _rebuild(self, snap):
         scale = pygame.transform.scale  # nearest neighbour: activation pixels stay crisp
-        self._surf = {"input": scale(surface_from(snap.input_image), (PANE, PANE))}
+        # the input and its back image keep the network's aspect ratio (a 48x192 input is not a square)
+        inp = surface_from(snap.input_image)
+        self._surf = {"input": scale(inp, fit(inp.get_size(), (PANE, PANE)))}
         g = surface_from(snap.grid)
         self._grid_size = fit(g.get_size(), self.grid_box.size)
         self._surf["grid"] = scale(g, self._grid_size)
         u = (np.clip(np.nan_to_num(snap.unit_map), 0, 1) * 255).astype(np.uint8)
         self._surf["unit"] = scale(surface_from(u), fit(u.shape[::-1], (PANE, PANE)))
         if snap.back_image is not None:
-            self._surf["back"] = pygame.transform.smoothscale(surface_from(snap.back_image), (PANE, PANE))
+            back = surface_from(snap.back_image)
+            self._surf["back"] = pygame.transform.smoothscale(back, fit(back.get_size(), (PANE, PANE)))
         self._snap = snap
 
     def draw(self, snap):
@@ -94,12 +102,13 @@ class Painter:
         s = app.settings
         layer_name = app.backend.layers[s.layer]
         # column 1: input, back image
-        scr.blit(self._surf["input"], (8, 8))
+        pygame.draw.rect(scr, (40, 40, 46), (8, 8, PANE, PANE))
+        scr.blit(self._surf["input"], centred(self._surf["input"], pygame.Rect(8, 8, PANE, PANE)))
         self.text("input" + ("  [frame frozen]" if app.capture.frozen else ""), (12, 10), ACCENT, self.small)
         back_rect = pygame.Rect(8, PANE + 16, PANE, PANE)
         pygame.draw.rect(scr, (40, 40, 46), back_rect)
         if MODES[s.back] != "off" and "back" in self._surf:
-            scr.blit(self._surf["back"], back_rect)
+            scr.blit(self._surf["back"], centred(self._surf["back"], back_rect))
             label = f"{MODES[s.back]}{' norm' if s.back_norm else ''} from "
             label += f"{s.frozen[0]}:{s.frozen[1]} (frozen)" if s.frozen else f"{layer_name}:{s.unit}"
             self.text(label, (back_rect.x + 4, back_rect.y + 2), ACCENT, self.small)
