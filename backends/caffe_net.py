@@ -221,43 +221,35 @@ def _expect(layer, blobs, shapes):
                                f"prototxt's {tuple(want)}")
 
 
+def _convolution(layer, blobs, channels: int, transposed: bool) -> nn.Module:
+    """Convolution, or Deconvolution (transposed), with Caffe's weights: (out, in / group, kh, kw)
+    for a convolution, (in, out / group, kh, kw) for a deconvolution (ConvTranspose2d's layouts)."""
+    p = layer.convolution_param
+    k = _pair(p.kernel_size, p.kernel_h, p.kernel_w, 1)
+    s = _pair(p.stride, p.stride_h, p.stride_w, 1)
+    pad = _pair(p.pad, p.pad_h, p.pad_w, 0)
+    dil = _pair(p.dilation, 0, 0, 1)
+    g, n = p.group, p.num_output
+    if g < 1 or channels % g or n % g:
+        raise DeepvisError(f"layer '{layer.name}': group {g} does not divide its channels")
+    weight = (channels, n // g, *k) if transposed else (n, channels // g, *k)
+    _expect(layer, blobs, [weight] + ([(n,)] if p.bias_term else []))  # before allocating: only claims
+    if transposed:
+        m = nn.ConvTranspose2d(channels, n, k, s, pad, 0, g, bias=p.bias_term, dilation=dil)
+    else:
+        m = nn.Conv2d(channels, n, k, s, pad, dil, g, bias=p.bias_term)
+    with torch.no_grad():
+        m.weight.copy_(torch.from_numpy(blobs[0].reshape(m.weight.shape)))
+        if p.bias_term:
+            m.bias.copy_(torch.from_numpy(blobs[1].reshape(-1)))
+    return m
+
+
 def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
     """One Caffe layer as a module, and its output channel count."""
     t = layer_type(layer)
-    if t == "Convolution":
-        p = layer.convolution_param
-        k = _pair(p.kernel_size, p.kernel_h, p.kernel_w, 1)
-        s = _pair(p.stride, p.stride_h, p.stride_w, 1)
-        pad = _pair(p.pad, p.pad_h, p.pad_w, 0)
-        dil = _pair(p.dilation, 0, 0, 1)
-        g = p.group
-        if g < 1 or channels % g or p.num_output % g:
-            raise DeepvisError(f"layer '{layer.name}': group {g} does not divide its channels")
-        shapes = [(p.num_output, channels // g, *k)] + ([(p.num_output,)] if p.bias_term else [])
-        _expect(layer, blobs, shapes)  # before allocating: the prototxt's sizes are only claims
-        m = nn.Conv2d(channels, p.num_output, k, s, pad, dil, g, bias=p.bias_term)
-        with torch.no_grad():
-            m.weight.copy_(torch.from_numpy(blobs[0].reshape(m.weight.shape)))
-            if p.bias_term:
-                m.bias.copy_(torch.from_numpy(blobs[1].reshape(-1)))
-        return m, p.num_output
-    if t == "Deconvolution":  # Caffe's weights are (in, out / group, kh, kw): ConvTranspose2d's layout
-        p = layer.convolution_param
-        k = _pair(p.kernel_size, p.kernel_h, p.kernel_w, 1)
-        s = _pair(p.stride, p.stride_h, p.stride_w, 1)
-        pad = _pair(p.pad, p.pad_h, p.pad_w, 0)
-        dil = _pair(p.dilation, 0, 0, 1)
-        g = p.group
-        if g < 1 or channels % g or p.num_output % g:
-            raise DeepvisError(f"layer '{layer.name}': group {g} does not divide its channels")
-        shapes = [(channels, p.num_output // g, *k)] + ([(p.num_output,)] if p.bias_term else [])
-        _expect(layer, blobs, shapes)
-        m = nn.ConvTranspose2d(channels, p.num_output, k, s, pad, 0, g, bias=p.bias_term, dilation=dil)
-        with torch.no_grad():
-            m.weight.copy_(torch.from_numpy(blobs[0].reshape(m.weight.shape)))
-            if p.bias_term:
-                m.bias.copy_(torch.from_numpy(blobs[1].reshape(-1)))
-        return m, p.num_output
+    if t in ("Convolution", "Deconvolution"):
+        return _convolution(layer, blobs, channels, transposed=t == "Deconvolution"), layer.convolution_param.num_output
     if t == "InnerProduct":
         p = layer.inner_product_param
         if not blobs:

@@ -115,18 +115,13 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
                     values[t] = src[0]
             continue
         out = g.value(name)
-        if isinstance(m, torch.nn.Conv2d):
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):  # the same weight layouts as ONNX's
             wname = g.const(f"{layer}.weight", m.weight.detach().numpy())
             args = [src[0], wname] + ([g.const(f"{layer}.bias", m.bias.detach().numpy())] if m.bias is not None else [])
             ph, pw = m.padding
-            g.node("Conv", args, out, kernel_shape=list(m.kernel_size), strides=list(m.stride),
-                   pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups)
-        elif isinstance(m, torch.nn.ConvTranspose2d):
-            wname = g.const(f"{layer}.weight", m.weight.detach().numpy())
-            args = [src[0], wname] + ([g.const(f"{layer}.bias", m.bias.detach().numpy())] if m.bias is not None else [])
-            ph, pw = m.padding
-            g.node("ConvTranspose", args, out, kernel_shape=list(m.kernel_size), strides=list(m.stride),
-                   pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups)
+            g.node("Conv" if isinstance(m, torch.nn.Conv2d) else "ConvTranspose", args, out,
+                   kernel_shape=list(m.kernel_size), strides=list(m.stride), pads=[ph, pw, ph, pw],
+                   dilations=list(m.dilation), group=m.groups)
         elif isinstance(m, InnerProduct):
             flat = g.node("Flatten", src[:1], g.value(f"{top}/{layer}/flatten"), axis=1)
             args = [flat, g.const(f"{layer}.weight", m.weight.detach().numpy())]
