@@ -245,6 +245,10 @@ def _convolution(layer, blobs, channels: int, transposed: bool) -> nn.Module:
     return m
 
 
+class UnsupportedLayer(DeepvisError):
+    """A layer type this backend does not have (CaffeNet then suggests cutting the net before it)."""
+
+
 def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
     """One Caffe layer as a module, and its output channel count."""
     t = layer_type(layer)
@@ -313,7 +317,7 @@ def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
         return Flatten(), channels
     if t == "Split":
         return nn.Identity(), channels
-    raise DeepvisError(f"unsupported layer '{layer.name}' of type {t}")
+    raise UnsupportedLayer(f"unsupported layer '{layer.name}' of type {t}")
 
 
 class AbsVal(nn.Module):
@@ -375,9 +379,7 @@ class CaffeNet(nn.Module):
             else:
                 try:
                     module, c = build_layer(layer, weights.get(layer.name, []), channels[bottoms[0]])
-                except DeepvisError as e:
-                    if not str(e).startswith("unsupported layer"):
-                        raise
+                except UnsupportedLayer as e:
                     raise DeepvisError(f"{e}; to look at the network before it, give backend.until={bottoms[0]}") \
                         from None
             key = f"l{len(self.steps)}_{layer.name}".replace(".", "_")

@@ -80,13 +80,13 @@ def shared_backprop(backend, views: dict, pairs: list, layer: str, on_grad, mode
         by_image.setdefault(int(img), []).append(i)
     order = sorted(by_image, key=lambda i: (-len(by_image[i]), i))
     mean = backend.mean_image().to(backend.device).unsqueeze(0)
-    for start in range(0, len(order), images):
-        ids = order[start:start + images]
-        batch = np.stack([views[i] for i in ids])
-        x = torch.from_numpy(batch).to(backend.device).permute(0, 3, 1, 2).float() - mean
-        x = x.detach().requires_grad_(True)
-        depth = max(len(by_image[i]) for i in ids)
-        with torch.enable_grad(), relu_backward(backend.module, mode), Numerics(numerics).active(backend.device):
+    with torch.enable_grad(), relu_backward(backend.module, mode), Numerics(numerics).active(backend.device):
+        for start in range(0, len(order), images):
+            ids = order[start:start + images]
+            batch = np.stack([views[i] for i in ids])
+            x = torch.from_numpy(batch).to(backend.device).permute(0, 3, 1, 2).float() - mean
+            x = x.detach().requires_grad_(True)
+            depth = max(len(by_image[i]) for i in ids)
             a = backend.forward(x, [layer])[layer]
             for r in range(depth):
                 seed = torch.zeros_like(a)
@@ -235,16 +235,25 @@ class _Writer:
     """One thread that writes the montages, in the order given (a unit's max_im after its
     max_deconv: its presence still means both are done); PIL's JPEG encoder releases the GIL, so
     encoding overlaps the next chunk's backward passes. A failed write (a full disk) is raised in
-    the caller at the next wait, and nothing more is written after it."""
+    the caller at the next wait, and the writes queued after it are skipped."""
 
     def __enter__(self):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.pool, self.pending = ThreadPoolExecutor(1, thread_name_prefix="montage-writer"), []
+        self.pool, self.pending, self.failed = ThreadPoolExecutor(1, thread_name_prefix="montage-writer"), [], False
         return self
 
+    def _write(self, path, image):
+        if self.failed:
+            return
+        try:
+            save_image(path, image)
+        except BaseException:
+            self.failed = True
+            raise
+
     def save(self, path, image):
-        self.pending.append(self.pool.submit(save_image, path, image))
+        self.pending.append(self.pool.submit(self._write, path, image))
         if len(self.pending) > 256:  # bounded: the computing side may not run far ahead
             self.wait(keep=64)
 

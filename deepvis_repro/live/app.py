@@ -327,7 +327,8 @@ class LiveApp:
             "net_passes": net.passes,
             # one definition of network speed (status line, stats, README): passes per second
             # of network time; net_passes_per_s is how often it ran (it idles on a still frame)
-            "net_fps": net.passes / net.busy_seconds if net.busy_seconds else 0.0, "numerics": self.numerics,
+            "net_fps": net.passes / net.busy_seconds if net.busy_seconds else 0.0,
+            "numerics": self.numerics,
             "net_ms_per_pass": 1000 * net.busy_seconds / max(net.passes, 1),
             "net_passes_per_s": net.passes / max(net.running_seconds, 1e-9),  # over the thread's own span
             "seconds": elapsed,

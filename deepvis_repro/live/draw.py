@@ -214,11 +214,8 @@ class Painter:
             self._pane_key = key
         slot_h = self.slot_size[1]
         k = app.reader.top_k
-        for i, (kind, title) in enumerate(SLOTS):
-            if kind == "max_im":
-                title = f"top {k}"
-            elif kind == "max_deconv":
-                title = f"{app.reader.back_mode(layer)} of the top {k}"
+        for i, (kind, caption) in enumerate(SLOTS):
+            title = caption.format(k=k, mode=app.reader.back_mode(layer))
             y = pb.y + i * (slot_h + CAPTION_H)
             self.text(title, (pb.x, y + 2), ACCENT if kind in self._pane_surf else DIM, self.small)
             box = pygame.Rect(pb.x, y + CAPTION_H, pb.width, slot_h)

@@ -21,9 +21,10 @@ from ..atlas.patches import PAD, fit_tile, montage
 from ..atlas.store import AtlasReader
 from ..images import stretched
 
-#: Slots of the pane, top to bottom, and their captions.
-SLOTS = (("regularized_opt", "optimized (contrast-stretched)"), ("max_im", "top 9"),
-         ("max_deconv", "deconv of the top 9"))
+#: Slots of the pane, top to bottom, and their captions ({k}: the atlas's images per unit; {mode}:
+#: its back mode).
+SLOTS = (("regularized_opt", "optimized (contrast-stretched)"), ("max_im", "top {k}"),
+         ("max_deconv", "{mode} of the top {k}"))
 
 
 def read_picture(path: str, quadrant: bool, size: tuple[int, int]) -> np.ndarray | None:
