@@ -20,10 +20,12 @@ from deepvis_repro.errors import DeepvisError
 from deepvis_repro.files import file_sha256, tensors_sha256
 from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
-from .caffe_net import CaffeNet, blob_array, input_shape, read_caffemodel, read_prototxt, trained_blobs
+from .caffe_net import CaffeNet, blob_array, input_channels, input_shape, read_caffemodel, read_prototxt, trained_blobs
 from . import caffe_proto
 
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
+#: ITU-R 601 luma weights in Caffe's BGR order (the grey a 1-channel net is fed: images.grey_rgb)
+LUMA_BGR = (0.114, 0.587, 0.299)
 #: Largest input side accepted from a prototxt: far above any Caffe model's, far below what would
 #: exhaust memory before the first layer runs.
 MAX_SIDE = 4096
@@ -126,11 +128,22 @@ def load_weights(prototxt: str, weights: str, cache_dir, use_cache: bool = True)
     return blobs, False
 
 
-def load_mean(mean, size: tuple[int, int]) -> torch.Tensor:
+def load_mean(mean, size: tuple[int, int], channels: int = 3) -> torch.Tensor:
     """RGB mean on a 0..255 scale, (3,1,1) or (3,H,W), from Caffe's BGR convention: a list of
-    three per-channel values, or a mean file (.npy, 3xHxW, or .binaryproto) centre-cropped."""
+    three per-channel values, or a mean file (.npy, 3xHxW, or .binaryproto) centre-cropped.
+    A grey (1-channel) net's: one value, or a 1xHxW file; None: ImageNet's (its luma for grey)."""
+    if mean is None:
+        mean = IMAGENET_MEAN_BGR if channels == 3 else [round(float(np.dot(IMAGENET_MEAN_BGR, LUMA_BGR)), 3)]
+    if isinstance(mean, (int, float)):
+        mean = [mean]
+    if isinstance(mean, (list, tuple)) and channels == 1:
+        if len(mean) != 1:
+            raise DeepvisError(f"mean must be one value for this 1-channel (grey) net, got {list(mean)}")
+        return torch.tensor([float(mean[0])]).view(1, 1, 1)
     if isinstance(mean, (list, tuple)) and len(mean) == 3:
         return torch.tensor([float(mean[2]), float(mean[1]), float(mean[0])]).view(3, 1, 1)
+    if channels not in (1, 3):  # no image reaches such a net; its mean only has to fit
+        return torch.zeros(channels, 1, 1)
     if not isinstance(mean, (str, os.PathLike)):
         raise DeepvisError(f"mean must be three BGR values or a mean file path, got {mean!r}")
     path = os.fspath(mean)
@@ -147,8 +160,9 @@ def load_mean(mean, size: tuple[int, int]) -> torch.Tensor:
     except Exception as e:
         raise DeepvisError(f"cannot read mean file {path}: {e}") from None
     arr = np.asarray(arr, dtype=np.float32).reshape(-1, *np.asarray(arr).shape[-2:])
-    if arr.shape[0] != 3:
-        raise DeepvisError(f"mean file {path} has shape {arr.shape}; expected 3xHxW (BGR)")
+    if arr.shape[0] != channels:
+        raise DeepvisError(f"mean file {path} has shape {arr.shape}; expected "
+                           + ("3xHxW (BGR)" if channels == 3 else f"{channels}xHxW for this {channels}-channel net"))
     h, w = size
     H, W = arr.shape[1:]
     if H < h or W < w:
@@ -160,7 +174,7 @@ def load_mean(mean, size: tuple[int, int]) -> torch.Tensor:
 class CaffeBackend(HookBackend):
     """Layers are Caffe's blob names (conv1 after relu1 is the rectified value, as in Caffe)."""
 
-    def __init__(self, prototxt: str, weights: str, mean=IMAGENET_MEAN_BGR, labels=None,
+    def __init__(self, prototxt: str, weights: str, mean=None, labels=None,
                  input_size=None, crop: bool = True, input_scale: float = 1.0, lr_scale: float = 1.0,
                  progress_scale: float = 1.0, cache_dir=None, device: str = "cpu", name: str = "caffe",
                  resize=None, until: str | None = None):
@@ -174,22 +188,24 @@ class CaffeBackend(HookBackend):
         if not (1 <= size[0] <= MAX_SIDE and 1 <= size[1] <= MAX_SIDE):
             raise DeepvisError(f"input size {size[0]}x{size[1]} (prototxt {prototxt}) is not in 1..{MAX_SIDE} "
                                "pixels per side; give backend.input_size=[H,W]")
+        channels = input_channels(net)
         cache = default_cache_dir() if cache_dir is None else cache_dir
         blobs, cached = load_weights(prototxt, weights, cache)
         until = None if until in (None, "") else str(until)
         try:
-            model = CaffeNet(net, blobs, until=until)
+            model = CaffeNet(net, blobs, size, until=until, channels=channels)
         except DeepvisError:
             if not cached:
                 raise
             # the cache entry does not fit (it should not happen): rebuild it from the caffemodel,
             # so that any error names the caffemodel only when the caffemodel is at fault
             blobs, _ = load_weights(prototxt, weights, cache, use_cache=False)
-            model = CaffeNet(net, blobs, until=until)
+            model = CaffeNet(net, blobs, size, until=until, channels=channels)
         if model.cut:  # the head is gone: the kept blob's channels are not classes
             labels = None
-        # a mismatch names its layer, here rather than mid-run; the shapes also serve the ONNX writer
-        self.blob_shapes = model.blob_shapes(size)
+        # (CaffeNet ran each layer as it built it: a mismatch named its layer, here rather than
+        # mid-run; the shapes also serve the ONNX writer)
+        self.blob_shapes = model.shapes
         writers = [(b, m) for b, m in model.blob_writers() if b != model.input_blob]
         labels_arg = labels
         if labels == "imagenet":
@@ -200,14 +216,17 @@ class CaffeBackend(HookBackend):
         self.channel_order = "BGR"
         flip = torch.tensor([2, 1, 0])
         scale = float(input_scale)
+
+        def to_input(x):
+            # Caffe nets take BGR: the contract's RGB x is swapped here (a grey net's one channel
+            # as it is), and scaled as the net's transform_param did (1 for CaffeNet: 0..255 pixels).
+            return (x.index_select(1, flip.to(x.device)) if x.shape[1] == 3 else x) * scale
+
         super().__init__(
-            model, writers,
-            # Caffe nets take BGR: the contract's RGB x is swapped here, and scaled as the net's
-            # transform_param did (1 for CaffeNet: raw 0..255 pixels).
-            to_input=lambda x: x.index_select(1, flip.to(x.device)) * scale,
-            mean=load_mean(mean, size), input_size=size, labels=labels,
+            model, writers, to_input=to_input,
+            mean=load_mean(mean, size, channels), input_size=size, labels=labels,
             prob=not has_prob and labels is not None, crop=crop, lr_scale=lr_scale,
-            progress_scale=progress_scale, name=name, device=device, resize=resize)
+            progress_scale=progress_scale, name=name, device=device, resize=resize, channels=channels)
         check_label_count(self, labels_arg)
 
 

@@ -89,17 +89,27 @@ def layer_type(layer) -> str:
     return caffe_proto.v1_type_name(t) if isinstance(t, int) else t
 
 
-def input_shape(net) -> tuple[int, int] | None:
+def input_dims(net) -> list[int] | None:
+    """The declared input blob's dims (N, C, H, W): an Input layer's, input_shape or input_dim."""
     for layer in net.layer:
         if layer.type == "Input" and len(layer.input_param.shape):
-            d = list(layer.input_param.shape[0].dim)
-            return (d[2], d[3]) if len(d) == 4 else None
+            return [int(v) for v in layer.input_param.shape[0].dim]
     if len(net.input_shape):
-        d = list(net.input_shape[0].dim)
-        return (d[2], d[3])
-    if len(net.input_dim) == 4:
-        return tuple(net.input_dim[2:4])
+        return [int(v) for v in net.input_shape[0].dim]
+    if len(net.input_dim):
+        return [int(v) for v in net.input_dim]
     return None
+
+
+def input_shape(net) -> tuple[int, int] | None:
+    d = input_dims(net)
+    return (d[2], d[3]) if d is not None and len(d) == 4 else None
+
+
+def input_channels(net) -> int:
+    """The channels the net declares for its input (3 where it declares none: Caffe's data layers)."""
+    d = input_dims(net)
+    return d[1] if d is not None and len(d) == 4 and d[1] > 0 else 3
 
 
 # ----- layers ---------------------------------------------------------------------------------------
@@ -249,11 +259,12 @@ class UnsupportedLayer(DeepvisError):
     """A layer type this backend does not have (CaffeNet then suggests cutting the net before it)."""
 
 
-def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
-    """One Caffe layer as a module, and its output channel count."""
+def build_layer(layer, blobs, shape: tuple) -> nn.Module:
+    """One Caffe layer as a module; shape: its (first) bottom's shape without the batch."""
+    channels = shape[0] if shape else 1
     t = layer_type(layer)
     if t in ("Convolution", "Deconvolution"):
-        return _convolution(layer, blobs, channels, transposed=t == "Deconvolution"), layer.convolution_param.num_output
+        return _convolution(layer, blobs, channels, transposed=t == "Deconvolution")
     if t == "InnerProduct":
         p = layer.inner_product_param
         if not blobs:
@@ -268,55 +279,67 @@ def build_layer(layer, blobs, channels: int) -> tuple[nn.Module, int]:
             m.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
             if p.bias_term:
                 m.bias.copy_(torch.from_numpy(blobs[1].reshape(-1)))
-        return m, p.num_output
+        return m
     if t == "ReLU":
         slope = layer.relu_param.negative_slope
-        return (nn.LeakyReLU(slope) if slope else nn.ReLU()), channels
+        return (nn.LeakyReLU(slope) if slope else nn.ReLU())
     if t == "Sigmoid":
-        return nn.Sigmoid(), channels
+        return nn.Sigmoid()
     if t == "ELU":
-        return nn.ELU(layer.elu_param.alpha), channels
+        return nn.ELU(layer.elu_param.alpha)
     if t == "AbsVal":
-        return AbsVal(), channels
+        return AbsVal()
     if t == "Power":
         p = layer.power_param
-        return Power(p.power, p.scale, p.shift), channels
+        return Power(p.power, p.scale, p.shift)
     if t == "PReLU":
         shared = layer.prelu_param.channel_shared
         _expect(layer, blobs, [(1,) if shared else (channels,)])
         m = nn.PReLU(1 if shared else channels)
         with torch.no_grad():
             m.weight.copy_(torch.from_numpy(blobs[0].reshape(-1)))
-        return m, channels
+        return m
     if t == "TanH":
-        return nn.Tanh(), channels
+        return nn.Tanh()
     if t == "Dropout":  # identity at test time (Caffe scales while training)
-        return nn.Identity(), channels
+        return nn.Identity()
     if t == "Pooling":
         try:
-            return Pool(layer.pooling_param), channels
+            return Pool(layer.pooling_param)
         except ValueError:
             raise DeepvisError(f"layer '{layer.name}': stochastic pooling is not supported") from None
     if t == "LRN":
         p = layer.lrn_param
         if p.norm_region != 0:
             raise DeepvisError(f"layer '{layer.name}': LRN WITHIN_CHANNEL is not supported (only ACROSS_CHANNELS)")
-        return nn.LocalResponseNorm(p.local_size, p.alpha, p.beta, p.k), channels
+        return nn.LocalResponseNorm(p.local_size, p.alpha, p.beta, p.k)
     if t == "BatchNorm":
         _expect(layer, blobs, [(channels,), (channels,)])
-        return BatchNorm(blobs, layer.batch_norm_param.eps), channels
+        return BatchNorm(blobs, layer.batch_norm_param.eps)
     if t == "Scale":
         bias = layer.scale_param.bias_term
         _expect(layer, blobs, [(channels,)] + ([(channels,)] if bias else []))
-        return Scale(blobs, bias), channels
+        return Scale(blobs, bias)
     if t == "Eltwise":
-        return Eltwise(layer.eltwise_param), channels
+        return Eltwise(layer.eltwise_param)
     if t == "Softmax":
-        return Softmax(layer.softmax_param.axis), channels
+        return Softmax(layer.softmax_param.axis)
     if t == "Flatten":
-        return Flatten(), channels
+        return Flatten()
     if t == "Split":
-        return nn.Identity(), channels
+        return nn.Identity()
+    if t == "Crop":
+        return Crop(layer, len(shape) + 1)
+    if t == "Normalize":
+        p = layer.norm_param
+        _expect(layer, blobs, [(1,) if p.channel_shared else (channels,)])
+        return Normalize(blobs[0], p.across_spatial, p.eps)
+    if t == "Permute":
+        return Permute(layer, len(shape) + 1)
+    if t == "Reshape":
+        return Reshape(layer, shape)
+    if t == "Slice":
+        return Slice(layer, shape, len(layer.top))
     raise UnsupportedLayer(f"unsupported layer '{layer.name}' of type {t}")
 
 
@@ -339,19 +362,152 @@ class Power(nn.Module):
         return y if self.power == 1.0 else y.pow(self.power)
 
 
+def _axis(layer, axis: int, dims: int, what: str) -> int:
+    """Caffe's canonical axis (negative counts from the end) of a blob with dims axes (batch
+    included); the batch axis itself is refused: this backend runs batches of images."""
+    a = axis + dims if axis < 0 else axis
+    if not 1 <= a < dims:
+        raise DeepvisError(f"layer '{layer.name}': {what} axis {axis} of a {dims}-axis blob "
+                           + ("is the batch axis, which this backend keeps" if a == 0 else "does not exist"))
+    return a
+
+
+class Crop(nn.Module):
+    """Caffe's Crop: the first bottom cut to the second's size in every axis from ``axis`` on, at
+    ``offset`` (one value for all those axes, or one each; 0 by default)."""
+
+    def __init__(self, layer, dims: int):
+        super().__init__()
+        p = layer.crop_param
+        self.axis = _axis(layer, p.axis, dims, "crop")
+        self.offsets = [int(v) for v in p.offset]
+        if len(self.offsets) not in (0, 1, dims - self.axis):
+            raise DeepvisError(f"layer '{layer.name}': {len(self.offsets)} crop offsets for "
+                               f"{dims - self.axis} cropped axes")
+
+    def forward(self, x, ref):
+        out = x
+        for i in range(self.axis, x.dim()):
+            off = self.offsets[0] if len(self.offsets) == 1 else self.offsets[i - self.axis] if self.offsets else 0
+            out = out.narrow(i, off, ref.shape[i])
+        return out
+
+
+class Normalize(nn.Module):
+    """SSD's Normalize: x / sqrt(sum of squares + eps), the sum over channels at each position
+    (across_spatial false) or over the whole blob of each image, then times a learned scale (one
+    value, or one per channel)."""
+
+    def __init__(self, scale: np.ndarray, across_spatial: bool, eps: float):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(np.asarray(scale, np.float32).reshape(-1)))
+        self.across_spatial, self.eps = bool(across_spatial), float(eps)
+
+    def forward(self, x):
+        dims = tuple(range(1, x.dim())) if self.across_spatial else (1,)
+        norm = torch.sqrt((x * x).sum(dims, keepdim=True) + self.eps)
+        return x / norm * self.scale.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+class Permute(nn.Module):
+    """SSD's Permute: the axes in ``order``, the ones it leaves out after them in their order."""
+
+    def __init__(self, layer, dims: int):
+        super().__init__()
+        order = [int(v) for v in layer.permute_param.order]
+        if len(set(order)) != len(order) or any(not 0 <= o < dims for o in order):
+            raise DeepvisError(f"layer '{layer.name}': permute order {order} is not a permutation of "
+                               f"the {dims} axes")
+        self.order = order + [i for i in range(dims) if i not in order]
+        if self.order[0] != 0:
+            raise DeepvisError(f"layer '{layer.name}': permute order {order} moves the batch axis, "
+                               "which this backend keeps")
+
+    def forward(self, x):
+        return x.permute(self.order)
+
+
+class Reshape(nn.Module):
+    """Caffe's Reshape: ``shape`` replaces the axes axis .. axis+num_axes (-1: to the end); a 0 copies
+    the input's axis at that place, a -1 is inferred. The batch axis always keeps the batch (a deploy
+    prototxt's fixed batch of 1 would stop batches of images)."""
+
+    def __init__(self, layer, shape: tuple):
+        super().__init__()
+        p = layer.reshape_param
+        dims = len(shape) + 1
+        self.start = p.axis if p.axis >= 0 else dims + p.axis + 1
+        self.end = dims if p.num_axes == -1 else self.start + p.num_axes
+        self.new = [int(v) for v in p.shape.dim]
+        if not 0 <= self.start <= self.end <= dims or sum(v == -1 for v in self.new) > 1 \
+                or any(v < -1 for v in self.new):
+            raise DeepvisError(f"layer '{layer.name}': reshape to {self.new} at axis {p.axis} "
+                               f"(num_axes {p.num_axes}) does not fit a {dims}-axis blob")
+        if self.start == 0 and self.new:
+            self.new[0] = 0  # the batch, whatever the deploy prototxt fixed it to
+
+    def forward(self, x):
+        new = [x.shape[self.start + i] if v == 0 else v for i, v in enumerate(self.new)]
+        return x.reshape(list(x.shape[:self.start]) + new + list(x.shape[self.end:]))
+
+
+class Slice(nn.Module):
+    """Caffe's Slice: the bottom cut along ``axis`` at slice_point (or into equal parts, one per
+    top). Its output is the tuple of parts; Pick(i) modules make each top a blob of its own."""
+
+    def __init__(self, layer, shape: tuple, tops: int):
+        super().__init__()
+        p = layer.slice_param
+        axis = p.axis if p.HasField("axis") or not p.HasField("slice_dim") else p.slice_dim
+        self.axis = _axis(layer, axis, len(shape) + 1, "slice")
+        n = shape[self.axis - 1]
+        points = [int(v) for v in p.slice_point]
+        if points:
+            if len(points) != tops - 1 or points != sorted(points) or not 0 < points[0] or points[-1] >= n:
+                raise DeepvisError(f"layer '{layer.name}': slice points {points} do not cut {n} into "
+                                   f"{tops} parts")
+            edges = [0] + points + [n]
+            self.sizes = [b - a for a, b in zip(edges, edges[1:])]
+        else:
+            if n % tops:
+                raise DeepvisError(f"layer '{layer.name}': {n} does not slice into {tops} equal parts")
+            self.sizes = [n // tops] * tops
+
+    def forward(self, x):
+        return tuple(x.split(self.sizes, self.axis))
+
+
+class Pick(nn.Module):
+    """Part i of a Slice's tuple: the module whose output is the top's blob."""
+
+    def __init__(self, i: int):
+        super().__init__()
+        self.i = i
+
+    def forward(self, parts):
+        return parts[self.i]
+
+
 class CaffeNet(nn.Module):
     """Runs the layers in prototxt order on a dict of named blobs."""
 
-    def __init__(self, net, weights: dict, input_blob: str = "data", until: str | None = None):
-        """net: the prototxt's NetParameter; weights: layer name -> list of blob arrays; until: the
-        last blob to make (the layers after it, and their weights, are never built: a detector's
-        head of unsupported layers does not stop its backbone). ``cut`` says whether any was left."""
+    def __init__(self, net, weights: dict, size: tuple[int, int], input_blob: str = "data",
+                 until: str | None = None, channels: int = 3):
+        """net: the prototxt's NetParameter; weights: layer name -> list of blob arrays; size: the
+        input's (H, W); until: the last blob to make (the layers after it, and their weights, are
+        never built: a detector's head of unsupported layers does not stop its backbone). ``cut``
+        says whether any was left. Each layer is run on a zero image as it is built: ``shapes`` is
+        every blob's shape (without the batch), which the next layers are built for, and a layer
+        whose weights do not fit what reaches it (an InnerProduct sized for another input) is named,
+        with both shapes."""
         super().__init__()
         self.cut = False
         self.input_blob = input_blob
         self.steps: list[tuple[str, list[str], list[str]]] = []
         self.layers_ = nn.ModuleDict()
-        channels = {input_blob: 3}
+        self.input_channels = int(channels)
+        zeros = lambda: torch.zeros(1, self.input_channels, *size)  # noqa: E731
+        probe = {input_blob: zeros()}
         layers = list(net.layer) or list(net.layers)
         blobs = list(dict.fromkeys(t for l in layers for t in l.top))
         if until is not None and until not in blobs:  # checked first: a typo is named as such
@@ -362,63 +518,61 @@ class CaffeNet(nn.Module):
             if t in SKIPPED_IN_DEPLOY:
                 if t == "Input" and layer.top:
                     self.input_blob = layer.top[0]
-                    channels = {self.input_blob: 3}
+                    probe = {self.input_blob: zeros()}
                 continue
             if any(r.phase == 0 for r in layer.include):  # TRAIN-only layers
                 continue
             bottoms, tops = list(layer.bottom), list(layer.top)
-            if until is not None and until in channels and not (tops == bottoms == [until]):
+            if until is not None and until in probe and not (tops == bottoms == [until]):
                 self.cut = True  # past the blob, but for layers in place on it (its ReLU)
                 break
-            missing = [b for b in bottoms if b not in channels]
+            missing = [b for b in bottoms if b not in probe]
             if missing:
                 raise DeepvisError(f"layer '{layer.name}' reads blob '{missing[0]}', which no earlier layer makes")
+            shape = tuple(probe[bottoms[0]].shape[1:])
             if t == "Concat":
-                axis = layer.concat_param.axis
-                module, c = Concat(axis), sum(channels[b] for b in bottoms)
+                module = Concat(layer.concat_param.axis)
             else:
                 try:
-                    module, c = build_layer(layer, weights.get(layer.name, []), channels[bottoms[0]])
+                    module = build_layer(layer, weights.get(layer.name, []), shape)
                 except UnsupportedLayer as e:
                     raise DeepvisError(f"{e}; to look at the network before it, give backend.until={bottoms[0]}") \
                         from None
+            with torch.no_grad():
+                try:
+                    out = module(*[probe[b] for b in bottoms])
+                except (RuntimeError, IndexError) as e:
+                    shapes = ", ".join(str(tuple(probe[b].shape[1:])) for b in bottoms)
+                    raise DeepvisError(f"layer '{layer.name}' does not fit its input of shape {shapes}: "
+                                       f"{str(e).splitlines()[0][:160]}") from None
             key = f"l{len(self.steps)}_{layer.name}".replace(".", "_")
             self.layers_[key] = module
+            if isinstance(module, Slice):  # one blob per part, each the output of its own Pick
+                parts = f"{key}:parts"
+                self.steps.append((key, bottoms, [parts]))
+                for i, top in enumerate(tops):
+                    pick = f"l{len(self.steps)}_{layer.name}_{i}".replace(".", "_")
+                    self.layers_[pick] = Pick(i)
+                    self.steps.append((pick, [parts], [top]))
+                    probe[top] = out[i]
+                continue
             self.steps.append((key, bottoms, tops))
             for top in tops:
-                channels[top] = c
-        self.channels = channels
+                probe[top] = out
+        self.shapes = {b: tuple(v.shape[1:]) for b, v in probe.items()}
 
     def blob_writers(self) -> list[tuple[str, str]]:
         """(blob name, the submodule whose output is the blob's final value), in order of first
-        appearance: an in-place layer's output replaces its bottom's value, as in Caffe."""
+        appearance: an in-place layer's output replaces its bottom's value, as in Caffe. (A
+        Slice's tuple of parts is no blob: its Picks make the tops.)"""
         order, last = [], {}
         for key, _bottoms, tops in self.steps:
-            if len(tops) != 1:
+            if len(tops) != 1 or isinstance(self.layers_[key], Slice):
                 continue
             if tops[0] not in last:
                 order.append(tops[0])
             last[tops[0]] = f"layers_.{key}"
         return [(b, last[b]) for b in order]
-
-    def blob_shapes(self, size) -> dict[str, tuple]:
-        """Every blob's shape (without the batch) for an input of size (H, W), from a zero image
-        run through layer by layer: a layer whose weights do not fit what reaches it (an
-        InnerProduct sized for another input) is named, with both shapes."""
-        blobs = {self.input_blob: torch.zeros(1, 3, *size)}
-        with torch.no_grad():
-            for key, bottoms, tops in self.steps:
-                ins = [blobs[b] for b in bottoms]
-                try:
-                    out = self.layers_[key](*ins)
-                except RuntimeError as e:
-                    name = key.split("_", 1)[1]
-                    shapes = ", ".join(str(tuple(t.shape[1:])) for t in ins)
-                    raise DeepvisError(f"layer '{name}' does not fit its input of shape {shapes}: "
-                                       f"{str(e).splitlines()[0][:160]}") from None
-                for t in tops:
-                    blobs[t] = out
-        return {b: tuple(t.shape[1:]) for b, t in blobs.items()}
 
     def forward(self, x):
         blobs = {self.input_blob: x}

@@ -54,10 +54,12 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def node(self, op: str, inputs: list, output: str, name: str | None = None, **attrs) -> str:
+    def node(self, op: str, inputs: list, output, name: str | None = None, **attrs):
+        """One node; output: a value name (returned), or a list of them (a node of several)."""
         from onnx import helper
 
-        self.nodes.append(helper.make_node(op, inputs, [output], name=name or output, **attrs))
+        outputs = output if isinstance(output, list) else [output]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name or outputs[0], **attrs))
         return output
 
 
@@ -86,7 +88,8 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
     """The ONNX ModelProto of a loaded CaffeBackend (its parsed net and weights)."""
     from onnx import TensorProto, helper
 
-    from .caffe_net import AbsVal, BatchNorm, Concat, Eltwise, Flatten, InnerProduct, Pool, Power, Scale, Softmax
+    from .caffe_net import (AbsVal, BatchNorm, Concat, Crop, Eltwise, Flatten, InnerProduct, Normalize, Permute,
+                            Pick, Pool, Power, Reshape, Scale, Slice, Softmax)
 
     net = backend.module
     h, w = backend.input_size
@@ -102,6 +105,17 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
     for key, bottoms, tops in net.steps:
         layer = key.split("_", 1)[1]
         m = net.layers_[key]
+        if isinstance(m, Slice):  # one Split; its parts become the tops through the Picks below
+            parts = [g.value(f"{layer}/part{i}") for i in range(len(m.sizes))]
+            g.node("Split", [values[bottoms[0]], g.const(f"{layer}.split", np.array(m.sizes, np.int64))], parts,
+                   axis=int(m.axis))
+            values[tops[0]] = parts
+            continue
+        if isinstance(m, Pick):  # the part under the top's own name (unless a layer in place rewrites it)
+            own = final.get(tops[0]) == f"layers_.{key}"
+            values[tops[0]] = g.node("Identity", [values[bottoms[0]][m.i]],
+                                     g.value(tops[0] if own else f"{tops[0]}/{layer}"))
+            continue
         out_shape = shapes[tops[0]]
         src = [values[b] for b in bottoms]
         top = tops[0]
@@ -178,6 +192,25 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
             g.node("Concat", src, out, axis=int(m.axis))
         elif isinstance(m, Flatten):
             g.node("Flatten", src, out, axis=1)
+        elif isinstance(m, Crop):  # the offsets and sizes are known: one Slice over the cropped axes
+            axes = list(range(m.axis, len(out_shape) + 1))
+            starts = [m.offsets[0] if len(m.offsets) == 1 else m.offsets[a - m.axis] if m.offsets else 0 for a in axes]
+            ends = [st + out_shape[a - 1] for st, a in zip(starts, axes)]
+            g.node("Slice", [src[0], g.const(f"{layer}.starts", np.array(starts, np.int64)),
+                             g.const(f"{layer}.ends", np.array(ends, np.int64)),
+                             g.const(f"{layer}.axes", np.array(axes, np.int64))], out)
+        elif isinstance(m, Normalize):
+            axes = list(range(1, len(out_shape) + 1)) if m.across_spatial else [1]
+            sq = g.node("ReduceSumSquare", src[:1], g.value(f"{top}/{layer}/sumsq"), axes=axes, keepdims=1)
+            sq = g.node("Add", [sq, g.const(f"{layer}.eps", np.array(m.eps, np.float32))], g.value(f"{top}/{layer}/eps"))
+            norm = g.node("Sqrt", [sq], g.value(f"{top}/{layer}/norm"))
+            unit = g.node("Div", [src[0], norm], g.value(f"{top}/{layer}/unit"))
+            scale = m.scale.numpy().reshape((1, -1) + (1,) * (len(out_shape) - 1))
+            g.node("Mul", [unit, g.const(f"{layer}.scale", scale)], out)
+        elif isinstance(m, Permute):
+            g.node("Transpose", src, out, perm=list(m.order))
+        elif isinstance(m, Reshape):  # the shape is known but for the batch: 0 copies it
+            g.node("Reshape", [src[0], g.const(f"{layer}.shape", np.array([0, *out_shape], np.int64))], out)
         elif isinstance(m, Softmax):
             g.node("Softmax", src, out, axis=int(m.axis))
         else:  # the Caffe backend's own layer set is covered above; a new one must be added here
@@ -189,12 +222,12 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
     blob_names = [b for b, _ in net.blob_writers() if b != net.input_blob]
     graph = helper.make_graph(
         g.nodes, os.path.splitext(os.path.basename(prototxt))[0] or "caffe",
-        [helper.make_tensor_value_info(inp, TensorProto.FLOAT, ["N", 3, h, w])],
+        [helper.make_tensor_value_info(inp, TensorProto.FLOAT, ["N", backend.channels, h, w])],
         [helper.make_tensor_value_info(last, TensorProto.FLOAT, ["N", *shapes[last_blob]])], g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="deepvis-repro", producer_version=_version())
     props = {
-        "deepvis.channel_order": "BGR", "deepvis.layout": "NCHW",
+        "deepvis.channel_order": "BGR" if backend.channels == 3 else "grey", "deepvis.layout": "NCHW",
         "deepvis.mean": json.dumps(_mean_rgb(backend)), "deepvis.input_scale": json.dumps(_input_scale(backend)),
         "deepvis.blobs": json.dumps(blob_names), "deepvis.source_prototxt": os.path.basename(prototxt),
         "deepvis.source_caffemodel": os.path.basename(weights),
@@ -218,9 +251,9 @@ def _version() -> str:
 
 
 def _mean_rgb(backend):
-    """RGB, 0..255: three values, or a 3 x H x W list for a mean image."""
+    """RGB (or grey), 0..255: one value per channel, or a C x H x W list for a mean image."""
     m = backend.mean.detach().cpu().float()
-    if m.numel() == 3:
+    if m.numel() == backend.channels:
         return [round(float(v), 6) for v in m.reshape(-1)]
     return m.numpy().round(4).tolist()
 

@@ -31,6 +31,12 @@ from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
 from .onnx_opset import as_opset17
 
+# onnx2torch's Slice indexes with a list, which torch 2.x warns about on every forward pass of
+# such a graph (every command, every frame); the values are right: the warning is torch's, about
+# a future version, and nothing a user of this tool can act on.
+warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing",
+                        category=UserWarning, module=r"onnx2torch\.")
+
 SKIP_MODULES = ("Dropout", "Identity", "OnnxCopyIdentity")
 #: ONNX operators that only move or relabel values (a transposed or reshaped copy of another
 #: layer, or of the input): never layers of their own.
@@ -265,19 +271,21 @@ def read_metadata(model) -> dict:
     return out
 
 
-def input_layout(model, layout: str | None) -> tuple[str, tuple[int, int] | None]:
-    """(NCHW | NHWC, (H, W) or None) of the graph's first input: from the shape, unless given."""
+def input_layout(model, layout: str | None) -> tuple[str, tuple[int, int] | None, int]:
+    """(NCHW | NHWC, (H, W) or None, channels) of the graph's first input: from the shape, unless
+    given (channels 3 where the file leaves them open)."""
     dims = [d.dim_value or None for d in model.graph.input[0].type.tensor_type.shape.dim]
     if layout not in (None, "auto", ""):
         layout = str(layout).upper()
         if layout not in ("NCHW", "NHWC"):
             raise DeepvisError(f"layout must be NCHW, NHWC or auto, got '{layout}'")
     if len(dims) != 4:
-        raise DeepvisError(f"the model's input has shape {dims}; an image model takes [N, 3, H, W] or [N, H, W, 3]")
+        raise DeepvisError(f"the model's input has shape {dims}; an image model takes [N, C, H, W] or [N, H, W, C]")
     if layout in (None, "auto", ""):
         layout = "NHWC" if dims[3] in (1, 3) and dims[1] not in (1, 3) else "NCHW"
     h, w = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
-    return layout, ((h, w) if h and w else None)
+    channels = (dims[1] if layout == "NCHW" else dims[3]) or 3
+    return layout, ((h, w) if h and w else None), int(channels)
 
 
 def value_layouts(model, layout: str) -> dict[str, str | None]:
@@ -313,7 +321,7 @@ class OnnxBackend(HookBackend):
         path = os.fspath(path)
         model = load_onnx(path)
         meta = read_metadata(model)
-        layout, size = input_layout(model, layout if layout not in (None, "auto") else meta.get("layout", layout))
+        layout, size, channels = input_layout(model, layout if layout not in (None, "auto") else meta.get("layout", layout))
         if input_size is None:
             if size is None:
                 raise DeepvisError(f"ONNX file {path} has no fixed input size; give backend.input_size=[H,W]")
@@ -322,29 +330,32 @@ class OnnxBackend(HookBackend):
         nodes = dict(OnnxGraph(model.graph).nodes)
         module = convert(model, path)
         scale = float(meta.get("input_scale", 1.0))
-        mean = meta.get("mean", DEFAULT_MEAN) if mean is None else mean
+        default_mean, default_std = default_scaling(channels)
+        mean = meta.get("mean", default_mean) if mean is None else mean
         mean_image = np.asarray(mean, np.float32) if np.asarray(mean).ndim == 3 else None  # a Caffe mean file
-        std = meta.get("std", DEFAULT_STD if "mean" not in meta else (1.0 / scale,) * 3) if std is None else std
+        std = meta.get("std", default_std if "mean" not in meta else (1.0 / scale,) * channels) if std is None else std
         channel_order = channel_order or meta.get("channel_order", "RGB")
-        if str(channel_order).upper() not in ("RGB", "BGR"):
+        if str(channel_order).upper() not in ("RGB", "BGR", "GREY"):
             raise DeepvisError(f"channel_order must be RGB or BGR, got '{channel_order}'")
-        mean, std = (mean_image if mean_image is not None else _three("mean", mean)), _three("std", std)
+        mean = mean_image if mean_image is not None else _per_channel("mean", mean, channels)
+        std = _per_channel("std", std, channels)
         if any(s <= 0 for s in std):
-            raise DeepvisError(f"std must be three positive numbers, got {std}")
+            raise DeepvisError(f"std must be {channels} positive number{'s' * (channels > 1)}, got {std}")
         self.channel_order = str(channel_order).upper()
-        order = torch.tensor([0, 1, 2] if self.channel_order == "RGB" else [2, 1, 0])
-        inv_std = 1.0 / torch.tensor(std).view(1, 3, 1, 1)
+        swap = channels == 3 and self.channel_order == "BGR"
+        inv_std = 1.0 / torch.tensor(std).view(1, channels, 1, 1)
         nhwc = layout == "NHWC"
 
         def to_input(x):
-            x = (x * inv_std.to(x.device)).index_select(1, order.to(x.device))
+            x = x * inv_std.to(x.device)
+            x = x.flip(1) if swap else x
             return x.permute(0, 2, 3, 1).contiguous() if nhwc else x
 
         if "blobs" in meta:  # written by deepvis-convert: Caffe's blob names, in Caffe's order
             paths, self._nhwc_layers = self._blob_layers(meta["blobs"], nodes), set()
         else:
             paths, self._nhwc_layers = self._layers(module, nodes, value_layouts(model, layout), to_input,
-                                                    tuple(input_size))
+                                                    tuple(input_size), channels)
         # A graph that ends in its own Softmax: that is prob (a second softmax would flatten it)
         last = paths[-1][1] if paths else None
         own_prob = last is not None and nodes.get(last) is not None and nodes[last].operation_type == "Softmax" \
@@ -363,7 +374,8 @@ class OnnxBackend(HookBackend):
             module, paths, to_input=to_input, mean=mean, input_size=input_size, labels=labels,
             prob=labels is not None and not own_prob and not has_prob, crop=crop, lr_scale=lr_scale,
             progress_scale=progress_scale, name=name or f"onnx:{os.path.basename(path)}", device=device,
-            aliases=aliases, resize=resize if resize is not None else meta.get("resize"), until=until)
+            aliases=aliases, resize=resize if resize is not None else meta.get("resize"), until=until,
+            channels=channels)
         self.layout = layout
         check_label_count(self, labels_arg)
 
@@ -377,7 +389,7 @@ class OnnxBackend(HookBackend):
         return [(b, writer[b]) for b in blobs]
 
     @staticmethod
-    def _layers(module, nodes, layouts, to_input, size):
+    def _layers(module, nodes, layouts, to_input, size, channels):
         """(name, module path) of every module whose output is an activation: a float tensor with
         the batch and a channel axis, computed once per forward (found with a batch of 2 zero
         images); and the names of those whose 4-D output is NHWC."""
@@ -391,7 +403,7 @@ class OnnxBackend(HookBackend):
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 module.eval()
-                module(to_input(torch.zeros(2, 3, *size)))
+                module(to_input(torch.zeros(2, channels, *size)))
         except Exception as e:
             raise DeepvisError(f"the ONNX model does not run on a {size[0]}x{size[1]} image: "
                                f"{str(e).splitlines()[0][:200]}") from None
@@ -404,8 +416,8 @@ class OnnxBackend(HookBackend):
             if len(outs) != 1:
                 continue
             o = outs[0]
-            if not (isinstance(o, torch.Tensor) and o.is_floating_point() and o.dim() >= 2 and o.shape[0] == 2):
-                continue  # shape arithmetic, integer indices, constants: not something to look at
+            if not (isinstance(o, torch.Tensor) and o.is_floating_point() and 2 <= o.dim() <= 4 and o.shape[0] == 2):
+                continue  # shape arithmetic, integer indices, constants, 5-D reshapes: nothing to look at
             node = nodes.get(t)
             if node is not None and node.operation_type in REARRANGING:
                 continue
@@ -428,11 +440,25 @@ class OnnxBackend(HookBackend):
         return {n: self._as_nchw(n, v) for n, v in super().forward(x, layers).items()}
 
 
-def _three(name, v):
+def default_scaling(channels: int) -> tuple[tuple, tuple]:
+    """Mean and std where neither the user nor the file says: torchvision's ImageNet scaling, for
+    a grey model its luma (the grey it is fed is the luma of the picture), for any other channel
+    count none (no image reaches such a model)."""
+    if channels == 3:
+        return DEFAULT_MEAN, DEFAULT_STD
+    if channels == 1:
+        luma = np.array([0.299, 0.587, 0.114])
+        return (round(float(luma @ DEFAULT_MEAN), 3),), (round(float(luma @ DEFAULT_STD), 3),)
+    return (0.0,) * channels, (1.0,) * channels
+
+
+def _per_channel(name, v, channels: int):
+    what = "RGB" if channels == 3 else "grey" if channels == 1 else "per channel"
     try:
-        vals = [float(x) for x in v]
+        vals = [float(x) for x in (v if isinstance(v, (list, tuple)) or hasattr(v, "__iter__") else [v])]
     except (TypeError, ValueError):
-        raise DeepvisError(f"{name} must be three numbers (RGB, 0..255), got {v!r}") from None
-    if len(vals) != 3:
-        raise DeepvisError(f"{name} must be three numbers (RGB, 0..255), got {v!r}")
+        raise DeepvisError(f"{name} must be {channels} number{'s' * (channels > 1)} ({what}, 0..255), got {v!r}") from None
+    if len(vals) != channels:
+        raise DeepvisError(f"{name} must be {channels} number{'s' * (channels > 1)} ({what}, 0..255) for this "
+                           f"{channels}-channel model, got {v!r}")
     return vals

@@ -2,9 +2,11 @@
 forward hooks that any torch module with named submodules can use.
 
 Everything above this file sees only: ``module``, ``layers``, ``labels``, ``input_size``, ``mean``,
-``forward(x, layers)``, ``stream(x, layers, visit)``, ``preprocess(image, crop)``, ``deprocess(x)``
-(plus ``lr_scale`` and ``device``).
-``x`` is always mean-subtracted RGB on a 0..255 scale; a backend maps it to its module's input.
+``channels``, ``forward(x, layers)``, ``stream(x, layers, visit)``, ``preprocess(image, crop)``,
+``views_to_x(views)``, ``deprocess(x)`` (plus ``lr_scale`` and ``device``).
+``x`` is always (N, channels, H, W), mean-subtracted, on a 0..255 scale: RGB for a 3-channel model,
+grey (ITU-R 601 luma) for a 1-channel one; a backend maps it to its module's input. Pictures
+(views, deprocessed images) are HxWx3 uint8 for every model: a grey model's are grey.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import DeepvisError, did_you_mean
-from .images import resize_for_input, to_rgb_uint8
+from .view import View
 
 
 #: The largest input side any backend accepts: a claim beyond it (a tiny file declaring a
@@ -73,9 +75,13 @@ class Backend:
     #: (h, w): stretch to this size first, then centre-crop the input size (Caffe's transform).
     resize: tuple[int, int] | None = None
     name: str = "backend"
-    #: The channel order the model itself reads ("RGB" or "BGR": Caffe models). Informational: the
-    #: contract's x is RGB for every backend, and a BGR model swaps the channels inside.
+    #: The channel order the model itself reads ("RGB", "BGR": Caffe models, or "grey").
+    #: Informational: the contract's x is RGB for every 3-channel backend (a BGR model swaps the
+    #: channels inside) and grey for a 1-channel one.
     channel_order: str = "RGB"
+    #: The image channels the model reads, as its first layer declares them: 3 or 1 (grey). A model
+    #: of any other count loads and lists its layers, but no image can be fed to it (check_images).
+    channels: int = 3
 
     # ----- layers ---------------------------------------------------------------------------------
     def resolve_layer(self, name: str) -> str:
@@ -123,37 +129,58 @@ class Backend:
         return self
 
     # ----- images ---------------------------------------------------------------------------------
+    def check_images(self) -> None:
+        """One clear line where an image is to be fed to (or made for) a model whose input is
+        neither RGB nor grey: every image tool starts here (through mean_image)."""
+        if self.channels not in (1, 3):
+            raise DeepvisError(f"{self.name} reads {self.channels}-channel inputs: images can be fed only to "
+                               "3-channel (RGB/BGR) and 1-channel (grey) models; inspect still lists its layers")
+
     def mean_image(self) -> torch.Tensor:
-        """The mean as a (3,H,W) tensor at the input size."""
+        """The mean as a (channels,H,W) tensor at the input size."""
+        self.check_images()
         h, w = self.input_size
-        return self.mean.expand(3, h, w) if self.mean.shape[1:] != (h, w) else self.mean
+        return self.mean.expand(self.channels, h, w) if self.mean.shape[1:] != (h, w) else self.mean
+
+    @property
+    def picture_view(self) -> View:
+        """How pictures become this network's input (input size, resize, crop, grey)."""
+        return View(tuple(self.input_size), bool(self.crop), tuple(self.resize) if self.resize else None,
+                    self.channels == 1)
 
     def view(self, image: np.ndarray, crop: bool | None = None) -> np.ndarray:
-        """The image as the network sees it: HxWx3 uint8 at the input size, after this backend's
-        resize / crop (crop: this call's choice, e.g. the live view's c key; None: the backend's).
-        Crops of receptive fields are cut from this view."""
-        return resize_for_input(to_rgb_uint8(image), self.input_size, crop=self.crop if crop is None else bool(crop),
-                                resize=self.resize)
+        """The image as the network sees it: HxWx3 uint8 at the input size (picture_view; crop:
+        this call's choice, e.g. the live view's c key). Crops of receptive fields are cut from it."""
+        self.check_images()
+        return self.picture_view.fit(image, crop)
 
     def view_spec(self) -> dict:
-        """What view() depends on, as plain data (for loader processes and atlas manifests)."""
-        return {"input_size": list(self.input_size), "crop": bool(self.crop),
-                "resize": list(self.resize) if self.resize else None}
+        """picture_view as plain data (for loader processes and atlas manifests)."""
+        return self.picture_view.as_dict()
 
     def preprocess(self, image: np.ndarray, crop: bool | None = None) -> torch.Tensor:
-        """HxWx{1,3,4} image of any size and dtype -> (1,3,H,W) mean-subtracted RGB, 0..255 scale
-        (crop as in view)."""
-        img = self.view(image, crop)
-        t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().to(self.device)
-        return (t - self.mean_image()).unsqueeze(0)
+        """HxWx{1,3,4} image of any size and dtype -> (1,channels,H,W) x (crop as in view)."""
+        img = np.array(self.view(image, crop), dtype=np.uint8, copy=True)
+        return self.views_to_x(torch.from_numpy(img).unsqueeze(0))
+
+    def views_to_x(self, views: torch.Tensor) -> torch.Tensor:
+        """(N,H,W,3) uint8 views (as view() makes them, on any device) -> (N,channels,H,W) x on
+        this backend's device: the one place pictures become the network's input."""
+        x = views.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        if self.channels == 1:
+            x = x[:, :1]  # a grey view's three channels are equal
+        return x.float() - self.mean_image().unsqueeze(0)
 
     def deprocess(self, x: torch.Tensor) -> np.ndarray:
-        """(3,H,W), (1,3,H,W) -> HxWx3 uint8; (N,3,H,W) -> NxHxWx3 uint8 (mean added, clipped)."""
+        """(C,H,W), (1,C,H,W) -> HxWx3 uint8; (N,C,H,W) -> NxHxWx3 uint8 (mean added, clipped;
+        a grey model's channel repeated)."""
         x = x.detach()
         single = x.dim() == 3 or x.shape[0] == 1
         if x.dim() == 3:
             x = x.unsqueeze(0)
         img = (x + self.mean_image().to(x.device)).clamp(0, 255).round().to(torch.uint8)
+        if img.shape[1] == 1:
+            img = img.expand(-1, 3, -1, -1)
         img = img.permute(0, 2, 3, 1).cpu().numpy()
         return img[0] if single else img
 
@@ -187,7 +214,7 @@ class HookBackend(Backend):
                  to_input: Callable[[torch.Tensor], torch.Tensor], mean, input_size,
                  labels=None, prob: bool = True, aliases=None, crop=True, lr_scale=1.0,
                  name="backend", device="cpu", channels_last: bool = False,
-                 progress_scale: float = 1.0, resize=None, until: str | None = None):
+                 progress_scale: float = 1.0, resize=None, until: str | None = None, channels: int = 3):
         self.module = freeze(module)
         # NHWC convolutions are faster on CPU (oneDNN) and on GPU tensor cores for conv nets.
         self.channels_last = bool(channels_last)
@@ -202,8 +229,12 @@ class HookBackend(Backend):
         self._order = {n: i for i, n in enumerate(self.layers)}
         self.labels = labels
         self.input_size = check_input_size(input_size, name)
+        self.channels = int(channels)
+        if self.channels == 1:
+            self.channel_order = "grey"
         mean = torch.as_tensor(mean, dtype=torch.float32)
-        self.mean = mean.reshape(3, 1, 1) if mean.numel() == 3 else mean.reshape(3, *mean.shape[-2:])
+        c = self.channels
+        self.mean = mean.reshape(c, 1, 1) if mean.numel() == c else mean.reshape(c, *mean.shape[-2:])
         self.aliases = dict(aliases or {})
         self.crop = bool(crop)
         self.resize = check_resize(resize, self.input_size)
@@ -262,6 +293,10 @@ class HookBackend(Backend):
 
         def make_hook(name):
             def hook(_mod, _inp, output):
+                if isinstance(output, torch.Tensor) and output.dim() == 3:
+                    # (N, C, L): units along one spatial axis (a detector's head, a 1-D conv),
+                    # shown as a one-row map, so that every tool takes them as (N, C, 1, L)
+                    output = output.unsqueeze(2)
                 if visit is None:
                     out[name] = output
                 else:

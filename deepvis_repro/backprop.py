@@ -39,7 +39,7 @@ def relu_backward(module: nn.Module, mode: str):
 def backprop(backend, x: torch.Tensor, layer: str, channel: int, mode: str = "gradient",
              also: str | None = None):
     """Backpropagate the seed (channel's activation map, others zero) from ``layer`` to the input.
-    Returns (input gradient (3,H,W), gradient at layer ``also`` or None, the forward activations)."""
+    Returns (input gradient (C,H,W), gradient at layer ``also`` or None, the forward activations)."""
     x = x.detach().clone().requires_grad_(True)
     layers = [layer] + ([also] if also and also != layer else [])
     with relu_backward(backend.module, mode):
@@ -60,8 +60,11 @@ def backprop(backend, x: torch.Tensor, layer: str, channel: int, mode: str = "gr
 
 
 def gradient_image(g: torch.Tensor, as_norm: bool = False) -> np.ndarray:
-    """(3,H,W) gradient -> HxWx3 uint8: raw (grey at zero, symmetric scale) or its per-pixel norm."""
+    """(C,H,W) gradient -> HxWx3 uint8: raw (grey at zero, symmetric scale) or its per-pixel norm
+    (a grey model's one channel shown grey)."""
     g = g.detach().float().cpu()
+    if g.shape[0] == 1:
+        g = g.expand(3, -1, -1)
     if as_norm:
         n = g.norm(dim=0)
         n = n / n.max().clamp_min(1e-12)

@@ -25,16 +25,21 @@ def inspect_task(cfg) -> None:
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
     if cfg.image:
         image = load_image(cfg.image)
-        if "prob" not in backend.layers:
-            raise DeepvisError(f"backend {backend.name} has no class output ('prob') to name what is in an image")
+        scores = "prob" if "prob" in backend.layers else backend.output_layer
+        shape = layer_shapes(backend, [scores])[scores]
+        if scores != "prob" and not (len(shape) == 1 or shape[1:] == (1, 1)):
+            raise DeepvisError(f"backend {backend.name} has no class output: its last layer {scores} is a map "
+                               f"of shape {shape}, not class scores")
         if backend.labels is None:  # a model without a labels file still says which classes: by index
-            print(f"(backend {backend.name} has no labels: classes by index; backend.labels=FILE names them)",
-                  file=sys.stderr)
+            print(f"(backend {backend.name} has no labels: classes by index"
+                  + ("" if scores == "prob" else f", probabilities the softmax of {scores}")
+                  + "; backend.labels=FILE names them)", file=sys.stderr)
         from .validate import whole
 
         top_k = whole("top_k", cfg.top_k, 1)
         with torch.no_grad():
-            prob = backend.forward(backend.preprocess(image), ["prob"])["prob"][0]
+            out = backend.forward(backend.preprocess(image), [scores])[scores][0].flatten()
+        prob = out if scores == "prob" else torch.softmax(out, 0)
         if not torch.isfinite(prob).all():
             raise DeepvisError(f"the model's output is NaN or infinite for {cfg.image}: it cannot classify "
                                "it (broken weights, or an input scaling it was not trained with?)")
@@ -45,9 +50,11 @@ def inspect_task(cfg) -> None:
     shapes = layer_shapes(backend, backend.layers)
     inverse_alias = {v: k for k, v in backend.aliases.items()}
     order = backend.channel_order
-    print(f"backend {backend.name}: input {h}x{w}, {order}" + (" (images are given as RGB; swapped inside)"
-                                                                 if order != "RGB" else "")
-          + f", {len(backend.layers)} layers")
+    note = {"RGB": "", "grey": " (1 channel: pictures are fed as their luma)",
+            "BGR": " (images are given as RGB; swapped inside)"}.get(order, "")
+    if backend.channels not in (1, 3):
+        order, note = f"{backend.channels} channels", " (no picture can be fed to it)"
+    print(f"backend {backend.name}: input {h}x{w}, {order}{note}, {len(backend.layers)} layers")
     labels = {n: n + (f" ({inverse_alias[n]})" if n in inverse_alias else "") for n in backend.layers}
     width = max([24] + [len(v) + 2 for v in labels.values()])  # long names keep their own column
     print(f"{'layer':<{width}}{'output shape':<22}{'channels':>8}")

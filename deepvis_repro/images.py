@@ -70,6 +70,13 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def grey_rgb(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB -> HxWx3 uint8 whose three channels are its ITU-R 601 luma (Pillow's "L",
+    as grayscale models' training pipelines make it): what a 1-channel model sees, shown grey."""
+    luma = np.asarray(Image.fromarray(np.ascontiguousarray(image)).convert("L"))
+    return np.repeat(luma[:, :, None], 3, axis=2)
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB, with one clear error for a missing or unreadable file."""
     path = os.fspath(path)

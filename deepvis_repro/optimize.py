@@ -51,7 +51,8 @@ class OptimizationResult:
         """x itself, centred on grey and scaled to fill 0..255 (the original's 'no mean' image)."""
         from .images import stretch_around_grey
 
-        x = self.x.detach().cpu().permute(0, 2, 3, 1).numpy()
+        x = self.x.detach().cpu()
+        x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).permute(0, 2, 3, 1).numpy()  # grey shown grey
         return np.stack([stretch_around_grey(im) for im in x]) if len(x) else x.astype(np.uint8)
 
 
@@ -62,12 +63,13 @@ def start_images(backend, n: int, start: str, seed: int) -> torch.Tensor:
     rs = np.random.RandomState(int(seed))
     h, w = backend.input_size
     mean = backend.mean_image().detach().cpu().float()
+    shape = (backend.channels, h, w)
     if start == "mean_plus_rand":
-        x0 = torch.from_numpy(rs.standard_normal((3, h, w)).astype(np.float32)) * 10.0
+        x0 = torch.from_numpy(rs.standard_normal(shape).astype(np.float32)) * 10.0
     elif start == "randu":
-        x0 = torch.from_numpy(rs.random_sample((3, h, w)).astype(np.float32)) * 255.0 - mean
+        x0 = torch.from_numpy(rs.random_sample(shape).astype(np.float32)) * 255.0 - mean
     else:
-        x0 = torch.zeros(3, h, w)
+        x0 = torch.zeros(shape)
     return x0.unsqueeze(0).repeat(n, 1, 1, 1).to(backend.device)
 
 

@@ -47,7 +47,7 @@ def layer_shapes(backend, layers) -> dict[str, tuple[int, ...]]:
     if missing:
         h, w = backend.input_size
         with torch.no_grad():
-            out = backend.forward(torch.zeros(1, 3, h, w, device=backend.device), missing)
+            out = backend.forward(torch.zeros(1, backend.channels, h, w, device=backend.device), missing)
         cache.update({k: tuple(v.shape[1:]) for k, v in out.items()})
     return {l: cache[backend.resolve_layer(l)] for l in layers}
 

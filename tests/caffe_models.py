@@ -117,16 +117,44 @@ def activations_shaped(size=29):
     return L, size
 
 
+def shaping_shaped(size=24):
+    """Caffe's shaping layers, FCN- and SSD-style: Slice (uneven, along channels: two tops), a
+    Deconvolution cropped back to a reference blob's size (Crop, offset 1), SSD's Normalize (per
+    position with a scale per channel, and across the whole blob with one shared scale), Permute
+    to NHWC, Reshape to (N, -1, 6) with a Softmax along its last axis, then Flatten and a class
+    layer."""
+    L = [("conv1", "Convolution", ["data"], ["conv1"], dict(num_output=8, kernel_size=3, pad=1), None),
+         ("relu1", "ReLU", ["conv1"], ["conv1"], {}, None),
+         ("slice1", "Slice", ["conv1"], ["part_a", "part_b"], dict(axis=1, slice_point=[3]), None),
+         ("conv_a", "Convolution", ["part_a"], ["conv_a"], dict(num_output=6, kernel_size=3, pad=1), None),
+         ("conv_b", "Convolution", ["part_b"], ["conv_b"], dict(num_output=6, kernel_size=3, pad=1), None),
+         ("pool", "Pooling", ["conv_a"], ["pool"], dict(pool="MAX", kernel_size=2, stride=2), None),
+         ("up", "Deconvolution", ["pool"], ["up"], dict(num_output=6, kernel_size=4, stride=2), None),
+         ("crop", "Crop", ["up", "conv_b"], ["crop"], dict(axis=2, offset=[1]), None),
+         ("norm", "Normalize", ["crop"], ["norm"], dict(across_spatial=False, channel_shared=False), None),
+         ("norm_b", "Normalize", ["conv_b"], ["norm_b"], dict(across_spatial=True, channel_shared=True), None),
+         ("sum", "Eltwise", ["norm", "norm_b"], ["sum"], {}, None),
+         ("perm", "Permute", ["sum"], ["perm"], dict(order=[0, 2, 3, 1]), None),
+         ("resh", "Reshape", ["perm"], ["resh"], dict(shape=[0, -1, 6]), None),
+         ("soft", "Softmax", ["resh"], ["soft"], dict(axis=2), None),
+         ("flat", "Flatten", ["soft"], ["flat"], {}, None),
+         ("fc", "InnerProduct", ["flat"], ["fc"], dict(num_output=5), None),
+         ("prob", "Softmax", ["fc"], ["prob"], {}, None)]
+    return L, size
+
+
 PARAM_FIELD = {"Convolution": "convolution_param", "Deconvolution": "convolution_param", "Pooling": "pooling_param", "LRN": "lrn_param",
                "InnerProduct": "inner_product_param", "Dropout": "dropout_param",
                "Scale": "scale_param", "BatchNorm": "batch_norm_param", "Eltwise": "eltwise_param",
-               "ReLU": "relu_param", "ELU": "elu_param", "Power": "power_param", "PReLU": "prelu_param"}
+               "ReLU": "relu_param", "ELU": "elu_param", "Power": "power_param", "PReLU": "prelu_param",
+               "Slice": "slice_param", "Crop": "crop_param", "Normalize": "norm_param", "Permute": "permute_param",
+               "Reshape": "reshape_param", "Softmax": "softmax_param"}
 
 
-def random_weights(layers, size, seed=0):
+def random_weights(layers, size, seed=0, channels=3):
     """Blobs for every parametric layer, with the shapes Caffe gives them."""
     rng = np.random.default_rng(seed)
-    shapes = {"data": (3, size, size)}
+    shapes = {"data": (channels, size, size)}
     blobs = {}
     for name, t, bottoms, tops, p, _ in layers:
         c, h, w = shapes[bottoms[0]] if len(shapes[bottoms[0]]) == 3 else (shapes[bottoms[0]][0], 1, 1)
@@ -172,6 +200,25 @@ def random_weights(layers, size, seed=0):
         elif t == "PReLU":
             blobs[name] = [rng.uniform(0.05, 0.5, 1 if p.get("channel_shared") else c).astype(np.float32)]
             out = shapes[bottoms[0]]
+        elif t == "Normalize":
+            blobs[name] = [rng.uniform(5, 20, 1 if p.get("channel_shared") else c).astype(np.float32)]
+            out = shapes[bottoms[0]]
+        elif t == "Slice":  # along channels (axis 1), the only axis these models slice
+            edges = [0] + list(p["slice_point"]) + [c]
+            for top, a, b in zip(tops, edges, edges[1:]):
+                shapes[top] = (b - a,) + tuple(shapes[bottoms[0]][1:])
+            continue
+        elif t == "Crop":
+            axis = p.get("axis", 2)
+            out = tuple(shapes[bottoms[0]][:axis - 1]) + tuple(shapes[bottoms[1]][axis - 1:])
+        elif t == "Permute":
+            full = (1,) + tuple(shapes[bottoms[0]])
+            out = tuple(full[i] for i in p["order"])[1:]
+        elif t == "Reshape":
+            n = int(np.prod(shapes[bottoms[0]]))
+            dims = [d for d in p["shape"][1:]]
+            known = int(np.prod([d for d in dims if d != -1]))
+            out = tuple(n // known if d == -1 else d for d in dims)
         else:
             out = shapes[bottoms[0]]
         for top in tops:
@@ -187,7 +234,7 @@ def pooled(h, k, s, p):
     return n
 
 
-def write_model(layers, size, blobs, folder, name="net", v1_weights=False, half=False):
+def write_model(layers, size, blobs, folder, name="net", v1_weights=False, half=False, channels=3):
     """deploy.prototxt (text) and net.caffemodel (binary, weights only), as Caffe writes them;
     half: the blobs in half precision, as OpenCV's shrinkCaffeModel writes them (raw_data, FLOAT16)."""
     net = caffe_proto.NetParameter()
@@ -195,7 +242,7 @@ def write_model(layers, size, blobs, folder, name="net", v1_weights=False, half=
     inp = net.layer.add()
     inp.name, inp.type = "data", "Input"
     inp.top.append("data")
-    inp.input_param.shape.add().dim.extend([1, 3, size, size])
+    inp.input_param.shape.add().dim.extend([1, channels, size, size])
     model = caffe_proto.NetParameter()
     model.name = name
     for lname, t, bottoms, tops, p, _ in layers:
@@ -224,8 +271,10 @@ def write_model(layers, size, blobs, folder, name="net", v1_weights=False, half=
                         msg.pool = {"MAX": 0, "AVE": 1}[v]
                     elif k in ("kernel_size", "stride", "pad") and t in ("Convolution", "Deconvolution"):
                         getattr(msg, k).append(v)
-                    elif k == "coeff":
-                        msg.coeff.extend(v)
+                    elif k in ("coeff", "slice_point", "offset", "order"):
+                        getattr(msg, k).extend(v)
+                    elif k == "shape":
+                        msg.shape.dim.extend(v)
                     else:
                         setattr(msg, k, v)
         for b in ([] if v1_weights else blobs.get(lname, [])):
@@ -332,8 +381,29 @@ def reference_blobs(layers, blobs, x):
         elif t == "Dropout":
             y = a
         elif t == "Softmax":
-            e = np.exp(a - a.max(1, keepdims=True))
-            y = e / e.sum(1, keepdims=True)
+            ax = p.get("axis", 1)
+            e = np.exp(a - a.max(ax, keepdims=True))
+            y = e / e.sum(ax, keepdims=True)
+        elif t == "Slice":  # Caffe: the parts between consecutive slice points, one per top
+            edges = [0] + list(p["slice_point"]) + [a.shape[1]]
+            for top, lo, hi in zip(tops, edges, edges[1:]):
+                vals[top] = a[:, lo:hi]
+            continue
+        elif t == "Crop":  # every axis from `axis` on cut to the reference's size at the offset
+            ref, off = vals[bottoms[1]], p.get("offset", [0])[0]
+            index = tuple(slice(None) if i < p.get("axis", 2) else slice(off, off + ref.shape[i])
+                          for i in range(a.ndim))
+            y = a[index]
+        elif t == "Normalize":  # SSD: x / sqrt(sum of squares + eps) * scale
+            over = tuple(range(1, a.ndim)) if p.get("across_spatial", True) else (1,)
+            y = a / np.sqrt((a * a).sum(over, keepdims=True) + 1e-10)
+            y = y * (bl[0].reshape(1, -1, 1, 1) if bl[0].size > 1 else bl[0].reshape(()))
+        elif t == "Permute":
+            y = a.transpose(p["order"])
+        elif t == "Reshape":
+            y = a.reshape([len(a)] + list(p["shape"][1:]))
+        elif t == "Flatten":
+            y = a.reshape(len(a), -1)
         elif t == "BatchNorm":
             f = bl[2][0]
             y = (a - (bl[0] / f).reshape(1, -1, 1, 1)) / np.sqrt((bl[1] / f).reshape(1, -1, 1, 1) + 1e-5)
@@ -348,10 +418,11 @@ def reference_blobs(layers, blobs, x):
     return vals
 
 
-def model_files(shape, seed, folder):
+def model_files(shape, seed, folder, channels=3):
     """(layers, size, blobs, prototxt path, caffemodel path) of a net of the given shape (a
-    function returning (layers, size)) with random weights, written into folder."""
+    function returning (layers, size)) with random weights, written into folder; channels: the
+    input's (1: a grey net)."""
     layers, size = shape()
-    blobs, _ = random_weights(layers, size, seed=seed)
-    proto, weights = write_model(layers, size, blobs, folder)
+    blobs, _ = random_weights(layers, size, seed=seed, channels=channels)
+    proto, weights = write_model(layers, size, blobs, folder, channels=channels)
     return layers, size, blobs, proto, weights

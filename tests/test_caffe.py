@@ -13,7 +13,7 @@ import deepvis_repro as dv
 from deepvis_repro.errors import DeepvisError
 from deepvis_repro.optimize import optimize
 from caffe_models import (activations_shaped, caffenet_shaped, model_files, random_weights, reference_blobs,
-                          resnet_shaped, write_model)
+                          resnet_shaped, shaping_shaped, write_model)
 
 
 def blob_order(layers):
@@ -40,7 +40,12 @@ def activations_files(tmp_path_factory):
     return model_files(activations_shaped, 4, tmp_path_factory.mktemp("activations"))
 
 
-@pytest.mark.parametrize("files", ["caffenet_files", "resnet_files", "activations_files"])
+@pytest.fixture(scope="module")
+def shaping_files(tmp_path_factory):
+    return model_files(shaping_shaped, 7, tmp_path_factory.mktemp("shaping"))
+
+
+@pytest.mark.parametrize("files", ["caffenet_files", "resnet_files", "activations_files", "shaping_files"])
 def test_every_blob_matches_caffe_semantics(files, request, tmp_path):
     layers, size, blobs, proto, weights = request.getfixturevalue(files)
     b = dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), mean=[104, 117, 123],
@@ -55,6 +60,9 @@ def test_every_blob_matches_caffe_semantics(files, request, tmp_path):
         got = b.forward(x, b.layers)
     for name in b.layers:
         g, w = got[name].double().numpy(), want[name]
+        if w.ndim == 3:  # (N, C, L): shown as a one-row map (N, C, 1, L), the same values
+            assert g.shape == (w.shape[0], w.shape[1], 1, w.shape[2]), name
+            g = g.reshape(w.shape)
         assert g.shape == w.shape, name
         scale = max(np.abs(w).max(), 1e-6)
         assert np.abs(g - w).max() / scale < 2e-5, name
@@ -249,8 +257,8 @@ def test_live_view_takes_the_caffe_backend(caffenet_files, tmp_path, photos):
 
 
 def test_a_detectors_backbone_with_until(tmp_path):
-    """An SSD-style prototxt: a backbone, then layers this backend does not have (Permute,
-    PriorBox). Refused in one line that names the layer and suggests until= with the blob before
+    """An SSD-style prototxt: a backbone, then a Permute and a layer this backend does not have
+    (PriorBox). Refused in one line that names the layer and suggests until= with the blob before
     it; with until= the backbone loads (the head's layers are never built), in place layers on the
     kept blob included, and has no classes: the optimizer and the live view's pictures work."""
     layers, size = caffenet_shaped()
@@ -260,7 +268,7 @@ def test_a_detectors_backbone_with_until(tmp_path):
     ssd = layers[:cut] + head
     blobs, _ = random_weights(layers[:cut], size, seed=5)
     proto, weights = write_model(ssd, size, blobs, tmp_path, name="ssd")
-    with pytest.raises(DeepvisError, match=r"unsupported layer 'conv5_perm' of type Permute; to look at the network "
+    with pytest.raises(DeepvisError, match=r"unsupported layer 'priors' of type PriorBox; to look at the network "
                                            r"before it, give backend.until=conv5"):
         dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir="")
     b = dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir="", until="conv5",

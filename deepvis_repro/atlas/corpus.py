@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import DeepvisError
 from ..files import file_sha256
 from ..images import IMAGE_EXTENSIONS, load_image, resize_for_input, to_rgb_uint8
+from ..view import View
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".gif")
 FRAME_SEP = "#frame="
@@ -228,15 +229,13 @@ class BatchDecoder:
     worker processes and Ray tasks; the items travel with each batch."""
 
     def __init__(self, view: dict):
-        self.size = tuple(view["input_size"])
-        self.crop = bool(view["crop"])
-        self.resize = tuple(view["resize"]) if view.get("resize") else None
+        self.view = View.from_dict(view)
 
     def fit(self, image: np.ndarray) -> np.ndarray:
-        return resize_for_input(image, self.size, crop=self.crop, resize=self.resize)
+        return self.view.fit(image)
 
     def __call__(self, items: list[str]) -> dict:
-        h, w = self.size
+        h, w = self.view.input_size
         out = np.zeros((len(items), h, w, 3), np.uint8)
         ok = np.zeros(len(items), bool)
         errors: list[str] = [""] * len(items)

@@ -18,12 +18,11 @@ class Miner:
         self.backend, self.layers, self.k = backend, list(layers), int(k)
         self.numerics = Numerics(numerics)
         self.negatives = bool(negatives)
-        self.mean = backend.mean_image().to(backend.device).unsqueeze(0)
+        backend.check_images()
 
     def __call__(self, images, ids, ok) -> dict:
         b = self.backend
-        images = torch.as_tensor(images)
-        x = images.to(b.device, non_blocking=True).permute(0, 3, 1, 2).float() - self.mean
+        x = b.views_to_x(torch.as_tensor(images))
         ids = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
         ok = torch.as_tensor(np.asarray(ok), dtype=torch.bool)
         sides = [("top", True)] + ([("bottom", False)] if self.negatives else [])

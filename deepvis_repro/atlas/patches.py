@@ -66,7 +66,7 @@ class ViewCache:
 def shared_backprop(backend, views: dict, pairs: list, layer: str, on_grad, mode: str = "deconv",
                     images: int = 8, numerics: str = "default") -> None:
     """The input-space backward pass of each (image id, channel, (y, x)) pair, seeded with a
-    one-hot 1.0 at the unit (the original's max_deconv), in RGB like the views. Each image's forward
+    one-hot 1.0 at the unit (the original's max_deconv), in RGB like the views (a grey model's: grey). Each image's forward
     pass shared by every pair that lists it: up to ``images`` distinct images go forward together,
     then their pairs go backward in rounds over the same graph (round r seeds each image's r-th
     pair; images are grouped by how many pairs they have, so that few seeds in a round are empty).
@@ -79,12 +79,10 @@ def shared_backprop(backend, views: dict, pairs: list, layer: str, on_grad, mode
     for i, (img, _, _) in enumerate(pairs):
         by_image.setdefault(int(img), []).append(i)
     order = sorted(by_image, key=lambda i: (-len(by_image[i]), i))
-    mean = backend.mean_image().to(backend.device).unsqueeze(0)
     with torch.enable_grad(), relu_backward(backend.module, mode), Numerics(numerics).active(backend.device):
         for start in range(0, len(order), images):
             ids = order[start:start + images]
-            batch = np.stack([views[i] for i in ids])
-            x = torch.from_numpy(batch).to(backend.device).permute(0, 3, 1, 2).float() - mean
+            x = backend.views_to_x(torch.from_numpy(np.stack([views[i] for i in ids])))
             x = x.detach().requires_grad_(True)
             depth = max(len(by_image[i]) for i in ids)
             a = backend.forward(x, [layer])[layer]
@@ -102,7 +100,8 @@ def shared_backprop(backend, views: dict, pairs: list, layer: str, on_grad, mode
                         filled.append((m, k))
                 (g,) = torch.autograd.grad(a, x, grad_outputs=seed, allow_unused=True, retain_graph=r + 1 < depth)
                 g = torch.zeros_like(x) if g is None else g  # None: the layer does not depend on the input
-                g = g.detach().permute(0, 2, 3, 1).float().cpu().numpy()
+                g = g.detach().expand(-1, 3, -1, -1) if g.shape[1] == 1 else g.detach()  # grey: shown grey
+                g = g.permute(0, 2, 3, 1).float().cpu().numpy()
                 for m, k in filled:
                     on_grad(k, g[m])
 

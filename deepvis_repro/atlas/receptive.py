@@ -117,7 +117,7 @@ def _support_boxes(backend, layer: str, canvas: tuple[int, int], units_at):
     support boxes (top, left, bottom, right), None where a unit's support is empty, or None.
     One forward pass gives both the map's size and the gradients."""
     h, w = canvas
-    x = torch.zeros(2, 3, h, w, device=backend.device, requires_grad=True)
+    x = torch.zeros(2, backend.channels, h, w, device=backend.device, requires_grad=True)
     with torch.enable_grad(), SupportMode():
         a = backend.forward(x, [layer])[layer]
         units = units_at(*a.shape[-2:])

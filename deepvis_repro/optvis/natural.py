@@ -23,11 +23,18 @@ def _photos() -> tuple[np.ndarray, ...]:
     return tuple(getattr(skimage.data, name)()[..., :3].astype(np.float64) / 255.0 for name in PHOTOS)
 
 
-@lru_cache(maxsize=1)
-def color_correlation() -> np.ndarray:
+#: ITU-R 601 luma, as images.grey_rgb makes a grey model's view
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+@lru_cache(maxsize=2)
+def color_correlation(channels: int = 3) -> np.ndarray:
     """(3, 3) float64: the square root of the photos' RGB covariance (0..1 scale), by SVD, scaled so
     its largest column has norm 1 (Lucid's normalization). recorrelate(z) = z @ C.T maps a
-    decorrelated colour to RGB; its columns are the colour space's principal axes."""
+    decorrelated colour to RGB; its columns are the colour space's principal axes. A grey
+    model's one channel has nothing to decorrelate: (1, 1) identity, by the same normalization."""
+    if channels == 1:
+        return np.ones((1, 1))
     pixels = np.concatenate([p.reshape(-1, 3) for p in _photos()])
     cov = np.cov(pixels, rowvar=False)
     u, s, _ = np.linalg.svd(cov)
@@ -38,13 +45,13 @@ def color_correlation() -> np.ndarray:
 
 def recorrelate(z: torch.Tensor) -> torch.Tensor:
     """(N,3,H,W) decorrelated colour -> RGB directions (before the sigmoid)."""
-    c = torch.as_tensor(color_correlation(), dtype=z.dtype, device=z.device)
+    c = torch.as_tensor(color_correlation(z.shape[1]), dtype=z.dtype, device=z.device)
     return torch.einsum("ij,njhw->nihw", c, z)
 
 
 def decorrelate(rgb: torch.Tensor) -> torch.Tensor:
     """recorrelate's inverse."""
-    c = torch.as_tensor(np.linalg.inv(color_correlation()), dtype=rgb.dtype, device=rgb.device)
+    c = torch.as_tensor(np.linalg.inv(color_correlation(rgb.shape[1])), dtype=rgb.dtype, device=rgb.device)
     return torch.einsum("ij,njhw->nihw", c, rgb)
 
 
@@ -61,12 +68,15 @@ def _fit(photo: np.ndarray, h: int, w: int) -> torch.Tensor:
 
 
 @lru_cache(maxsize=8)
-def magnitude_spectrum(h: int, w: int) -> np.ndarray:
-    """(3, h, w//2+1) float32: the mean magnitude of the photos' spectra at h x w, per channel of
-    the decorrelated colour space (where MACO builds its image), each photo also mirrored. The
-    overall scale does not matter: MACO standardizes the image it makes."""
+def magnitude_spectrum(h: int, w: int, channels: int = 3) -> np.ndarray:
+    """(channels, h, w//2+1) float32: the mean magnitude of the photos' spectra at h x w, per
+    channel of the decorrelated colour space (where MACO builds its image; for a grey model, of
+    the photos' luma), each photo also mirrored. The overall scale does not matter: MACO
+    standardizes the image it makes."""
     mags = []
     for photo in _photos():
+        if channels == 1:
+            photo = (photo @ LUMA)[..., None]
         for view in (photo, photo[:, ::-1]):
             rgb = _fit(view, h, w)
             z = decorrelate((rgb - rgb.mean(dim=(1, 2), keepdim=True))[None])[0]

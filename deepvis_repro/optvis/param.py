@@ -44,7 +44,7 @@ class _Sigmoid:
     """Shared by the spectral parametrizations: a decorrelated field z -> x in the contract's space."""
 
     def __init__(self, backend, n: int, device):
-        self.n = n
+        self.n, self.c = n, backend.channels
         self.h, self.w = backend.input_size
         self.mean = backend.mean_image().to(device)
 
@@ -66,12 +66,12 @@ def spectrum_scale(h: int, w: int, decay_power: float = 1.0) -> np.ndarray:
 
 
 class Fourier(_Sigmoid):
-    """Lucid's: the leaf is a (N, 3, H, W//2+1, 2) spectrum (real, imaginary)."""
+    """Lucid's: the leaf is a (N, C, H, W//2+1, 2) spectrum (real, imaginary)."""
 
     def __init__(self, backend, n: int, seed: int, device, decay_power: float = 1.0):
         super().__init__(backend, n, device)
         rs = np.random.RandomState(int(seed))
-        one = rs.standard_normal((3, self.h, self.w // 2 + 1, 2)).astype(np.float32) * FOURIER_SD
+        one = rs.standard_normal((self.c, self.h, self.w // 2 + 1, 2)).astype(np.float32) * FOURIER_SD
         self.spectrum = torch.from_numpy(one)[None].repeat(n, 1, 1, 1, 1).to(device).requires_grad_(True)
         self.scale = torch.as_tensor(spectrum_scale(self.h, self.w, decay_power), dtype=torch.float32, device=device)
 
@@ -80,20 +80,20 @@ class Fourier(_Sigmoid):
         return self.spectrum
 
     def field(self) -> torch.Tensor:
-        """(N, 3, H, W): the image in decorrelated colour, before the sigmoid."""
+        """(N, C, H, W): the image in decorrelated colour, before the sigmoid."""
         s = torch.complex(self.spectrum[..., 0], self.spectrum[..., 1]) * self.scale
         return torch.fft.irfft2(s, s=(self.h, self.w), norm="ortho") / FOURIER_DIVISOR
 
 
 class Maco(_Sigmoid):
-    """MACO's: the leaf is a (N, 3, H, W//2+1) phase; the magnitude is a fixed buffer."""
+    """MACO's: the leaf is a (N, C, H, W//2+1) phase; the magnitude is a fixed buffer."""
 
     def __init__(self, backend, n: int, seed: int, device):
         super().__init__(backend, n, device)
         rs = np.random.RandomState(int(seed))
-        one = rs.uniform(-np.pi, np.pi, (3, self.h, self.w // 2 + 1)).astype(np.float32)
+        one = rs.uniform(-np.pi, np.pi, (self.c, self.h, self.w // 2 + 1)).astype(np.float32)
         self.phase = torch.from_numpy(one)[None].repeat(n, 1, 1, 1).to(device).requires_grad_(True)
-        self.magnitude = torch.as_tensor(magnitude_spectrum(self.h, self.w), device=device)
+        self.magnitude = torch.as_tensor(magnitude_spectrum(self.h, self.w, self.c), device=device)
         self._negative = torch.as_tensor([(-k) % self.h for k in range(self.h)], device=device)  # row of -ky
 
     @property

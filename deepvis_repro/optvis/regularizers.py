@@ -67,9 +67,12 @@ def _zero_below_percentile(x: torch.Tensor, score: torch.Tensor, pct: float) -> 
 
 
 def _channel_sum(t: torch.Tensor) -> torch.Tensor:
-    """(N,3,H,W) -> (N,H,W): channels added in order, one rounding each (the same bits on every
+    """(N,C,H,W) -> (N,H,W): channels added in order, one rounding each (the same bits on every
     CPU, where a vectorized reduction's order may differ)."""
-    return (t[:, 0] + t[:, 1]) + t[:, 2]
+    out = t[:, 0]
+    for c in range(1, t.shape[1]):
+        out = out + t[:, c]
+    return out
 
 
 def check_regularization(*, decay=0.0, blur_radius=0.0, blur_every=0, small_norm_pct=0.0,
@@ -86,7 +89,7 @@ def check_regularization(*, decay=0.0, blur_radius=0.0, blur_every=0, small_norm
 def regularize(x: torch.Tensor, grad: torch.Tensor, *, decay: float = 0.0, blur_radius: float = 0.0,
                blur_every: int = 0, small_norm_pct: float = 0.0, small_contrib_pct: float = 0.0,
                step: int = 0) -> torch.Tensor:
-    """The paper's four regularizers on a batch (N,3,H,W), in the original's order: L2 decay,
+    """The paper's four regularizers on a batch (N,C,H,W), in the original's order: L2 decay,
     Gaussian blur (every blur_every steps), clipping small-norm pixels, clipping pixels of small
     contribution |sum_c grad * (-x)|. Returns the new x."""
     check_regularization(decay=decay, blur_radius=blur_radius, blur_every=blur_every,

@@ -58,16 +58,17 @@ class Robustness:
         return np.array([[f, 0.0, c[0]], [0.0, f, c[1]]])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,3,H,W) -> (copies * N, 3, H, W), copy-major (rows j*N .. j*N+N-1 are copy j)."""
+        """(N,C,H,W) -> (copies * N, C, H, W), copy-major (rows j*N .. j*N+N-1 are copy j)."""
+        c = x.shape[1]
         if self.kind == "none":
             out = x
         else:
             n = len(x)
             theta = torch.as_tensor(np.stack([self._affine() for _ in range(self.k)]), dtype=x.dtype, device=x.device)
-            grid = F.affine_grid(theta, [self.k, 3, self.h, self.w], align_corners=False)
+            grid = F.affine_grid(theta, [self.k, c, self.h, self.w], align_corners=False)
             out = F.grid_sample(x.repeat(self.k, 1, 1, 1), grid.repeat_interleave(n, 0), mode="bilinear",
                                 padding_mode="zeros", align_corners=False)
         if self.noise > 0:
-            noise = self.rs.standard_normal((self.copies, 1, 3, self.h, self.w)).astype(np.float32) * (self.noise * 255.0)
-            out = (out.view(self.copies, -1, 3, self.h, self.w) + torch.from_numpy(noise).to(out)).view_as(out)
+            noise = self.rs.standard_normal((self.copies, 1, c, self.h, self.w)).astype(np.float32) * (self.noise * 255.0)
+            out = (out.view(self.copies, -1, c, self.h, self.w) + torch.from_numpy(noise).to(out)).view_as(out)
         return out
