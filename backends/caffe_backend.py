@@ -243,7 +243,7 @@ def _via_onnx(prototxt: str, weights: str, kw: dict, direct_cls, direct_kw: dict
     for f, what in ((prototxt, "prototxt"), (weights, "caffemodel")):
         if not os.path.isfile(f):
             raise DeepvisError(f"{what} not found: {f}")
-    ident = {k: kw.get(k) for k in ("mean", "input_size", "input_scale", "resize")}
+    ident = {k: kw.get(k) for k in ("mean", "input_size", "input_scale", "resize", "until")}
     key = hashlib.sha256((cache_key(prototxt, weights) + json.dumps(ident, sort_keys=True, default=str))
                          .encode()).hexdigest()[:40]
     folder = Path(cache) if cache not in ("", False) else None
@@ -273,7 +273,7 @@ def _via_onnx(prototxt: str, weights: str, kw: dict, direct_cls, direct_kw: dict
 def _onnx_backend(cls, path: Path, kw: dict):
     return cls(str(path), labels=kw.get("labels"), crop=kw.get("crop", True), lr_scale=kw.get("lr_scale", 1.0),
                progress_scale=kw.get("progress_scale", 1.0), device=kw.get("device", "cpu"),
-               name=f"{kw.get('name', 'caffe')}:onnx")
+               name=f"{kw.get('name', 'caffe')}:onnx", until=kw.get("until"))
 
 
 def _file_seal(path: Path, key: str) -> str:
@@ -300,18 +300,12 @@ def _sealed_file_ok(path: Path, key: str) -> bool:
         return False
 
 
-def _direct_only_until(kw: dict) -> None:
-    if kw.pop("until", None) not in (None, ""):
-        raise DeepvisError("backend.until works on the direct route (via=direct); via=onnx converts the whole net")
-
-
 def make_caffe_backend(prototxt: str, weights: str, via: str = "direct", **kw):
     """backend=caffe: the direct route (default), or via=onnx."""
     if via == "direct":
         return CaffeBackend(prototxt, weights, **kw)
     if via != "onnx":
         raise DeepvisError(f"via must be direct or onnx, got '{via}'")
-    _direct_only_until(kw)
     return _via_onnx(os.fspath(prototxt), os.fspath(weights), kw, CaffeBackend,
                      dict(prototxt=prototxt, weights=weights, **kw))
 
@@ -322,7 +316,6 @@ def make_caffenet_backend(weights: str, via: str = "direct", **kw):
         return CaffeNetBackend(weights, **kw)
     if via != "onnx":
         raise DeepvisError(f"via must be direct or onnx, got '{via}'")
-    _direct_only_until(kw)
     kw = {**CAFFENET_DEFAULTS, **kw}
     return _via_onnx(caffenet_prototxt(), os.fspath(weights), {**kw, "name": "caffenet"}, CaffeNetBackend,
                      dict(weights=weights, **kw))

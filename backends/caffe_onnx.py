@@ -230,6 +230,8 @@ def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None
         "deepvis.channel_order": "BGR" if backend.channels == 3 else "grey", "deepvis.layout": "NCHW",
         "deepvis.mean": json.dumps(_mean_rgb(backend)), "deepvis.input_scale": json.dumps(_input_scale(backend)),
         "deepvis.blobs": json.dumps(blob_names), "deepvis.source_prototxt": os.path.basename(prototxt),
+        # a net built only up to backend.until: its last blob's channels are not classes
+        "deepvis.cut": json.dumps(bool(net.cut)),
         "deepvis.source_caffemodel": os.path.basename(weights),
         "deepvis.prototxt_sha256": file_sha256(prototxt), "deepvis.caffemodel_sha256": file_sha256(weights),
         **({"deepvis.resize": json.dumps(list(backend.resize))} if backend.resize else {}),

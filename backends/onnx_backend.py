@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 
 import numpy as np
 import torch
 from onnx2torch.node_converters.pad import OnnxPadDynamic
 
 from deepvis_repro.backend import HookBackend, check_input_size
-from deepvis_repro.errors import DeepvisError
+from deepvis_repro.errors import DeepvisError, did_you_mean
 from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
 from .onnx_opset import as_opset17
@@ -210,6 +211,60 @@ def _fix_modules(module):
     return module
 
 
+def _node_names(model) -> list[tuple[str, object]]:
+    """(layer name, node) in graph order: onnx2torch's unique node names, which its modules and
+    so this backend's layers are named after."""
+    from onnx2torch.onnx_graph import OnnxGraph
+
+    names = list(OnnxGraph(model.graph).nodes)
+    return list(zip(names, model.graph.node))
+
+
+def cut_at(model, until: str, path: str):
+    """backend.until on an ONNX file: the graph up to that layer (a node's name, or the value it
+    makes) and nothing after it, cut before conversion (onnx's Extractor), so that a head of
+    operators onnx2torch cannot convert (a detector's NMS, ...) does not stop its backbone.
+    Returns (the cut model, the value it ends with)."""
+    import onnx
+
+    named = _node_names(model)
+    value = next((n.output[0] for name, n in named if name == until), None)
+    if value is None and any(until in n.output for _, n in named):
+        value = until
+    if value is None:
+        raise DeepvisError(f"until={until}: ONNX file {path} has no node or value of that name; "
+                           + did_you_mean(until, [name for name, _ in named]))
+    # the nodes the value depends on, in graph order (not onnx's Extractor: it needs the shapes of
+    # every value, which shape inference does not give past an operator it does not know)
+    maker = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
+    keep, todo = set(), [value]
+    while todo:
+        v = todo.pop()
+        i = maker.get(v)
+        if i is not None and i not in keep:
+            keep.add(i)
+            todo.extend(model.graph.node[i].input)
+    nodes = [n for i, n in enumerate(model.graph.node) if i in keep]
+    used = {v for n in nodes for v in n.input}
+    graph = onnx.helper.make_graph(
+        nodes, model.graph.name, [model.graph.input[0]],
+        [onnx.helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None)],
+        [t for t in model.graph.initializer if t.name in used])
+    cut = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    cut.metadata_props.extend(model.metadata_props)
+    return cut, value
+
+
+def _suggest_until(model, op: str) -> str:
+    """'; to look at the network before it, give backend.until=NAME' for the first node of the
+    refused operator, where a node makes its input; else ''."""
+    named = _node_names(model)
+    maker = {o: name for name, n in named for o in n.output}
+    node = next((n for _, n in named if n.op_type == op), None)
+    before = next((maker[i] for i in (node.input if node is not None else []) if i in maker), None)
+    return f"; to look at the network before it, give backend.until={before}" if before else ""
+
+
 def convert(model, path: str):
     """onnx2torch, first as is; a file newer than opset 17 that it refuses is converted down to
     opset 17 with onnx's version converter (the dynamo exporter writes ReduceMean at opset 18)."""
@@ -252,7 +307,7 @@ def _convert(model, path: str):
             raise DeepvisError(f"ONNX file {path} (opset {_opset(model)}): onnx2torch cannot convert it: "
                                f"{(why.splitlines() or [''])[0][:200]}") from None
         raise DeepvisError(f"ONNX file {path} uses operator {op} (opset {ver}), which onnx2torch "
-                           "cannot convert") from None
+                           "cannot convert" + _suggest_until(model, op)) from None
 
 
 def read_metadata(model) -> dict:
@@ -262,7 +317,7 @@ def read_metadata(model) -> dict:
     for key in ("channel_order", "layout"):
         if f"deepvis.{key}" in meta:
             out[key] = meta[f"deepvis.{key}"]
-    for key in ("mean", "std", "input_scale", "blobs", "resize"):
+    for key in ("mean", "std", "input_scale", "blobs", "resize", "cut"):
         if f"deepvis.{key}" in meta:
             try:
                 out[key] = json.loads(meta[f"deepvis.{key}"])
@@ -327,6 +382,15 @@ class OnnxBackend(HookBackend):
                 raise DeepvisError(f"ONNX file {path} has no fixed input size; give backend.input_size=[H,W]")
             input_size = size
         input_size = check_input_size(input_size, f"ONNX file {path}")  # before any forward pass
+        last_value = None
+        if meta.get("cut"):
+            labels = None  # deepvis-convert wrote a Caffe net built up to backend.until only
+        if until not in (None, ""):
+            ops = Counter(n.op_type for n in model.graph.node)
+            model, last_value = cut_at(model, str(until), path)
+            removed = ops - Counter(n.op_type for n in model.graph.node)
+            if set(removed) - {"Softmax", "Identity", "Flatten", "Reshape", "Squeeze"}:
+                labels = None  # cut before the class scores: the kept layer's channels are not classes
         nodes = dict(OnnxGraph(model.graph).nodes)
         module = convert(model, path)
         scale = float(meta.get("input_scale", 1.0))
@@ -352,10 +416,15 @@ class OnnxBackend(HookBackend):
             return x.permute(0, 2, 3, 1).contiguous() if nhwc else x
 
         if "blobs" in meta:  # written by deepvis-convert: Caffe's blob names, in Caffe's order
-            paths, self._nhwc_layers = self._blob_layers(meta["blobs"], nodes), set()
+            made = {o for node in nodes.values() for o in node.output_values}
+            blobs = meta["blobs"] if until in (None, "") else [b for b in meta["blobs"] if b in made]
+            paths, self._nhwc_layers = self._blob_layers(blobs, nodes), set()
         else:
             paths, self._nhwc_layers = self._layers(module, nodes, value_layouts(model, layout), to_input,
                                                     tuple(input_size), channels)
+        if last_value is not None:  # the layer the cut graph ends with (a value that is no layer: the last one)
+            ending = [n for n, p in paths if nodes.get(p) is not None and last_value in nodes[p].output_values]
+            until = ending[0] if ending else paths[-1][0]
         # A graph that ends in its own Softmax: that is prob (a second softmax would flatten it)
         last = paths[-1][1] if paths else None
         own_prob = last is not None and nodes.get(last) is not None and nodes[last].operation_type == "Softmax" \

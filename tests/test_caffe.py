@@ -282,5 +282,10 @@ def test_a_detectors_backbone_with_until(tmp_path):
     live = int(conv5[0, :, cy, cx].argmax())  # random weights: a unit that is not dead at the centre
     r = optimize(b, [f"conv5:{live}"], preset="paper_3", steps=5, progress=False)
     assert r.stopped == {} and r.best_activation[0] > 0
+    via = dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir=str(tmp_path / "c"),
+                          until="conv5", labels="imagenet", via="onnx")  # the cut net, converted
+    assert via.layers == b.layers and via.labels is None
+    with torch.no_grad():
+        assert torch.allclose(via.forward(x, ["conv5"])["conv5"], conv5, atol=1e-4)
     with pytest.raises(DeepvisError, match="until=conv9: the net makes no blob of that name"):
         dv.load_backend("caffe", prototxt=str(proto), weights=str(weights), cache_dir="", until="conv9")

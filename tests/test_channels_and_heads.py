@@ -223,3 +223,39 @@ def test_a_detector_head_of_one_spatial_axis_in_every_tool(head, image_folder, t
             "layers=[head/Conv]", "top_k=2", "engine.workers=0", f"atlas.dir={atlas}")
     assert r.returncode == 0, r.stderr
     assert len(list(atlas.rglob("*.jpg"))) >= 7
+
+
+def test_an_onnx_detector_with_an_unconvertible_head_is_viewed_up_to_its_backbone(head, tmp_path, photos):
+    """The head's Conv1d output goes through an operator onnx2torch does not have (as a detector's
+    NonMaxSuppression would): refused in one line that suggests until=; with until= the graph is cut
+    before conversion and the backbone works in every tool."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m, path = head
+    model = onnx.load(path)
+    last = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("MadeUpNMS", [last], ["boxes"], name="nms", domain=""))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("boxes", TensorProto.FLOAT, None))
+    det = tmp_path / "det.onnx"
+    onnx.save(model, str(det))
+    producer = next(n.name for n in model.graph.node if last in n.output).lstrip("/")
+    with pytest.raises(DeepvisError, match=r"uses operator MadeUpNMS \(opset 17\), which onnx2torch cannot convert; "
+                                           r"to look at the network before it, give backend.until="):
+        dv.load_backend("onnx", path=str(det))
+    b = dv.load_backend("onnx", path=str(det), until="c2/Conv")
+    assert b.layers[-1] == "c2/Conv" and "head/Conv" not in b.layers
+    full = dv.load_backend("onnx", path=path)
+    x = full.preprocess(photos["coffee"])
+    with torch.no_grad():
+        assert torch.equal(b.forward(x, ["c2/Conv"])["c2/Conv"], full.forward(x, ["c2/Conv"])["c2/Conv"])
+    r = optimize(b, ["c2/Conv:3"], preset="paper_3", steps=5, progress=False)
+    assert r.stopped == {}
+    with pytest.raises(DeepvisError, match="until=c9/Conv: ONNX file .* has no node or value of that name"):
+        dv.load_backend("onnx", path=str(det), until="c9/Conv")
+    r = run("deepvis-inspect", "backend=onnx", f"backend.path={det}")
+    assert r.returncode == 2 and "backend.until=" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    suggested = r.stderr.strip().rsplit("backend.until=", 1)[1]
+    r = run("deepvis-inspect", "backend=onnx", f"backend.path={det}", f"backend.until={suggested}")
+    assert r.returncode == 0 and suggested in r.stdout, r.stderr
