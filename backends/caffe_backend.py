@@ -17,11 +17,12 @@ import torch
 
 from deepvis_repro.backend import HookBackend
 from deepvis_repro.errors import DeepvisError
-from deepvis_repro.files import file_sha256, tensors_sha256
+from deepvis_repro.files import atomic_write, file_sha256, tensors_sha256, write_text
 from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
-from .caffe_net import CaffeNet, blob_array, input_channels, input_shape, read_caffemodel, read_prototxt, trained_blobs
 from . import caffe_proto
+from .caffe_net import CaffeNet, blob_array, input_channels, input_shape, read_caffemodel, read_prototxt, trained_blobs
+
 
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
 #: ITU-R 601 luma weights in Caffe's BGR order (the grey a 1-channel net is fed: images.grey_rgb)
@@ -98,8 +99,6 @@ def _read_cache(path: Path) -> dict[str, list[np.ndarray]] | None:
 
 def _write_cache(path: Path, blobs: dict) -> None:
     """Best effort: a read-only or full cache folder means no cache, the same result."""
-    from deepvis_repro.files import atomic_write
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         flat = {f"{name}/{i}": torch.from_numpy(np.ascontiguousarray(b)) for name, bs in blobs.items()
@@ -235,8 +234,9 @@ def _via_onnx(prototxt: str, weights: str, kw: dict, direct_cls, direct_kw: dict
     keyed by both files and the options that change the file), loaded by the onnx backend."""
     import tempfile
 
+    # onnx and onnx2torch: only this route loads them (the direct route reads Caffe's files alone)
     from .caffe_onnx import convert_caffe, write_onnx
-    from .onnx_backend import OnnxBackend
+    from .onnx_backend import OnnxBackend  # (as above)
 
     cache_dir = kw.get("cache_dir")
     cache = default_cache_dir() if cache_dir is None else cache_dir
@@ -283,8 +283,6 @@ def _file_seal(path: Path, key: str) -> str:
 
 
 def _seal_file(path: Path, key: str) -> None:
-    from deepvis_repro.files import write_text
-
     write_text(path.with_suffix(".seal"), _file_seal(path, key))
 
 

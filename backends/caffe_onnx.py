@@ -27,7 +27,11 @@ import numpy as np
 import torch
 
 from deepvis_repro.errors import DeepvisError
-from deepvis_repro.files import file_sha256
+from deepvis_repro.files import file_sha256, write_bytes
+
+from .caffe_net import (AbsVal, BatchNorm, Concat, Crop, Eltwise, Flatten, InnerProduct, Normalize, Permute, Pick, Pool,
+                        Power, Reshape, Scale, Slice, Softmax)
+
 
 OPSET = 17
 
@@ -87,9 +91,6 @@ def _ave_correction(size: int, k: int, s: int, p: int, out: int) -> np.ndarray:
 def convert_caffe(backend, prototxt: str, weights: str, meta: dict | None = None):
     """The ONNX ModelProto of a loaded CaffeBackend (its parsed net and weights)."""
     from onnx import TensorProto, helper
-
-    from .caffe_net import (AbsVal, BatchNorm, Concat, Crop, Eltwise, Flatten, InnerProduct, Normalize, Permute,
-                            Pick, Pool, Power, Reshape, Scale, Slice, Softmax)
 
     net = backend.module
     h, w = backend.input_size
@@ -315,8 +316,6 @@ def _eltwise(g, m, src, out, layer, top):
 def write_onnx(model, path: str, check: bool = True) -> None:
     """Checked (onnx.checker, full check), then written atomically: no partial file on failure."""
     import onnx
-
-    from deepvis_repro.files import write_bytes
 
     if check:
         try:

@@ -7,10 +7,12 @@ import os
 
 import torch
 import torchvision
+from deepvis_repro_backends.efficientnet_lite import load_state_dict_file
 
 from deepvis_repro.backend import HookBackend, discover_layers
 from deepvis_repro.errors import DeepvisError, did_you_mean
 from deepvis_repro.labels import imagenet_labels
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,7 +60,6 @@ def _build(arch: str, weights):
         except Exception as e:  # the download failed: offline, or a proxy
             raise DeepvisError(f"cannot get torchvision weights {w} for {arch} (needs a download): "
                                f"{str(e).splitlines()[0][:160]}") from None
-    from deepvis_repro_backends.efficientnet_lite import load_state_dict_file
 
     model = torchvision.models.get_model(arch, weights=None)
     sd = load_state_dict_file(str(weights))

@@ -7,20 +7,30 @@ import os
 import sys
 
 from .atlas.cli import mine_task
+from .atlas.optimized import optimize_into_atlas
+from .atlas.page import write_index
+from .atlas.store import layer_slug
 from .console import exit_interrupted, output_dir, resolve_device, run_app, seed_everything
 from .errors import DeepvisError
+from .files import check_output_dir, check_writable_file
+from .images import load_image
 from .labels import top_classes
-from .units import is_whole_layer
+from .numerics import Numerics
+from .optimize import get_preset, optimize
+from .outputs import machine, versions, write_optimization
+from .registry import instantiate_backend, instantiate_config
+from .reproduce.compare import compare, failure_table
+from .reproduce.harness import (check_profile, default_reference_dir, rewrite_metrics, run_profile, write_outputs,
+                                write_references)
+from .reproduce.stats import fmt_interval
 from .search.command import search_task
+from .units import is_whole_layer, layer_shapes
+from .validate import number, whole
 
 
 # ----- deepvis-inspect --------------------------------------------------------------------------
 def inspect_task(cfg) -> None:
     import torch
-
-    from .images import load_image
-    from .registry import instantiate_backend
-    from .units import layer_shapes
 
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
     if cfg.image:
@@ -34,7 +44,6 @@ def inspect_task(cfg) -> None:
             print(f"(backend {backend.name} has no labels: classes by index"
                   + ("" if scores == "prob" else f", probabilities the softmax of {scores}")
                   + "; backend.labels=FILE names them)", file=sys.stderr)
-        from .validate import whole
 
         top_k = whole("top_k", cfg.top_k, 1)
         with torch.no_grad():
@@ -86,12 +95,6 @@ def optimize_units(cfg) -> list:
 def optimize_task(cfg) -> None:
     from omegaconf import OmegaConf
 
-    from .numerics import Numerics
-    from .optimize import get_preset, optimize
-    from .outputs import write_optimization
-    from .registry import instantiate_backend
-    from .validate import number, whole
-
     units = optimize_units(cfg)
     o = cfg.optimize
     # every option is checked before any work
@@ -104,8 +107,6 @@ def optimize_task(cfg) -> None:
     atlas_mode = cfg.atlas.dir is not None or any(is_whole_layer(u) for u in units)
     engine = None
     if atlas_mode:
-        from .registry import instantiate_config
-
         engine = instantiate_config(cfg.engine, "engine")
     elif cfg.engine.get("_target_", "").endswith("RayEngine"):
         raise DeepvisError("engine=ray runs whole layers into an atlas: give 'units=[LAYER:all]' "
@@ -136,11 +137,6 @@ def optimize_task(cfg) -> None:
 
 def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_scale=None) -> None:
     """Whole layers (or the given units) into an atlas, resumable."""
-    from .atlas.optimized import optimize_into_atlas
-    from .atlas.page import write_index
-    from .atlas.store import layer_slug
-    from .files import check_output_dir
-
     atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
     check_output_dir(atlas_dir, "atlas.dir")
     r = optimize_into_atlas(backend, atlas_dir, units, preset=preset, seed=seed, batch_size=batch_size,
@@ -162,8 +158,7 @@ def optimize_main() -> None:
 def live_task(cfg) -> None:
     from omegaconf import OmegaConf
 
-    from .live.app import LiveApp
-    from .registry import instantiate_backend, instantiate_config
+    from .live.app import LiveApp  # pygame: only deepvis-live loads it
 
     if OmegaConf.is_missing(cfg.source, "path"):
         raise DeepvisError(f"source {cfg.source._target_.rsplit('.', 1)[-1]} needs a path: "
@@ -190,15 +185,6 @@ def reproduce_task(cfg) -> None:
     from pathlib import Path
 
     from omegaconf import OmegaConf
-
-    from .numerics import Numerics
-    from .outputs import machine, versions
-    from .registry import instantiate_backend
-    from .reproduce.compare import compare, failure_table
-    from .reproduce.harness import (check_profile, default_reference_dir, rewrite_metrics, run_profile,
-                                    write_outputs, write_references)
-    from .reproduce.stats import fmt_interval
-    from .validate import number, whole
 
     seed = whole("seed", cfg.seed, 0)
     threshold = number("ssim_threshold", cfg.ssim_threshold, minimum=-1.0, maximum=1.0)
@@ -300,12 +286,9 @@ def convert_task(cfg) -> None:
 
     from omegaconf import OmegaConf
 
-    from .registry import instantiate_backend
-
     out = str(cfg.output)
     if not out.endswith(".onnx"):
         raise DeepvisError(f"output must be a .onnx file, got '{out}'")
-    from .files import check_writable_file
 
     check_writable_file(out, "output")
     target = str(cfg.backend.get("_target_", ""))
@@ -316,7 +299,7 @@ def convert_task(cfg) -> None:
     backend_cfg = OmegaConf.merge(cfg.backend, {"via": "direct"})
     backend = instantiate_backend(backend_cfg)
     t_load = time.perf_counter() - t0
-    from deepvis_repro_backends.caffe_onnx import convert_caffe, write_onnx
+    from deepvis_repro_backends.caffe_onnx import convert_caffe, write_onnx  # onnx: deepvis-convert's only
 
     model = convert_caffe(backend, backend.prototxt, backend.weights)
     write_onnx(model, out, check=bool(cfg.check))

@@ -11,12 +11,13 @@ from importlib import resources
 from typing import Callable
 
 from .errors import DeepvisError, did_you_mean
+from .files import Terminated, check_output_dir
+from .registry import CONF_PACKAGE, _is_yaml_path, backend_kind, config_names
+from .validate import device_name
 
 
 def resolve_device(device: str) -> str:
     import torch
-
-    from .validate import device_name
 
     device = None if device is None else device_name(device)
     if device in (None, "auto"):
@@ -29,8 +30,6 @@ def resolve_device(device: str) -> str:
 def _rewrite_backend_args(argv: list[str]) -> list[str]:
     """Let ``backend=NAME`` name any backend load_backend knows (config, yaml path, plugin), and
     ``backend.KEY=VALUE`` set any argument of it, not only those its yaml lists."""
-    from .registry import _is_yaml_path, backend_kind, config_names
-
     out = []
     for a in argv:
         key, eq, value = a.partition("=")
@@ -53,8 +52,6 @@ def _config_keys(config_name: str, argv: list[str]) -> set[str]:
     """Every key the app's config has, as dotted paths, with each group's chosen option (the
     command line's choice, else the default) filled in: what a command reads."""
     from omegaconf import DictConfig, OmegaConf
-
-    from .registry import CONF_PACKAGE
 
     conf = resources.files(CONF_PACKAGE)
     top = OmegaConf.create(conf.joinpath(f"{config_name}.yaml").read_text())
@@ -185,8 +182,6 @@ _terminated = False
 def _on_sigterm(signum, frame):
     """SIGTERM ends a run as Ctrl-C does: what is done is saved (exit status 143)."""
     global _terminated
-    from .files import Terminated
-
     _terminated = True
     raise Terminated
 
@@ -215,8 +210,6 @@ def run_app(config_name: str, task: Callable) -> None:
         check_keys(config_name, sys.argv[1:])
         sys.argv = [sys.argv[0]] + _rewrite_backend_args(sys.argv[1:])
         if config_name in RUN_FOLDER_APPS and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in sys.argv):
-            from .files import check_output_dir
-
             try:  # Hydra would make it inside a resolver, where an error is a 100-line traceback
                 check_output_dir("outputs", "hydra.run.dir")
             except DeepvisError as e:
@@ -245,8 +238,6 @@ def run_app(config_name: str, task: Callable) -> None:
             sys.stderr.close()
             os._exit(0)
         except KeyboardInterrupt as e:
-            from .files import Terminated
-
             global _terminated
             _terminated = _terminated or isinstance(e, Terminated)
             _drop_empty_run_dir()

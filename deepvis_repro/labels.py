@@ -2,6 +2,9 @@
 from functools import lru_cache
 from importlib import resources
 
+from .errors import DeepvisError
+from .units import layer_shapes
+
 
 @lru_cache(maxsize=None)
 def imagenet_labels() -> list[str]:
@@ -15,7 +18,6 @@ def imagenet_labels() -> list[str]:
 def read_labels(path) -> list[str]:
     """One class name per line (Caffe's synset_words.txt 'n01440764 tench, ...' lines are
     shortened to their first name)."""
-    from .errors import DeepvisError
     try:
         with open(path) as f:
             lines = [l.strip() for l in f if l.strip()]
@@ -32,9 +34,6 @@ def read_labels(path) -> list[str]:
 def check_label_count(backend, labels_path) -> None:
     """A labels file given by the user names at least every class of the model's output layer
     (a short file would fail deep inside a run, naming nothing)."""
-    from .errors import DeepvisError
-    from .units import layer_shapes
-
     if not labels_path or labels_path == "imagenet" or not backend.labels:
         return
     out = backend.output_layer

@@ -17,12 +17,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .images import stretch_around_grey
 from .numerics import Numerics
 from .optvis.param import make_param
 from .optvis.presets import PRESETS, Preset, get_preset
 from .optvis.rules import make_rule
 from .optvis.transforms import Robustness
-from .units import Unit, gather_units, resolve_units
+from .progress import progress as progress_bar
+from .units import Unit, gather_units, layer_shapes, resolve_units
+from .validate import number, whole
+
 
 __all__ = ["optimize", "OptimizationResult", "Preset", "PRESETS", "get_preset", "calibrate_lr_scale"]
 
@@ -49,8 +53,6 @@ class OptimizationResult:
 
     def images_without_mean(self) -> np.ndarray:
         """x itself, centred on grey and scaled to fill 0..255 (the original's 'no mean' image)."""
-        from .images import stretch_around_grey
-
         x = self.x.detach().cpu()
         x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).permute(0, 2, 3, 1).numpy()  # grey shown grey
         return np.stack([stretch_around_grey(im) for im in x]) if len(x) else x.astype(np.uint8)
@@ -209,9 +211,6 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     bfloat16: faster where the hardware has it; deepvis_repro/bf16.py).
     Ctrl-C stops early and returns the best images so far (result.interrupted is True).
     """
-    from .progress import progress as progress_bar
-    from .validate import number, whole
-
     p = get_preset(preset, steps=steps, **overrides)
     mode = Numerics(numerics)
     units = resolve_units(backend, units)
@@ -276,8 +275,6 @@ def calibrate_lr_scale(backend, layer: str = "fc", n_units: int = 32, seed: int 
 
     The paper's settings pair a constant lr of 100 with progress policies capped at max_lr 100,
     i.e. on CaffeNet the two agree in scale; this carries that agreement to any backend."""
-    from .units import layer_shapes
-
     channels = layer_shapes(backend, [layer])[layer][0]
     idx = torch.linspace(0, channels - 1, min(n_units, channels)).round().long().tolist()
     units = resolve_units(backend, [f"{layer}:{c}" for c in idx])

@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import torch
 
+from .files import signals_deferred, strict, write_json
 from .images import faded, figure_grid, save_png
 from .labels import top_classes
 
@@ -33,8 +34,6 @@ def write_optimization(out_dir: str, backend, result, command: str | None = None
     """Images first (each written whole, atomically), then what describes them; a failure while
     describing (the image's own top-5 on a broken model) is recorded, never loses the images.
     Signals arriving while writing are held until everything is written."""
-    from .files import signals_deferred, strict, write_json
-
     os.makedirs(out_dir, exist_ok=True)
     with signals_deferred():
         nomean = result.images_without_mean()

@@ -94,3 +94,30 @@ def test_no_package_imports_one_above_it():
 
 def test_the_checker_sees_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def late_imports(mods: dict[str, Path]) -> list[str]:
+    """Imports of the project's own modules inside functions, without a reason on the line or the
+    line above it (a comment): a reader sees a module's dependencies at its top."""
+    out = []
+    for name, path in mods.items():
+        lines = path.read_text().splitlines()
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom):
+                    own = node.level > 0 or (node.module or "").startswith(tuple(PACKAGES))
+                elif isinstance(node, ast.Import):
+                    own = any(a.name.startswith(tuple(PACKAGES)) for a in node.names)
+                else:
+                    continue
+                said = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
+                if own and not said:
+                    out.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return sorted(set(out))
+
+
+def test_the_projects_own_imports_are_at_the_top():
+    assert late_imports(modules()) == []

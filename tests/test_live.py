@@ -240,3 +240,35 @@ def test_real_window_under_xvfb(image_dir, tmp_path):
     finally:
         xvfb.terminate()
         xvfb.wait(timeout=10)
+
+
+def test_every_key_of_the_table_acts_and_is_in_the_help(lite0, image_dir):
+    """The key table (live/keys.py) is the one place: each binding's keys reach the method it names
+    and change what its help line says; keys outside it are refused in live.keys."""
+    from deepvis_repro.live.app import LiveApp
+    from deepvis_repro.live.keys import BINDINGS, HELP
+
+    app = LiveApp(lite0, ImageFolderSource(str(image_dir)), layer="blocks.2")
+    assert [shown for shown, _ in HELP] == [b.shown for b in BINDINGS]
+    s0 = app.settings
+    app.handle_key("l"), app.handle_key("L"), app.handle_key("shift+right")
+    assert app.settings.unit == s0.unit + 7  # 1 + 3 + 3
+    app.handle_key("k")  # a row down: as many units as the grid has columns
+    assert app.settings.unit == s0.unit + 7 + grid_shape(app.n_channels(app.settings.layer))[1]
+    app.handle_key("o")
+    assert app.backend.layers[app.settings.layer] == "blocks.3"
+    for key, field in (("b", "back"), ("n", "back_norm"), ("a", "back_diffs"), ("z", "zoom"), ("t", "boost"),
+                       ("T", "gamma"), ("0", "crop"), ("d", "frozen")):
+        before = getattr(app.settings, field)
+        app.handle_key(key)
+        assert getattr(app.settings, field) != before, key
+    app.handle_key("s")  # no atlas: says so instead
+    assert "needs an atlas" in app.message and not app.settings.pattern
+    app.handle_key("h")
+    assert app.show_help
+    app.handle_key("escape")
+    assert not app.running
+    acted = {b.action for b in BINDINGS}
+    assert all(callable(getattr(app, f"key_{a}", None)) for a in acted)
+    with pytest.raises(DeepvisError, match=r"unknown key.s. in live.keys: x, shift\+x; valid: i, k"):
+        LiveApp(lite0, ImageFolderSource(str(image_dir)), keys=["o", "x", "shift+x", "shift+up"])

@@ -439,11 +439,8 @@ def test_live_layout_keeps_the_caption_and_the_selected_layer_in_view():
     pygame.font.init()
     try:
         screen = pygame.display.set_mode((1280, 720))
-
-        class App:
-            pass
         for pane in (False, True):
-            p = Painter(screen, App(), with_pane=pane)
+            p = Painter(screen, ["conv1", "conv2"], with_pane=pane)
             assert p.grid_box.bottom + 4 + CAPTION_H <= 720 - STATUS_H  # the caption above the status bar
             if pane:
                 assert p.grid_box.right < p.pane_box.x and p.pane_box.bottom <= 720 - STATUS_H

@@ -4,6 +4,17 @@ from __future__ import annotations
 import os
 import sys
 
+from ..console import exit_interrupted, resolve_device
+from ..files import check_output_dir
+from ..numerics import Numerics
+from ..registry import instantiate_backend, instantiate_config
+from ..validate import whole
+from .corpus import open_corpus
+from .mining import mine
+from .page import write_index
+from .patches import render_montages, resolve_mode
+from .store import layer_slug
+
 
 def _layers(value):
     from omegaconf import ListConfig
@@ -16,17 +27,6 @@ def _layers(value):
 
 
 def mine_task(cfg) -> None:
-    from ..console import resolve_device
-    from ..files import check_output_dir
-    from ..registry import instantiate_backend, instantiate_config
-    from ..numerics import Numerics
-    from ..validate import whole
-    from .corpus import open_corpus
-    from .mining import mine
-    from .page import write_index
-    from .patches import render_montages, resolve_mode
-    from .store import layer_slug
-
     top_k = whole("top_k", cfg.top_k, 1)
     Numerics(str(cfg.numerics))  # checked before any work
     batch_size = whole("batch_size", cfg.batch_size, 1)
@@ -46,7 +46,6 @@ def mine_task(cfg) -> None:
     if not r.complete:
         print(f"interrupted after {r.images_done} of {len(r.paths)} images; the state is saved in "
               f"{atlas_dir}: rerun the same command to continue", file=sys.stderr)
-        from ..console import exit_interrupted
 
         exit_interrupted()
     rate = f", {r.images_done / r.seconds:.1f} images/s" if r.seconds > 0.5 else ""

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DeepvisError
-from ..files import file_sha256
-from ..images import IMAGE_EXTENSIONS, load_image, resize_for_input, to_rgb_uint8
+from ..files import file_sha256, write_json
+from ..images import IMAGE_EXTENSIONS, load_image, resize_for_input, save_image, to_rgb_uint8
 from ..view import View
+
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".gif")
 FRAME_SEP = "#frame="
@@ -158,9 +159,6 @@ def _demo_intact(folder: str) -> bool:
 
 def _write_demo(folder: str) -> None:
     import skimage.data
-
-    from ..files import write_json
-    from ..images import save_image
 
     os.makedirs(folder, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):

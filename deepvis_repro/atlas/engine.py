@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import DeepvisError
+from .corpus import BatchDecoder
 from .miner import Miner
 
 
@@ -109,8 +110,6 @@ class _DecodeBatch:
     """Ray read stage: one row (a batch's index and items) -> the decoded batch."""
 
     def __init__(self, view: dict):
-        from .corpus import BatchDecoder
-
         self.decoder = BatchDecoder(view)
 
     def __call__(self, row: dict) -> dict:

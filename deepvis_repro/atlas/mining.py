@@ -18,11 +18,14 @@ import torch
 from ..errors import DeepvisError
 from ..files import load_sealed_npz, remove_stale_partials, save_sealed_npz, signals_deferred
 from ..numerics import Numerics
+from ..outputs import versions
 from ..progress import progress as progress_bar
+from ..units import layer_shapes
 from .corpus import BatchDecoder, Corpus, as_corpus
 from .engine import LocalEngine, RayEngine
 from .store import AtlasStore, backend_identity
 from .topk import TopK
+
 
 CHECKPOINT = os.path.join("checkpoint", "mining.npz")
 
@@ -120,8 +123,6 @@ class _State:
     """The running top-k of every layer, the batches merged so far and the skipped images."""
 
     def __init__(self, job: MiningJob, device):
-        from ..units import layer_shapes
-
         shapes = layer_shapes(job.backend, job.layers)
         self.job = job
         self.top = {l: TopK.empty(shapes[l][0], job.k, True, device) for l in job.layers}
@@ -279,8 +280,6 @@ def _checkpoint(store: AtlasStore, state: _State) -> None:
 
 
 def _finish(store, job, state, identity, t0, interrupted) -> MiningResult:
-    from ..outputs import versions
-
     r = MiningResult(paths=list(job.corpus.items), layers=list(job.layers), top_k=job.k,
                      images_done=state.images_done, complete=not interrupted,
                      seconds=time.perf_counter() - t0, atlas_dir=store.root if store else None)
@@ -304,7 +303,6 @@ def _finish(store, job, state, identity, t0, interrupted) -> MiningResult:
         if interrupted:
             save_sealed_npz(store.path(CHECKPOINT), **state.arrays())
             return r
-        from ..units import layer_shapes
 
         shapes = layer_shapes(job.backend, job.layers)
         os.makedirs(store.path("layers"), exist_ok=True)

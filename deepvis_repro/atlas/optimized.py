@@ -24,11 +24,14 @@ import numpy as np
 from ..errors import DeepvisError
 from ..files import image_file_ok, signals_deferred, write_json
 from ..images import save_image
+from ..optimize import backend_lr_scale, get_preset, optimize
 from ..progress import progress as progress_bar
 from ..units import Unit, expand_units, layer_shapes, parse_unit
+from .mining import make_engine
 from .patches import display_box
 from .receptive import crop_box, layer_geometry
 from .store import AtlasStore, layer_slug
+
 
 SPRITE_TILE = 64
 
@@ -78,8 +81,6 @@ class OptimizeWorker:
         self.lr_scale, self.progress_scale = lr_scale, progress_scale
 
     def __call__(self, units: list[str]) -> dict:
-        from ..optimize import optimize
-
         r = optimize(self.backend, units, preset=self.preset, seed=self.seed, progress=False,
                      lr_scale=self.lr_scale, progress_scale=self.progress_scale)
         return {"images": r.images, "best_activation": r.best_activation, "best_step": r.best_step,
@@ -133,9 +134,6 @@ def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int 
 
 def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
                          engine_options, lr_scale=None) -> dict:
-    from ..optimize import backend_lr_scale, get_preset
-    from .mining import make_engine
-
     p = get_preset(preset, steps=steps)
     units = expand_units(backend, units)
     if int(batch_size) < 1:

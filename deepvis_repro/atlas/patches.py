@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..backprop import MODES, relu_backward
 from ..errors import DeepvisError
 from ..files import image_file_ok
 from ..images import save_image
@@ -33,6 +34,7 @@ from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, load_items
 from .receptive import crop_box, layer_geometry
 from .store import AtlasStore
+
 
 PAD = 2
 PAD_COLOR = 40
@@ -73,8 +75,6 @@ def shared_backprop(backend, views: dict, pairs: list, layer: str, on_grad, mode
     A plain backward pass per round: autograd's batched one (is_grads_batched, vmap) measured
     slower per seed on CPU. Calls on_grad(index into pairs, (H, W, 3) float32 gradient) for each
     pair (the caller reduces it to a tile at once: a layer's gradients would not fit in memory)."""
-    from ..backprop import relu_backward
-
     by_image: dict[int, list[int]] = {}
     for i, (img, _, _) in enumerate(pairs):
         by_image.setdefault(int(img), []).append(i)
@@ -116,8 +116,6 @@ def has_max_pooling(module) -> bool:
 
 
 def resolve_mode(backend, mode: str) -> str:
-    from ..backprop import MODES
-
     if mode == "auto":
         return "deconv" if has_max_pooling(backend.module) else "guided"
     if mode not in MODES or mode == "off":

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..errors import DeepvisError
+from ..units import layer_shapes
+
 
 STRAIGHT = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu",
             "elu_", "selu", "celu", "gelu", "silu", "hardswish", "hardsigmoid", "mish", "clamp",
@@ -139,8 +141,6 @@ def _support_boxes(backend, layer: str, canvas: tuple[int, int], units_at):
 
 def layer_geometry(backend, layer: str) -> Geometry:
     """The receptive-field geometry of a layer (cached on the backend)."""
-    from ..units import layer_shapes
-
     layer = backend.resolve_layer(layer)
     cache = backend.cache("receptive_fields")
     if layer in cache:

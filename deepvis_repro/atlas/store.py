@@ -22,15 +22,16 @@ live view reads its downloads (see :class:`AtlasReader`).
 """
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import os
 import re
 
 import numpy as np
 
 from ..errors import DeepvisError
-from ..files import tensors_sha256, write_bytes, write_json
+from ..files import load_sealed_npz, tensors_sha256, write_bytes, write_json
+
 
 FORMAT = "deepvis-atlas/1"
 #: The manifest's keys and their JSON types.
@@ -167,8 +168,6 @@ class AtlasStore:
     def layer_arrays(self, layer: str) -> dict[str, np.ndarray]:
         """A layer's mined arrays, checked against their digest and the manifest (channels, k, the
         corpus's size): a damaged or hand-edited file is a DeepvisError, never a result."""
-        from ..files import load_sealed_npz
-
         p = self.layer_arrays_path(layer)
         if not os.path.isfile(p):
             raise DeepvisError(f"atlas {self.root} has no mined data for layer {layer}")

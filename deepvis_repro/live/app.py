@@ -14,29 +14,26 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pygame
 
+from ..atlas.store import AtlasReader, AtlasStore
+from ..backprop import MODES
 from ..errors import DeepvisError
+from ..files import check_writable_file, write_bytes, write_json
 from ..numerics import Numerics
 from ..units import layer_shapes
-from ..backprop import MODES
+from .draw import FrameState, Painter, PaneView
+from .keys import MOVES, binding, valid_keys
 from .network import Capture, Network
+from .ondemand import OnDemand
+from .pane import PaneLoader
 from .settings import BOOST_GAMMA, BOOST_INDIV, ViewSettings
 from .sources import Source, WebcamSource
 from .tiles import grid_shape
 
+
 #: The user counts as moving (the on-demand job pauses) this long after a key.
 ACTIVE_SECONDS = 0.4
-
-
-#: The keys handle_key acts on (letters as typed; arrows by name).
-KEYS = ["i", "j", "k", "l", "u", "o", "b", "n", "a", "d", "s", "z", "t", "T", "f", "c", "e", "w", "0", "h", "q",
-        "escape"]
-ARROWS = ["up", "down", "left", "right"]
-
-
-def known_key(name: str) -> bool:
-    base = name[len("shift+"):] if name.startswith("shift+") else name
-    return base in KEYS or base in ARROWS or (len(base) == 1 and base.lower() in "ijkl")
 
 
 class LiveApp:
@@ -45,15 +42,12 @@ class LiveApp:
                  stats: str | None = None, layer: str | None = None, sync_timeout: float = 30.0,
                  camera_factory=WebcamSource, atlas: str | None = None, on_demand: dict | None = None,
                  numerics: str = "default"):
-        from ..files import check_writable_file
-
         self.backend, self.source, self.files_source = backend, source, source
         self.window, self.fps = tuple(window), int(fps)
         self.max_frames, self.keys = max_frames, [str(k) for k in (keys or [])]
-        unknown = [k for k in self.keys if not known_key(k)]
+        unknown = [k for k in self.keys if binding(k) is None]
         if unknown:  # a scripted key that does nothing would make a run look fine that did not do its job
-            raise DeepvisError(f"unknown key(s) in live.keys: {', '.join(unknown)}; valid: {', '.join(KEYS)}, "
-                               "capitals of i j k l (move 3), up down left right (shift+ moves 3)")
+            raise DeepvisError(f"unknown key(s) in live.keys: {', '.join(unknown)}; valid: {valid_keys()}")
         self.screenshot, self.stats_path = screenshot, stats
         for path, what in ((screenshot, "live.screenshot"), (stats, "live.stats")):
             if path:  # checked before the window opens, not after the run
@@ -79,8 +73,6 @@ class LiveApp:
         self.loader = self.on_demand = None
 
     def _open_atlas(self, atlas: str):
-        from ..atlas.store import AtlasReader, AtlasStore
-
         # A path given to read an atlas must be one: a typo would silently start a new, empty one.
         if not os.path.exists(atlas):
             raise DeepvisError(f"atlas folder not found: live.atlas={atlas} (an atlas from deepvis-mine or "
@@ -111,53 +103,72 @@ class LiveApp:
             self.update(unit=unit)
 
     def handle_key(self, name: str):
-        """One key by name: a character ('o', 'L', '0') or an arrow ('left', 'up', ...)."""
-        s = self.settings
+        """One key by name: a character ('o', 'L', '0') or an arrow ('left', 'shift+up', ...),
+        acted on by the method its binding names (keys.py); other keys do nothing."""
+        b = binding(name)
         self.keys_handled.append(name)
         self.last_key = time.perf_counter()
-        step = 3 if (len(name) == 1 and name.isupper()) or name.startswith("shift+") else 1
-        base = name.split("+")[-1]
-        low = base.lower() if len(base) == 1 else base
-        moves = {"i": (-1, 0), "k": (1, 0), "j": (0, -1), "l": (0, 1),
-                 "up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
-        if low in moves:
-            dy, dx = moves[low]
-            self.move(dy * step, dx * step)
-        elif base == "u" or base == "o":
-            layer = int(np.clip(s.layer + (1 if base == "o" else -1), 0, len(self.backend.layers) - 1))
-            self.update(layer=layer, unit=min(s.unit, self.n_channels(layer) - 1))
-        elif base == "b":
-            self.update(back=(s.back + 1) % len(MODES))
-        elif base == "n":
-            self.update(back_norm=not s.back_norm)
-        elif base == "a":
-            self.update(back_diffs=not s.back_diffs)
-        elif base == "d":
-            self.update(frozen=None if s.frozen else (self.backend.layers[s.layer], s.unit))
-        elif base == "s":
-            if self.reader is None:
-                self.message = "pattern mode needs an atlas: live.atlas=DIR"
-            else:
-                self.update(pattern=not s.pattern)
-        elif base == "z":
-            self.update(zoom=not s.zoom)
-        elif base == "t":
-            self.update(boost=(s.boost + 1) % len(BOOST_INDIV))
-        elif base == "T":
+        if b is not None:
+            getattr(self, f"key_{b.action}")(name.split("+")[-1], name.startswith("shift+"))
+
+    # one method per binding of keys.BINDINGS: key is the key's name without shift+
+    def key_move(self, key: str, shift: bool):
+        dy, dx = MOVES[key.lower() if len(key) == 1 else key]
+        step = 3 if key.isupper() or shift else 1
+        self.move(dy * step, dx * step)
+
+    def key_layer(self, key: str, shift: bool):
+        s = self.settings
+        layer = int(np.clip(s.layer + (1 if key == "o" else -1), 0, len(self.backend.layers) - 1))
+        self.update(layer=layer, unit=min(s.unit, self.n_channels(layer) - 1))
+
+    def key_back(self, key: str, shift: bool):
+        self.update(back=(self.settings.back + 1) % len(MODES))
+
+    def key_back_norm(self, key: str, shift: bool):
+        self.update(back_norm=not self.settings.back_norm)
+
+    def key_back_diffs(self, key: str, shift: bool):
+        self.update(back_diffs=not self.settings.back_diffs)
+
+    def key_freeze_unit(self, key: str, shift: bool):
+        s = self.settings
+        self.update(frozen=None if s.frozen else (self.backend.layers[s.layer], s.unit))
+
+    def key_pattern(self, key: str, shift: bool):
+        if self.reader is None:
+            self.message = "pattern mode needs an atlas: live.atlas=DIR"
+        else:
+            self.update(pattern=not self.settings.pattern)
+
+    def key_zoom(self, key: str, shift: bool):
+        self.update(zoom=not self.settings.zoom)
+
+    def key_boost(self, key: str, shift: bool):
+        s = self.settings
+        if key == "T":
             self.update(gamma=(s.gamma + 1) % len(BOOST_GAMMA))
-        elif base == "f":
-            with self.capture.lock:
-                self.capture.frozen = not self.capture.frozen
-        elif base == "c":
-            self.toggle_camera()
-        elif base in ("e", "w"):
-            self.capture.step(+1 if base == "e" else -1)  # read in the capture thread
-        elif base == "0":
-            self.update(crop=not s.crop)
-        elif base == "h":
-            self.show_help = not self.show_help
-        elif base in ("q", "escape"):
-            self.running = False
+        else:
+            self.update(boost=(s.boost + 1) % len(BOOST_INDIV))
+
+    def key_freeze_frame(self, key: str, shift: bool):
+        with self.capture.lock:
+            self.capture.frozen = not self.capture.frozen
+
+    def key_camera(self, key: str, shift: bool):
+        self.toggle_camera()
+
+    def key_step_file(self, key: str, shift: bool):
+        self.capture.step(+1 if key == "e" else -1)  # read in the capture thread
+
+    def key_crop(self, key: str, shift: bool):
+        self.update(crop=not self.settings.crop)
+
+    def key_help(self, key: str, shift: bool):
+        self.show_help = not self.show_help
+
+    def key_quit(self, key: str, shift: bool):
+        self.running = False
 
     def toggle_camera(self):
         if self.source is not self.files_source:
@@ -190,37 +201,55 @@ class LiveApp:
                 self.on_demand.withdraw()
         return entry
 
+    def frame_state(self, snap):
+        """What the painter shows this frame besides the snapshot; asks the pane's loader for the
+        selected unit's pictures (and, in pattern mode, the layer's sheet) that are missing."""
+        s = self.settings
+        pane = sprite = None
+        if self.loader is not None:
+            layer, unit = self.selected()
+            entry = self.pane_entry()
+            od = self.on_demand
+            making = od.status() if od is not None and od.current and od.current["key"] == (layer, unit) else None
+            pane = PaneView(layer, unit, entry, self.reader.top_k, self.reader.back_mode(layer), making)
+            if s.pattern and snap is not None:
+                tile = self.painter.pattern_tile(snap.n_channels)
+                sprite = self.loader.sprite(layer, tile)
+                if sprite is None:
+                    self.loader.want_sprite(layer, snap.n_channels, tile)
+        # frames shown in the last second (the main loop's, capped by live.fps); the painter also
+        # redraws while a headless run waits for its workers, which are not display frames
+        now = time.perf_counter()
+        display = sum(1 for t in self.frame_log[-(2 * self.fps + 2):] if now - t < 1.0)
+        net = getattr(self, "net", None)
+        return FrameState(settings=s, frame_frozen=self.capture.frozen, net_error=net.error if net else None,
+                          # the same definition as the stats' net_fps: passes per second of network time
+                          net_fps=net.fps if net else 0.0, display_fps=display, source=self.source.name,
+                          status=self.status_message(), show_help=self.show_help, pane=pane, sprite=sprite)
+
     def _start_atlas_threads(self, slot_size):
         if self.reader is None:
             return
-        from .pane import PaneLoader
-
         self.loader = PaneLoader(self.reader, slot_size)
         self.loader.start()
         opts = dict(self.on_demand_options)
         if opts.pop("enabled", True):
-            from .ondemand import OnDemand
-
             self.on_demand = OnDemand(self.backend, self.atlas_dir, self.loader, user_active=self.user_active, **opts)
             self.on_demand.start()
 
     # ----- main loop --------------------------------------------------------------------------
     def run(self) -> dict:
-        import pygame
-
-        from .draw import Painter
-
         pygame.display.init()  # not pygame.init(): no audio device is needed (or present)
         pygame.font.init()
         pygame.display.set_caption(f"deepvis-live: {self.backend.name}")
         screen = pygame.display.set_mode(self.window)
-        painter = Painter(screen, self, with_pane=self.reader is not None)
+        painter = self.painter = Painter(screen, self.backend.layers, with_pane=self.reader is not None)
         self.capture = Capture(self.source)
         self.capture.poll()
         if self.capture.latest()[0] is None:
             raise DeepvisError(f"source {self.source.name} gave no frame")
         self.capture.start()
-        self.net = Network(self.backend, self.capture, self, numerics=self.numerics)
+        self.net = Network(self.backend, self.capture, lambda: self.settings, numerics=self.numerics)
         self.net.start()
         # one line when the view runs (a script or a test can wait for it); keys: h in the window
         print(f"deepvis-live: showing {self.source.name} through {self.backend.name}; h for keys, q quits",
@@ -246,8 +275,6 @@ class LiveApp:
             pygame.quit()
         stats = self.stats(elapsed)
         if self.stats_path:
-            from ..files import write_json
-
             write_json(self.stats_path, stats)
         if interrupted is not None:
             raise interrupted
@@ -257,8 +284,6 @@ class LiveApp:
 
     def _loop(self, painter):
         """Events, one scripted key per frame, drawing at the frame-rate cap."""
-        import pygame
-
         clock = pygame.time.Clock()
         pending = list(self.keys)
         while self.running:
@@ -269,7 +294,8 @@ class LiveApp:
                     self.handle_key(key_name(event))
             if pending and self.frames >= 1:
                 self.handle_key(pending.pop(0))
-            painter.draw(self.net.snapshot)
+            snap = self.net.snapshot
+            painter.draw(snap, self.frame_state(snap))
             pygame.display.flip()
             clock.tick(self.fps)
             self.frames += 1
@@ -282,15 +308,12 @@ class LiveApp:
 
     def _finish(self, painter, screen):
         """The last frame (after the workers caught up, in headless runs), and the screenshot."""
-        import pygame
-
         if self.fatal is None and self.running:
             self.wait_for_workers(painter)
-        painter.draw(self.net.snapshot)
+        snap = self.net.snapshot
+        painter.draw(snap, self.frame_state(snap))
         pygame.display.flip()
         if self.screenshot:
-            from ..files import write_bytes
-
             tmp = f"{self.screenshot}.{os.getpid()}.png"
             pygame.image.save(screen, tmp)  # then renamed: the screenshot is whole or absent
             with open(tmp, "rb") as f:
@@ -306,7 +329,7 @@ class LiveApp:
         while time.perf_counter() - t < self.sync_timeout:
             snap = self.net.snapshot
             cap = self.capture
-            cap_ok = not cap._steps and cap.busy_since is None
+            cap_ok = cap.settled
             net_ok = snap is not None and snap.settings == self.settings and (
                 self.source.live or snap.frame_id == cap.latest()[1])
             entry = self.pane_entry() if self.loader is not None else {}
@@ -314,7 +337,7 @@ class LiveApp:
             od_ok = self.on_demand is None or not self.on_demand.busy
             if cap_ok and net_ok and pane_ok and od_ok:
                 return
-            painter.draw(snap)  # keep drawing: the window stays alive while waiting
+            painter.draw(snap, self.frame_state(snap))  # keep drawing: the window stays alive while waiting
             time.sleep(0.02)
 
     def stats(self, elapsed: float) -> dict:
@@ -358,8 +381,6 @@ class LiveApp:
 
 
 def key_name(event) -> str:
-    import pygame
-
     special = {pygame.K_LEFT: "left", pygame.K_RIGHT: "right", pygame.K_UP: "up",
                pygame.K_DOWN: "down", pygame.K_ESCAPE: "escape"}
     shift = bool(event.mod & pygame.KMOD_SHIFT)

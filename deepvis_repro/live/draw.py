@@ -6,14 +6,16 @@ layer's channels | with an atlas, the unit pane (optimized image, top-9, their d
 """
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import pygame
 
 from ..backprop import MODES
+from .keys import HELP
 from .pane import SLOTS
-from .settings import HELP
+from .settings import ViewSettings
+
 
 BG = (24, 24, 28)
 FG = (230, 230, 230)
@@ -46,6 +48,34 @@ def centred(surf, box) -> tuple[int, int]:
     return box.x + (box.width - surf.get_width()) // 2, box.y + (box.height - surf.get_height()) // 2
 
 
+@dataclass(frozen=True)
+class PaneView:
+    """The unit pane's content for one frame: the selected unit, its pictures (None while they
+    load), the atlas's captions, and what an on-demand job making its optimized image says."""
+    layer: str
+    unit: int
+    entry: dict | None
+    top_k: int
+    back_mode: str
+    making: str | None = None
+
+
+@dataclass(frozen=True)
+class FrameState:
+    """What one frame shows besides the network's snapshot, made by the app (the drawing thread)
+    and handed to the painter: the painter reads nothing else of the app."""
+    settings: ViewSettings
+    frame_frozen: bool = False
+    net_error: str | None = None
+    net_fps: float = 0.0
+    display_fps: int = 0
+    source: str = ""
+    status: str = ""
+    show_help: bool = False
+    pane: PaneView | None = None
+    sprite: tuple | None = None  # pattern mode: (image, layout, ...) of every unit's optimized image
+
+
 def layer_window(n: int, current: int, rows: int) -> int:
     """First layer shown when rows of n fit: the selection stays in view, near the middle, and
     the list never scrolls past its end."""
@@ -53,8 +83,8 @@ def layer_window(n: int, current: int, rows: int) -> int:
 
 
 class Painter:
-    def __init__(self, screen, app, with_pane: bool = False):
-        self.screen, self.app = screen, app
+    def __init__(self, screen, layers: list[str], with_pane: bool = False):
+        self.screen, self.layers = screen, list(layers)
         self.font = pygame.font.Font(None, 20)
         self.small = pygame.font.Font(None, 17)
         self.big = pygame.font.Font(None, 24)
@@ -90,21 +120,21 @@ class Painter:
             self._surf["back"] = pygame.transform.smoothscale(back, fit(back.get_size(), (PANE, PANE)))
         self._snap = snap
 
-    def draw(self, snap):
-        scr, app = self.screen, self.app
+    def draw(self, snap, f: FrameState):
+        scr = self.screen
         scr.fill(BG)
         if snap is None:
-            msg = app.net.error if getattr(app, "net", None) is not None and app.net.error else "starting the network..."
+            msg = f.net_error or "starting the network..."
             self.text(msg, (20, 20), ERROR if "error" in msg else FG, self.big)
             return
         if snap is not self._snap:
             self._rebuild(snap)
-        s = app.settings
-        layer_name = app.backend.layers[s.layer]
+        s = f.settings
+        layer_name = self.layers[s.layer]
         # column 1: input, back image
         pygame.draw.rect(scr, (40, 40, 46), (8, 8, PANE, PANE))
         scr.blit(self._surf["input"], centred(self._surf["input"], pygame.Rect(8, 8, PANE, PANE)))
-        self.text("input" + ("  [frame frozen]" if app.capture.frozen else ""), (12, 10), ACCENT, self.small)
+        self.text("input" + ("  [frame frozen]" if f.frame_frozen else ""), (12, 10), ACCENT, self.small)
         back_rect = pygame.Rect(8, PANE + 16, PANE, PANE)
         pygame.draw.rect(scr, (40, 40, 46), back_rect)
         if MODES[s.back] != "off" and "back" in self._surf:
@@ -135,7 +165,7 @@ class Painter:
         if s.zoom:
             z = pygame.transform.scale(self._surf["unit"], fit(self._surf["unit"].get_size(), gb.size))
             scr.blit(z, gb.topleft)
-        elif s.pattern and self.draw_pattern(layer_name, snap.n_channels, s.unit):
+        elif s.pattern and self.draw_pattern(f.sprite, s.unit):
             what = "optimized images (pattern mode, s)"
         else:
             scr.blit(self._surf["grid"], gb.topleft)
@@ -145,13 +175,13 @@ class Painter:
             if s.pattern:
                 what += " (pattern mode: loading the optimized images...)"
         self.text(f"{layer_name}: {snap.n_channels} channels, {what}", (gb.x, gb.bottom + 4), DIM, self.small)
-        if self.pane_box is not None:
-            self.draw_pane()
-        problem = app.net.error or snap.warning
+        if self.pane_box is not None and f.pane is not None:
+            self.draw_pane(f.pane)
+        problem = f.net_error or snap.warning
         if problem:
             self.banner(problem)
-        self.draw_status(snap, layer_name)
-        if app.show_help:
+        self.draw_status(f, layer_name)
+        if f.show_help:
             self.draw_help()
 
     def banner(self, msg):
@@ -179,21 +209,17 @@ class Painter:
         rows = int(np.ceil(channels / cols))
         return max(4, min(self.grid_box.width // cols, self.grid_box.height // rows) - 2)
 
-    def draw_pattern(self, layer: str, channels: int, unit: int) -> bool:
-        loader = self.app.loader
-        if loader is None:
+    def draw_pattern(self, sprite, unit: int) -> bool:
+        """Every unit's optimized image (the app asked the pane's loader for the sheet at
+        pattern_tile's size); False while it loads."""
+        if sprite is None:
             return False
-        tile = self.pattern_tile(channels)
-        got = loader.sprite(layer, tile)
-        if got is None:
-            loader.want_sprite(layer, channels, tile)
-            return False
-        img, layout, _ = got
-        if self._sprite_key != (layer, tile, id(img)):
+        img, layout, _ = sprite
+        if self._sprite_key != id(img):
             surf = surface_from(img)
             self._sprite_size = fit(surf.get_size(), self.grid_box.size)
             self._sprite_surf = pygame.transform.smoothscale(surf, self._sprite_size)
-            self._sprite_key = (layer, tile, id(img))
+            self._sprite_key = id(img)
         self.screen.blit(self._sprite_surf, self.grid_box.topleft)
         if layout is not None:
             rows, cols, t, pad = layout
@@ -204,18 +230,15 @@ class Painter:
             pygame.draw.rect(self.screen, ACCENT, rect, 2)
         return True
 
-    def draw_pane(self):
-        app, pb = self.app, self.pane_box
-        layer, unit = app.selected()
-        entry = app.pane_entry()
-        key = (layer, unit, id(entry))
+    def draw_pane(self, pane: PaneView):
+        pb, entry = self.pane_box, pane.entry
+        key = (pane.layer, pane.unit, id(entry))
         if key != self._pane_key:
             self._pane_surf = {k: surface_from(v) for k, v in (entry or {}).items() if v is not None}
             self._pane_key = key
         slot_h = self.slot_size[1]
-        k = app.reader.top_k
         for i, (kind, caption) in enumerate(SLOTS):
-            title = caption.format(k=k, mode=app.reader.back_mode(layer))
+            title = caption.format(k=pane.top_k, mode=pane.back_mode)
             y = pb.y + i * (slot_h + CAPTION_H)
             self.text(title, (pb.x, y + 2), ACCENT if kind in self._pane_surf else DIM, self.small)
             box = pygame.Rect(pb.x, y + CAPTION_H, pb.width, slot_h)
@@ -224,14 +247,12 @@ class Painter:
             if surf is not None:
                 self.screen.blit(surf, (box.x + (box.width - surf.get_width()) // 2, box.y))
             else:
-                od = app.on_demand
-                busy = kind == "regularized_opt" and od is not None and od.current and \
-                    od.current["key"] == (layer, unit)
-                msg = "loading..." if entry is None else (od.status() if busy else "missing")
+                making = pane.making if kind == "regularized_opt" else None
+                msg = "loading..." if entry is None else (making or "missing")
                 self.text(msg, (box.x + 8, box.y + slot_h // 2 - 8), DIM, self.small)
 
     def draw_layer_list(self, x, y, height, current):
-        layers = self.app.backend.layers
+        layers = self.layers
         line = 17
         rows = max(1, height // line - 1)  # entries below the title
         start = layer_window(len(layers), current, rows)
@@ -242,21 +263,16 @@ class Painter:
             mark = "> " if i == current else "  "
             self.text(mark + name[:34], (x, y + line * (k + 1)), ACCENT if i == current else FG, self.small)
 
-    def draw_status(self, snap, layer_name):
-        app, s = self.app, self.app.settings
+    def draw_status(self, f: FrameState, layer_name):
+        s = f.settings
         H = self.screen.get_height()
         pygame.draw.rect(self.screen, (10, 10, 12), (0, H - STATUS_H, self.screen.get_width(), STATUS_H))
-        # frames shown in the last second (the main loop's, capped by live.fps); the painter also
-        # redraws while a headless run waits for its workers, which are not display frames
-        now = time.perf_counter()
-        disp = sum(1 for t in app.frame_log[-(2 * app.fps + 2):] if now - t < 1.0)
         back = MODES[s.back] + (" norm" if s.back_norm and s.back else "")
-        net = app.net.fps  # the same definition as the stats' net_fps: passes per second of network time
         parts = [f"{layer_name}:{s.unit}", f"Back: {back}", f"Boost: {s.boost}/{s.gamma}",
-                 f"net {net:.1f} fps", f"display {disp} fps",
-                 f"{'crop' if s.crop else 'stretch'}", app.source.name]
-        msg = app.status_message()
-        color = ERROR if app.net.error else FG
+                 f"net {f.net_fps:.1f} fps", f"display {f.display_fps} fps",
+                 f"{'crop' if s.crop else 'stretch'}", f.source]
+        msg = f.status
+        color = ERROR if f.net_error else FG
         self.text(" | ".join(parts) + (f" | {msg}" if msg else "") + "   (h: help)", (8, H - 21), color)
 
     def draw_help(self):

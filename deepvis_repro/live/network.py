@@ -23,6 +23,7 @@ from .settings import BOOST_GAMMA, BOOST_INDIV, ViewSettings
 from .sources import Source
 from .tiles import tile_layer
 
+
 #: A network that fails this long without a success ends the view (exit status 2).
 FATAL_AFTER_SECONDS = 5.0
 
@@ -78,6 +79,11 @@ class Capture(threading.Thread):
         self._steps.append(direction)
         self.wake.set()
 
+    @property
+    def settled(self) -> bool:
+        """No file step waiting or being read (headless runs wait for this before a screenshot)."""
+        return not self._steps and self.busy_since is None
+
     def run(self):
         while not self.stop.is_set():
             try:
@@ -110,9 +116,11 @@ class Capture(threading.Thread):
 
 
 class Network(threading.Thread):
-    def __init__(self, backend, capture: Capture, app, numerics: str = "default"):
+    def __init__(self, backend, capture: Capture, settings, numerics: str = "default"):
+        """settings: a callable giving the newest ViewSettings (the drawing thread replaces them;
+        this thread only reads): the network gets what it computes from, not the app."""
         super().__init__(daemon=True, name="network")
-        self.backend, self.capture, self.app = backend, capture, app
+        self.backend, self.capture, self.settings = backend, capture, settings
         self.numerics = Numerics(numerics)
         self.snapshot: Snapshot | None = None
         self.passes, self.busy_seconds = 0, 0.0
@@ -140,7 +148,7 @@ class Network(threading.Thread):
         last = None
         while not self.stop.is_set():
             frame, fid = self.capture.latest()
-            s = self.app.settings
+            s = self.settings()
             if frame is None or (fid, s) == last:
                 self.stop.wait(0.003)
                 continue

@@ -19,6 +19,7 @@ import torch
 
 from ..atlas.optimized import LayerRecord, write_unit
 from ..atlas.store import AtlasStore
+from ..optimize import backend_lr_scale, get_preset, optimize
 from ..units import resolve_units
 
 
@@ -33,8 +34,6 @@ class OnDemand(threading.Thread):
                  seed: int = 0, threads: int = 1, nice: int = 10, rest_seconds: float = 0.3,
                  user_active=lambda: False):
         super().__init__(daemon=True, name="on-demand")
-        from ..optimize import backend_lr_scale, get_preset
-
         self.backend = copy.deepcopy(backend)  # its own module and lock: the network never waits
         self.lr_scale = backend_lr_scale(self.backend)
         self.preset = get_preset(preset, steps=steps)
@@ -108,8 +107,6 @@ class OnDemand(threading.Thread):
             raise Cancelled
 
     def _job(self, layer: str, channel: int):
-        from ..optimize import optimize
-
         (unit,) = resolve_units(self.backend, [f"{layer}:{channel}"])
         t0 = time.perf_counter()
         self.current = {"key": (layer, channel), "unit": str(unit), "step": 0, "steps": self.preset.steps,

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..references import recover
 from .metrics import ssim
+
 
 #: The fallback for references without trajectories (SSIM alone; README says how weak it is).
 DEFAULT_MIN_SSIM = 0.75
@@ -68,8 +70,6 @@ def compare(run, ref_dir: Path, min_ssim: float = DEFAULT_MIN_SSIM, bits_expecte
     its ssim and how it was compared (identical, or the rounding criterion); return the failures
     (differs and damaged). bits_expected says whether the run and the references were both made
     in portable numerics, where any difference at all is worth a note."""
-    from ..references import recover
-
     recover(ref_dir)
     trajectories = load_trajectories(Path(ref_dir))
     failures = []

@@ -10,14 +10,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DeepvisError
+from ..files import signals_deferred, write_json
 from ..images import figure_grid, save_png, stretched
 from ..numerics import Numerics
 from ..optimize import get_preset, optimize
 from ..outputs import unit_label
+from ..progress import progress as progress_bar
+from ..references import replace_folder
 from ..units import layer_shapes
-from .compare import DEFAULT_MIN_SSIM, verdict
+from .compare import DEFAULT_MIN_SSIM, TRAJECTORY_STEPS, verdict
 from .metrics import class_ranks, high_frequency_energy, total_variation
 from .plots import write_plots
+from .report import write_report
 from .stats import claim, claim_line, per_setting
 
 
@@ -69,8 +73,6 @@ def run_profile(backend, profile, *, seed=0, judge=None, progress=True, numerics
     """Every setting of the profile on its units. numerics="portable" (the default for the
     harness) gives the same images on any x86-64 CPU and thread count, so stored references
     compare bit for bit (deepvis_repro/numerics.py)."""
-    from ..progress import progress as progress_bar
-
     presets, units = check_profile(backend, profile)
     run = Run()
     t0 = time.perf_counter()
@@ -116,9 +118,6 @@ def run_profile(backend, profile, *, seed=0, judge=None, progress=True, numerics
 def write_references(run: Run, ref_dir: Path, manifest: dict) -> None:
     """The new set is written beside the old one and swapped in at once (references.py): a kill
     at any moment leaves the old set or the new one, never a mix."""
-    from ..files import write_json
-    from ..references import replace_folder
-
     def fill(folder: Path):
         for r in run.records:
             save_png(folder / Path(r["image"]).name, run.images[(r["setting"], r["unit"])])
@@ -133,17 +132,12 @@ def write_references(run: Run, ref_dir: Path, manifest: dict) -> None:
 
 def trajectories(records: list) -> dict:
     """{reference file name: {"steps": the setting's length, "history": its first objective values}}."""
-    from .compare import TRAJECTORY_STEPS
-
     return {Path(r["image"]).name: {"steps": r["steps"], "history": (r.get("history") or [])[:2 * TRAJECTORY_STEPS]}
             for r in records}
 
 
 def rewrite_metrics(out: Path, metrics: dict) -> None:
     """metrics.json and report.html again, after the records changed (references written)."""
-    from ..files import signals_deferred, write_json
-    from .report import write_report
-
     with signals_deferred():
         write_json(out / "metrics.json", metrics)
         write_report(out / "report.html", metrics, has_grid=bool(metrics["results"]))
@@ -152,16 +146,11 @@ def rewrite_metrics(out: Path, metrics: dict) -> None:
 def write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> dict:
     """Images, grid, metrics.json and report.html; signals arriving meanwhile wait until all is
     written (each file is also written whole, atomically)."""
-    from ..files import signals_deferred
-
     with signals_deferred():
         return _write_outputs(out, backend, run, info, failures)
 
 
 def _write_outputs(out: Path, backend, run: Run, info: dict, failures: list) -> dict:
-    from ..files import write_json
-    from .report import write_report
-
     (out / "images").mkdir(parents=True, exist_ok=True)
     for r in run.records:
         save_png(out / r["image"], run.images[(r["setting"], r["unit"])])

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
 from .stats import MEASURES
+
 
 _TITLES = {"activation": "activation (mean)", "total_variation": "total variation (mean)",
            "hf_energy": "HF energy (mean)", "judge_rank": "judge rank (median, log)",
@@ -23,8 +25,6 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    from ..files import atomic_write
-
     with atomic_write(path, "wb", fsync=False) as f:
         fig.savefig(f, format="png", dpi=100)
 

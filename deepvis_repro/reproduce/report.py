@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 
+from ..files import write_text
 from .stats import fmt_interval, fmt_p
 
 
@@ -24,8 +25,6 @@ def fmt_rank(v) -> str:
 
 
 def write_report(path, metrics: dict, has_grid: bool = True) -> None:
-    from ..files import write_text
-
     e = html.escape
     parts = [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',

@@ -9,9 +9,22 @@ from pathlib import Path
 
 from omegaconf import ListConfig, OmegaConf
 
+from ..console import output_dir, resolve_device, seed_everything
 from ..errors import DeepvisError
 from ..files import check_output_dir, write_json
+from ..numerics import Numerics
+from ..optimize import backend_lr_scale
+from ..outputs import machine, versions
+from ..registry import instantiate_backend
+from ..reproduce.stats import fmt_interval
+from ..units import resolve_units
 from ..validate import number, whole
+from .holdout import comparison_line, holdout_profile, validate
+from .panel import load_or_build_panel
+from .select import choose_best, pareto_figure, write_presets
+from .space import check_space
+from .trial import TrialRunner
+from .tuning import Ledger, check_identity, run_search
 
 
 def _units(value) -> list[str]:
@@ -22,18 +35,6 @@ def _units(value) -> list[str]:
 
 
 def search_task(cfg) -> None:
-    from ..console import output_dir, resolve_device, seed_everything
-    from ..numerics import Numerics
-    from ..optimize import backend_lr_scale
-    from ..outputs import machine, versions
-    from ..registry import instantiate_backend
-    from ..units import resolve_units
-    from .panel import load_or_build_panel
-    from .select import choose_best, pareto_figure, write_presets
-    from .space import check_space
-    from .trial import TrialRunner
-    from .tuning import check_identity, run_search
-
     s, e = cfg.search, cfg.engine
     trials = whole("search.trials", s.trials, 1)
     steps = whole("search.steps", s.steps, 1)
@@ -76,8 +77,6 @@ def search_task(cfg) -> None:
                             seed=seed, address=e.address, cpus_per_trial=cpus, gpus_per_trial=gpus,
                             object_store_memory=e.object_store_memory, asha=asha)
     except KeyboardInterrupt:
-        from .tuning import Ledger
-
         interrupted, ledger = True, Ledger(folder)
     rows = ledger.rows
     if not rows:
@@ -133,16 +132,12 @@ def _describe(r: dict) -> str:
 
 
 def _validate(cfg, backend, judge, units, steps, paths, folder, seed, numerics, identity) -> dict:
-    from ..outputs import machine, versions
-    from .holdout import comparison_line, holdout_profile, validate
-
     profile = holdout_profile(backend, OmegaConf.to_container(cfg.search.holdout), units, steps, paths)
     out = Path(folder) / "validation"
     info = {"backend": backend.name, "judge": judge.name, "command": "deepvis-search (validation)",
             "versions": versions(), "machine": machine(), "numerics_mode": numerics,
             "profile_config": profile, "references": None, "search": identity}
     v = validate(backend, judge, profile, out, info, seed=seed, numerics=numerics)
-    from ..reproduce.stats import fmt_interval
 
     for srow in v["metrics"]["summary"]:
         ci = srow["intervals"]

@@ -8,9 +8,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import DeepvisError
+from ..images import figure_grid, save_png, stretched
 from ..optimize import PRESETS
 from ..reproduce.harness import run_profile, write_outputs
 from ..reproduce.stats import by_unit, fmt_p, paired
+
 
 PAPER = ("paper_1", "paper_2", "paper_3", "paper_4", "none")
 
@@ -66,8 +68,6 @@ def comparison_line(p: dict) -> str:
 def comparison_figure(path: Path, records: list, images: dict) -> None:
     """The kept settings, paper_3 and plain gradient ascent on the held-out units, one row each,
     contrast-stretched around grey (as the README's figures)."""
-    from ..images import figure_grid, save_png, stretched
-
     settings = [s for s in dict.fromkeys(r["setting"] for r in records) if s.startswith("best_")]
     settings += [s for s in ("paper_3", "none") if any(r["setting"] == s for r in records)]
     units = list(dict.fromkeys(r["unit"] for r in records))

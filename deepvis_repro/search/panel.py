@@ -25,9 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..atlas.corpus import load_items, open_corpus
 from ..errors import DeepvisError
+from ..files import load_sealed_npz, save_sealed_npz
+from ..progress import progress as progress_bar
 from ..reproduce.metrics import high_frequency_energy, total_variation
 from ..units import Unit, gather_units, resolve_units
+
 
 TOP_NATURAL = 5  # top natural images per hidden unit, whose judge features the image should share
 
@@ -112,9 +116,6 @@ def unit_classes(backend, units) -> list[int | None]:
 def build_panel(backend, judge, unit_specs, corpus=None, batch: int = 32, progress: bool = True) -> Panel:
     """The panel for these units: each unit's natural statistics over the corpus (a folder, a list,
     a video, or None for the demo corpus), mined once before the trials."""
-    from ..atlas.corpus import load_items, open_corpus
-    from ..progress import progress as progress_bar
-
     units = resolve_units(backend, unit_specs)
     classes = unit_classes(backend, units)
     n_classes = len(judge.labels) if judge.labels else 0
@@ -152,16 +153,12 @@ ARRAYS = ("natural_mean", "natural_max", "top_features", "corpus_feature_mean")
 def save_panel(path: str, panel: Panel) -> None:
     """The panel's corpus statistics, sealed (a rerun of the search reads them instead of
     measuring the corpus again; a damaged file is measured again)."""
-    from ..files import save_sealed_npz
-
     save_sealed_npz(path, **{k: getattr(panel, k) for k in ARRAYS},
                     meta=np.array(json.dumps({"n_classes": panel.n_classes, "corpus": panel.corpus,
                                               "corpus_size": panel.corpus_size})))
 
 
 def load_or_build_panel(path: str, backend, judge, unit_specs, corpus=None) -> Panel:
-    from ..files import load_sealed_npz
-
     units = resolve_units(backend, unit_specs)
     if os.path.exists(path):
         try:
