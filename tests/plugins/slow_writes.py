@@ -24,6 +24,12 @@ files.write_bytes = slow_write_bytes
 if __name__ == "__main__":
     from deepvis_repro import cli
 
+    # modules that imported write_bytes by name (from .files import write_bytes) hold their own
+    # reference: every loaded one is pointed at the slow writer too
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("deepvis_repro") and getattr(mod, "write_bytes", None) is _write:
+            mod.write_bytes = slow_write_bytes
+
     app = sys.argv[1]
     sys.argv = [f"deepvis-{app}"] + sys.argv[2:]
     getattr(cli, f"{app}_main")()
