@@ -10,3 +10,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python "$here/bench_optimize.py" --device cuda --steps 100 --json "$out/optimize.json" | tee "$out/optimize.txt"
 python "$here/bench_mine.py" --device cuda --no-memory --images 2000 --batch-size 128 --workers 8 | tee "$out/mine.txt"
 SDL_VIDEODRIVER=dummy python "$here/bench_live.py" --device cuda --seconds 8 --no-atlas | tee "$out/live.txt"
+python "$here/bench_compile.py" --device cuda --steps 50 | tee "$out/compile.txt"
