@@ -255,14 +255,17 @@ def cut_at(model, until: str, path: str):
     return cut, value
 
 
-def _suggest_until(model, op: str) -> str:
-    """'; to look at the network before it, give backend.until=NAME' for the first node of the
-    refused operator, where a node makes its input; else ''."""
+def _where_and_before(model, op: str) -> str:
+    """' at node NAME' for the first node of the refused operator, and '; to look at the network
+    before it, give backend.until=NAME' where a node makes its input; '' where none is found."""
     named = _node_names(model)
     maker = {o: name for name, n in named for o in n.output}
-    node = next((n for _, n in named if n.op_type == op), None)
-    before = next((maker[i] for i in (node.input if node is not None else []) if i in maker), None)
-    return f"; to look at the network before it, give backend.until={before}" if before else ""
+    first = next(((name, n) for name, n in named if n.op_type == op), None)
+    if first is None:
+        return ""
+    before = next((maker[i] for i in first[1].input if i in maker), None)
+    return f" at node '{first[0]}'" + (f"; to look at the network before it, give backend.until={before}"
+                                       if before else "")
 
 
 def convert(model, path: str):
@@ -306,8 +309,10 @@ def _convert(model, path: str):
         if "operation_type='" not in why:  # a refusal inside a converter: its own words
             raise DeepvisError(f"ONNX file {path} (opset {_opset(model)}): onnx2torch cannot convert it: "
                                f"{(why.splitlines() or [''])[0][:200]}") from None
-        raise DeepvisError(f"ONNX file {path} uses operator {op} (opset {ver}), which onnx2torch "
-                           "cannot convert" + _suggest_until(model, op)) from None
+        where = _where_and_before(model, op)
+        node, _, hint = where.partition(";")
+        raise DeepvisError(f"ONNX file {path} uses operator {op} (opset {ver}){node}, which onnx2torch "
+                           "cannot convert" + (f";{hint}" if hint else "")) from None
 
 
 def read_metadata(model) -> dict:

@@ -241,8 +241,8 @@ def test_an_onnx_detector_with_an_unconvertible_head_is_viewed_up_to_its_backbon
     det = tmp_path / "det.onnx"
     onnx.save(model, str(det))
     producer = next(n.name for n in model.graph.node if last in n.output).lstrip("/")
-    with pytest.raises(DeepvisError, match=r"uses operator MadeUpNMS \(opset 17\), which onnx2torch cannot convert; "
-                                           r"to look at the network before it, give backend.until="):
+    with pytest.raises(DeepvisError, match=r"uses operator MadeUpNMS \(opset 17\) at node 'nms', which onnx2torch "
+                                           r"cannot convert; to look at the network before it, give backend.until="):
         dv.load_backend("onnx", path=str(det))
     b = dv.load_backend("onnx", path=str(det), until="c2/Conv")
     assert b.layers[-1] == "c2/Conv" and "head/Conv" not in b.layers
@@ -259,3 +259,27 @@ def test_an_onnx_detector_with_an_unconvertible_head_is_viewed_up_to_its_backbon
     suggested = r.stderr.strip().rsplit("backend.until=", 1)[1]
     r = run("deepvis-inspect", "backend=onnx", f"backend.path={det}", f"backend.until={suggested}")
     assert r.returncode == 0 and suggested in r.stdout, r.stderr
+
+
+class GreyNHWC(nn.Module):
+    """A Keras-style grey OCR input: (N, H, W, 1), transposed inside."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.c1(x.permute(0, 3, 1, 2))).mean((2, 3))
+
+
+def test_a_keras_style_grey_input_is_fed_as_it_expects(tmp_path, photos):
+    m = GreyNHWC()
+    path = export(m, tmp_path / "nhwc_grey.onnx", (1, 48, 160, 1))
+    b = dv.load_backend("onnx", path=path, mean=[0], std=[255])
+    assert (b.channels, b.layout, b.input_size) == (1, "NHWC", (48, 160))
+    x = b.preprocess(photos["chelsea"])
+    with torch.no_grad():
+        want = m((x + b.mean).permute(0, 2, 3, 1) / 255)
+        got = b.forward(x, [b.layers[-1]])[b.layers[-1]]
+    assert torch.allclose(got.flatten(1), want, atol=1e-5)
