@@ -18,6 +18,7 @@ import torch
 from deepvis_repro.backend import HookBackend
 from deepvis_repro.errors import DeepvisError
 from deepvis_repro.files import atomic_write, file_sha256, tensors_sha256, write_text
+from deepvis_repro.images import LUMA
 from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
 from . import caffe_proto
@@ -25,8 +26,6 @@ from .caffe_net import CaffeNet, blob_array, input_channels, input_shape, read_c
 
 
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
-#: ITU-R 601 luma weights in Caffe's BGR order (the grey a 1-channel net is fed: images.grey_rgb)
-LUMA_BGR = (0.114, 0.587, 0.299)
 #: Largest input side accepted from a prototxt: far above any Caffe model's, far below what would
 #: exhaust memory before the first layer runs.
 MAX_SIDE = 4096
@@ -132,7 +131,7 @@ def load_mean(mean, size: tuple[int, int], channels: int = 3) -> torch.Tensor:
     three per-channel values, or a mean file (.npy, 3xHxW, or .binaryproto) centre-cropped.
     A grey (1-channel) net's: one value, or a 1xHxW file; None: ImageNet's (its luma for grey)."""
     if mean is None:
-        mean = IMAGENET_MEAN_BGR if channels == 3 else [round(float(np.dot(IMAGENET_MEAN_BGR, LUMA_BGR)), 3)]
+        mean = IMAGENET_MEAN_BGR if channels == 3 else [round(float(np.dot(IMAGENET_MEAN_BGR[::-1], LUMA)), 3)]
     if isinstance(mean, (int, float)):
         mean = [mean]
     if isinstance(mean, (list, tuple)) and channels == 1:

@@ -28,6 +28,7 @@ from onnx2torch.node_converters.pad import OnnxPadDynamic
 
 from deepvis_repro.backend import HookBackend, check_input_size
 from deepvis_repro.errors import DeepvisError, did_you_mean
+from deepvis_repro.images import LUMA
 from deepvis_repro.labels import check_label_count, imagenet_labels, read_labels
 
 from .onnx_opset import as_opset17
@@ -222,7 +223,7 @@ def _node_names(model) -> list[tuple[str, object]]:
 
 def cut_at(model, until: str, path: str):
     """backend.until on an ONNX file: the graph up to that layer (a node's name, or the value it
-    makes) and nothing after it, cut before conversion (onnx's Extractor), so that a head of
+    makes) and nothing after it, cut before conversion, so that a head of
     operators onnx2torch cannot convert (a detector's NMS, ...) does not stop its backbone.
     Returns (the cut model, the value it ends with)."""
     import onnx
@@ -255,17 +256,14 @@ def cut_at(model, until: str, path: str):
     return cut, value
 
 
-def _where_and_before(model, op: str) -> str:
-    """' at node NAME' for the first node of the refused operator, and '; to look at the network
-    before it, give backend.until=NAME' where a node makes its input; '' where none is found."""
+def _first_node_of(model, op: str) -> tuple[str | None, str | None]:
+    """(the first node of operator op, the node that makes its input): layer names, or None."""
     named = _node_names(model)
     maker = {o: name for name, n in named for o in n.output}
     first = next(((name, n) for name, n in named if n.op_type == op), None)
     if first is None:
-        return ""
-    before = next((maker[i] for i in first[1].input if i in maker), None)
-    return f" at node '{first[0]}'" + (f"; to look at the network before it, give backend.until={before}"
-                                       if before else "")
+        return None, None
+    return first[0], next((maker[i] for i in first[1].input if i in maker), None)
 
 
 def convert(model, path: str):
@@ -309,10 +307,11 @@ def _convert(model, path: str):
         if "operation_type='" not in why:  # a refusal inside a converter: its own words
             raise DeepvisError(f"ONNX file {path} (opset {_opset(model)}): onnx2torch cannot convert it: "
                                f"{(why.splitlines() or [''])[0][:200]}") from None
-        where = _where_and_before(model, op)
-        node, _, hint = where.partition(";")
-        raise DeepvisError(f"ONNX file {path} uses operator {op} (opset {ver}){node}, which onnx2torch "
-                           "cannot convert" + (f";{hint}" if hint else "")) from None
+        node, before = _first_node_of(model, op)
+        raise DeepvisError(f"ONNX file {path} uses operator {op} (opset {ver})"
+                           + (f" at node '{node}'" if node else "") + ", which onnx2torch cannot convert"
+                           + (f"; to look at the network before it, give backend.until={before}" if before else "")) \
+            from None
 
 
 def read_metadata(model) -> dict:
@@ -521,7 +520,7 @@ def default_scaling(channels: int) -> tuple[tuple, tuple]:
     if channels == 3:
         return DEFAULT_MEAN, DEFAULT_STD
     if channels == 1:
-        luma = np.array([0.299, 0.587, 0.114])
+        luma = np.asarray(LUMA)
         return (round(float(luma @ DEFAULT_MEAN), 3),), (round(float(luma @ DEFAULT_STD), 3),)
     return (0.0,) * channels, (1.0,) * channels
 

@@ -70,6 +70,11 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+#: ITU-R 601 luma weights (R, G, B): the grey a 1-channel model is fed (grey_rgb, through Pillow's
+#: "L", which uses them) and the grey of every statistic taken for such a model (its default mean)
+LUMA = (0.299, 0.587, 0.114)
+
+
 def grey_rgb(image: np.ndarray) -> np.ndarray:
     """HxWx3 uint8 RGB -> HxWx3 uint8 whose three channels are its ITU-R 601 luma (Pillow's "L",
     as grayscale models' training pipelines make it): what a 1-channel model sees, shown grey."""

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..images import LUMA
+
 #: scikit-image's colour photographs of natural scenes (its other samples are micrographs,
 #: a galaxy field and drawings, whose statistics are not a photo's)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -21,10 +23,6 @@ def _photos() -> tuple[np.ndarray, ...]:
     import skimage.data
 
     return tuple(getattr(skimage.data, name)()[..., :3].astype(np.float64) / 255.0 for name in PHOTOS)
-
-
-#: ITU-R 601 luma, as images.grey_rgb makes a grey model's view
-LUMA = np.array([0.299, 0.587, 0.114])
 
 
 @lru_cache(maxsize=2)
@@ -76,7 +74,7 @@ def magnitude_spectrum(h: int, w: int, channels: int = 3) -> np.ndarray:
     mags = []
     for photo in _photos():
         if channels == 1:
-            photo = (photo @ LUMA)[..., None]
+            photo = (photo @ np.asarray(LUMA))[..., None]
         for view in (photo, photo[:, ::-1]):
             rgb = _fit(view, h, w)
             z = decorrelate((rgb - rgb.mean(dim=(1, 2), keepdim=True))[None])[0]
