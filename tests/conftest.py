@@ -2,8 +2,17 @@ import os
 import shutil
 import tempfile
 
-import pytest
-import skimage.data
+# The suite runs in pytest-xdist workers (pyproject's addopts: -n auto). Each worker gets its
+# share of the cores as threads, for its own torch and for the commands it starts (they inherit
+# the environment). Measured on the reference machine (2 cores): one process 945 s; two workers
+# at two threads each (oversubscribed) 811 s; two at one thread each 536 s. Set before torch loads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _THREADS
+
+import pytest  # noqa: E402
+import skimage.data  # noqa: E402
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
@@ -26,6 +35,22 @@ def _session_folder():
     os.chdir(_CWD)
     yield
     os.chdir(before)
+
+
+#: More workers than this add memory (a model, sometimes a Ray cluster, each) faster than speed:
+#: the suite's longest test (the quick run, about 3 minutes on one core) bounds it anyway.
+MAX_WORKERS = 4
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; the suite also runs without it (-p no:xdist -o addopts=)
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The README's first command (the quick run, the suite's longest test by far) first: the
+    other worker(s) run everything else meanwhile, instead of waiting for it at the end."""
+    items.sort(key=lambda item: "quick_run" not in getattr(item, "fixturenames", ()))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -248,17 +248,21 @@ class LiveApp:
         self.capture.poll()
         if self.capture.latest()[0] is None:
             raise DeepvisError(f"source {self.source.name} gave no frame")
-        self.capture.start()
         self.net = Network(self.backend, self.capture, lambda: self.settings, numerics=self.numerics)
-        self.net.start()
-        # one line when the view runs (a script or a test can wait for it); keys: h in the window
-        print(f"deepvis-live: showing {self.source.name} through {self.backend.name}; h for keys, q quits",
-              file=sys.stderr, flush=True)
-        self._start_atlas_threads(painter.slot_size)
         t0 = time.perf_counter()
         interrupted = None
         try:
             try:
+                # The threads start inside the try: a signal at any moment after (a test sends
+                # SIGTERM the moment the line below appears) still stops and joins them, rather
+                # than leaving the interpreter to exit under a thread inside torch (SIGABRT).
+                self.capture.start()
+                self.net.start()
+                # one line when the view runs (a script or a test can wait for it); keys: h in the window
+                print(f"deepvis-live: showing {self.source.name} through {self.backend.name}; h for keys, q quits",
+                      file=sys.stderr, flush=True)
+                self._start_atlas_threads(painter.slot_size)
+                t0 = time.perf_counter()
                 self._loop(painter)
             except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the view ends in any state, stats written
                 interrupted = e
@@ -266,11 +270,12 @@ class LiveApp:
             if interrupted is None:
                 self._finish(painter, screen)
         finally:
-            for t in (self.net, self.capture, self.loader, self.on_demand):
-                if t is not None:
-                    t.stop.set()
-            self.net.join(timeout=10)
-            self.capture.join(timeout=2)  # a read stuck in a file is left behind (a daemon thread)
+            threads = [t for t in (self.net, self.capture, self.loader, self.on_demand) if t is not None]
+            for t in threads:
+                t.stop.set()
+            for t in threads:  # each checks its stop between steps; a read stuck in a file is left behind
+                if t.is_alive():
+                    t.join(timeout=2 if t is self.capture else 10)
             self.source.close()
             pygame.quit()
         stats = self.stats(elapsed)
