@@ -115,53 +115,59 @@ def test_a_signal_while_the_harness_writes_keeps_all_settings(tmp_path):
     assert (out / "report.html").read_text().rstrip().endswith("</html>") and no_partials(out)
 
 
+#: Two settings are enough to see a reference set change all at once (and fewer images to write
+#: keep these tests short: they run the harness seven times).
+TWO = "profile.settings=[paper_1,paper_2]"
+
+
 def test_references_change_all_at_once(tmp_path):
     refs = tmp_path / "refs"
-    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", "judge=null", f"references={refs}",
-                        "update_references=true", f"hydra.run.dir={tmp_path / 'a'}"],
+    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", TWO, "judge=null",
+                        f"references={refs}", "update_references=true", f"hydra.run.dir={tmp_path / 'a'}"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     before = {p.name: p.read_bytes() for p in refs.iterdir()}
-    assert len(before) == 17  # 15 images, trajectories.json, manifest.json
+    assert len(before) == 8  # 6 images, trajectories.json, manifest.json
     # a second update with other images, killed while writing them: the old set stays whole
-    p = start(SLOW + ["reproduce", "profile.steps=4", "profile.classes=[130,366]", "judge=null", f"references={refs}", "update_references=true",
-                      f"hydra.run.dir={tmp_path / 'b'}"])
-    wait_for(p, "WRITING")
-    time.sleep(1.5)
+    p = start(SLOW + ["reproduce", "profile.steps=4", "profile.classes=[130,366]", TWO, "judge=null",
+                      f"references={refs}", "update_references=true", f"hydra.run.dir={tmp_path / 'b'}"])
+    wait_for(p, f"WRITING {tmp_path}/.refs")  # the new set's first file, in its hidden sibling folder
     p.kill()
     p.wait()
     after = {p.name: p.read_bytes() for p in refs.iterdir()}
     assert after == before
     # ...and the next run compares cleanly (the half-written sibling is cleared away)
-    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", "judge=null", f"references={refs}",
-                        f"hydra.run.dir={tmp_path / 'c'}"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", TWO, "judge=null",
+                        f"references={refs}", f"hydra.run.dir={tmp_path / 'c'}"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "References: 15/15 images match (15 identical)" in r.stdout
+    assert "References: 6/6 images match (6 identical)" in r.stdout
     assert not list(tmp_path.glob(".refs.*"))
     # a damaged reference is reported as damaged, not a crash
     (refs / "paper_2__fc_130.png").write_bytes(b"")
-    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", "judge=null", f"references={refs}",
-                        f"hydra.run.dir={tmp_path / 'd'}"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", TWO, "judge=null",
+                        f"references={refs}", f"hydra.run.dir={tmp_path / 'd'}"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 1 and "damaged reference" in r.stderr and "Traceback" not in r.stderr
-    assert "References: 14/15 images match (14 identical)" in r.stdout
+    assert "References: 5/6 images match (5 identical)" in r.stdout
     m = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert [x["reference"] for x in m["results"] if x["unit"] == "fc:130" and x["setting"] == "paper_2"] == ["damaged"]
     report = (tmp_path / "d" / "report.html").read_text()
-    assert "References: 14/15 images match (14 identical)" in report
+    assert "References: 5/6 images match (5 identical)" in report
 
 
 def test_a_signal_while_references_are_written_keeps_the_run(tmp_path):
     """SIGINT or SIGTERM while update_references=true writes the new set: the old set stays in
     force, and the run's own images, metrics and report are all on disk."""
     refs = tmp_path / "refs"
-    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", "judge=null",
+    r = subprocess.run(["deepvis-reproduce", "profile.steps=2", "profile.classes=[130,366]", TWO, "judge=null",
                         f"references={refs}", "update_references=true", f"hydra.run.dir={tmp_path / 'a'}"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     before = {p.name: p.read_bytes() for p in refs.iterdir()}
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         out = tmp_path / f"run_{code}"
-        p = start(SLOW + ["reproduce", "profile.steps=3", "profile.classes=[130,366]", "judge=null",
+        p = start(SLOW + ["reproduce", "profile.steps=3", "profile.classes=[130,366]", TWO, "judge=null",
                           f"references={refs}", "update_references=true", f"hydra.run.dir={out}"])
         wait_for(p, f"WRITING {tmp_path}/.refs")  # inside the new set's hidden sibling folder
         p.send_signal(sig)
@@ -170,7 +176,7 @@ def test_a_signal_while_references_are_written_keeps_the_run(tmp_path):
         assert "keeps the old set" in err and "Traceback" not in err
         assert {q.name: q.read_bytes() for q in refs.iterdir()} == before
         m = json.loads((out / "metrics.json").read_text())
-        assert len(m["results"]) == 15 and all(complete_png(out / x["image"]) for x in m["results"])
+        assert len(m["results"]) == 6 and all(complete_png(out / x["image"]) for x in m["results"])
         assert all(x["reference"] == "being written" for x in m["results"])
         assert (out / "report.html").read_text().rstrip().endswith("</html>") and no_partials(out)
 
@@ -427,6 +433,21 @@ def test_the_image_folder_view_skips_fifos_and_bombs_and_stops_on_sigterm(tmp_pa
     assert p.returncode == 143, err[-2000:]
     s = json.loads(stats.read_text())  # ended by the signal, with its stats written
     assert s["source"].startswith("a.png") and s["frames"] >= 0
+
+
+def test_a_native_crash_prints_every_threads_stack(tmp_path, photos):
+    """A crash in native code (here SIGABRT, as a C++ abort in torch or SDL would raise) leaves
+    the Python stacks of the view's threads on stderr, for a bug report."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(photos["coffee"]).save(d / "a.png")
+    p = start(["deepvis-live", "source=images", f"source.path={d}"])
+    wait_for(p, "deepvis-live: showing")
+    p.send_signal(signal.SIGABRT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in err and "most recent call first" in err, err[-2000:]
+    assert "network.py" in err and "app.py" in err, err[-2000:]  # the network thread's and the main loop's
 
 
 def test_unwritable_outputs_are_checked_before_the_run(tmp_path, photos):
