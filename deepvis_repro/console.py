@@ -5,7 +5,6 @@ search/command.py; they import this module, never the other way round."""
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import os
 import sys
 from importlib import resources
@@ -219,10 +218,6 @@ def run_app(config_name: str, task: Callable) -> None:
         _error(prog, str(e))
         sys.exit(2)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    # A crash in native code (torch, SDL, a decoder) ends with every thread's Python stack on the
-    # real stderr, not a bare "Aborted": what a bug report needs. Costs nothing until a crash.
-    with contextlib.suppress(AttributeError, ValueError, OSError):  # a stderr without a file
-        faulthandler.enable(file=sys.__stderr__, all_threads=True)
     _register_resolvers()
     started = []
     gate = _Gate(sys.stderr)

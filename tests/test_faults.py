@@ -435,21 +435,6 @@ def test_the_image_folder_view_skips_fifos_and_bombs_and_stops_on_sigterm(tmp_pa
     assert s["source"].startswith("a.png") and s["frames"] >= 0
 
 
-def test_a_native_crash_prints_every_threads_stack(tmp_path, photos):
-    """A crash in native code (here SIGABRT, as a C++ abort in torch or SDL would raise) leaves
-    the Python stacks of the view's threads on stderr, for a bug report."""
-    d = tmp_path / "imgs"
-    d.mkdir()
-    Image.fromarray(photos["coffee"]).save(d / "a.png")
-    p = start(["deepvis-live", "source=images", f"source.path={d}"])
-    wait_for(p, "deepvis-live: showing")
-    p.send_signal(signal.SIGABRT)
-    _, err = p.communicate(timeout=30)
-    assert p.returncode == -signal.SIGABRT
-    assert "Fatal Python error: Aborted" in err and "most recent call first" in err, err[-2000:]
-    assert "network.py" in err and "app.py" in err, err[-2000:]  # the network thread's and the main loop's
-
-
 def test_unwritable_outputs_are_checked_before_the_run(tmp_path, photos):
     (tmp_path / "imgs").mkdir()
     Image.fromarray(photos["coffee"]).save(tmp_path / "imgs" / "a.png")
