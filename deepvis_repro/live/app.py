@@ -255,7 +255,7 @@ class LiveApp:
             try:
                 # The threads start inside the try: a signal at any moment after (a test sends
                 # SIGTERM the moment the line below appears) still stops and joins them, rather
-                # than leaving the interpreter to exit under a thread inside torch (SIGABRT).
+                # than leaving the interpreter to exit under a thread inside torch.
                 self.capture.start()
                 self.net.start()
                 # one line when the view runs (a script or a test can wait for it); keys: h in the window
