@@ -16,6 +16,7 @@ import time
 import torch
 
 import deepvis_repro as dv
+from deepvis_repro.allocator import keep_freed_memory
 from deepvis_repro.outputs import machine
 
 
@@ -47,6 +48,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    keep_freed_memory()  # what every deepvis command does first (deepvis_repro/allocator.py)
     b = dv.load_backend().to(args.device)
     m = machine()
     print(f"device {args.device} ({m.get('cpu')}), torch {torch.__version__}, threads {torch.get_num_threads()}")

@@ -23,6 +23,7 @@ import skimage.data
 import torch
 
 import deepvis_repro as dv
+from deepvis_repro.allocator import keep_freed_memory
 from deepvis_repro.live.app import LiveApp
 from deepvis_repro.live.sources import VideoSource
 from deepvis_repro.outputs import machine
@@ -51,6 +52,7 @@ def main():
     ap.add_argument("--no-atlas", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    keep_freed_memory()  # what every deepvis command does first (deepvis_repro/allocator.py)
     backend = dv.load_backend(device=args.device)
     name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else machine()["cpu"]
     print(f"device: {args.device} ({name})", flush=True)

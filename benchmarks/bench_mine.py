@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from deepvis_repro.allocator import keep_freed_memory
+
 
 def corpus_list(n: int, folder: str) -> str:
     from deepvis_repro.atlas.corpus import demo_corpus
@@ -206,6 +208,7 @@ def main():
     ap.add_argument("--rss", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    keep_freed_memory()  # what every deepvis command does first (deepvis_repro/allocator.py)
     if args.tmp is None:
         import tempfile
 

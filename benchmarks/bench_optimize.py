@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import deepvis_repro as dv
+from deepvis_repro.allocator import keep_freed_memory
 from deepvis_repro.optimize import optimize
 from deepvis_repro.outputs import machine
 
@@ -72,6 +73,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
+    keep_freed_memory()  # what every deepvis command does first (deepvis_repro/allocator.py)
     print(f"device: {args.device}, {device_name(args.device)}; torch {torch.__version__}", flush=True)
     backend = dv.load_backend(device=args.device)
     plain = dv.load_backend(device=args.device, fuse_bn=False, channels_last=False)

@@ -10,6 +10,7 @@ import sys
 from importlib import resources
 from typing import Callable
 
+from .allocator import keep_freed_memory
 from .errors import DeepvisError, did_you_mean
 from .files import Terminated, check_output_dir
 from .registry import CONF_PACKAGE, _is_yaml_path, backend_kind, config_names
@@ -218,6 +219,7 @@ def run_app(config_name: str, task: Callable) -> None:
         _error(prog, str(e))
         sys.exit(2)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    keep_freed_memory()  # before torch allocates: see allocator.py
     _register_resolvers()
     started = []
     gate = _Gate(sys.stderr)

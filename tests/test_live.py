@@ -151,6 +151,53 @@ def test_back_modes_against_hand_computation(x, channel, active):
     assert len({tuple(np.round(v, 5)) for v in want.values()}) >= 2
 
 
+class TinyReLU6Net(nn.Module):
+    """3 inputs (1x1) -> 1x1 conv (4 units) -> ReLU6 -> 1x1 conv (2 units)."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 1, bias=False)
+        self.act = nn.ReLU6(inplace=inplace)
+        self.c2 = nn.Conv2d(4, 2, 1, bias=False)
+        with torch.no_grad():
+            self.c1.weight.copy_(torch.tensor([[4.0, 2, 1], [1, 1, 0], [1, 1, 1], [-2, -1, -1]]).view(4, 3, 1, 1))
+            self.c2.weight.copy_(torch.tensor([[1.0, 1, -1, 1], [0, 1, 1, 1]]).view(2, 4, 1, 1))
+
+    def forward(self, x):
+        return self.c2(self.act(self.c1(x)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_back_modes_through_relu6_against_hand_computation(inplace):
+    """ReLU6 (EfficientNet's): a unit above 6 is masked like one below 0 in the gradient and in
+    guided backprop; deconv ignores both. The four hidden units are saturated, active with a
+    positive gradient, active with a negative one, and off with a positive one, so that the three
+    modes give three different answers. The layer hooked at the ReLU6 still reports its values,
+    and the module computes its plain forward again after the back pass."""
+    net = TinyReLU6Net(inplace)
+    b = HookBackend(net, [("h", "act"), ("out", "c2")], to_input=lambda t: t,
+                    mean=[0.0, 0.0, 0.0], input_size=(1, 1), prob=False)
+    W1 = net.c1.weight.detach().view(4, 3).numpy().astype(float)
+    W2 = net.c2.weight.detach().view(2, 4).numpy().astype(float)
+    pre = W1 @ np.ones(3)
+    np.testing.assert_array_equal(pre, [7, 2, 3, -4])
+    mask = ((pre > 0) & (pre < 6)).astype(float)
+    h = np.clip(pre, 0, 6)
+    up = W2.T @ np.array([W2[0] @ h, 0.0])      # channel 0 seeded with its own activation (5)
+    np.testing.assert_array_equal(up, [5, 5, -5, 5])
+    want = {"gradient": W1.T @ (up * mask), "deconv": W1.T @ np.maximum(up, 0),
+            "guided": W1.T @ (np.maximum(up, 0) * mask)}
+    assert len({tuple(v) for v in want.values()}) == 3
+    x = torch.ones(1, 3, 1, 1)
+    for m in want:
+        gx, _, acts = backprop(b, x, "out", 0, m)
+        np.testing.assert_allclose(gx.flatten().numpy(), want[m], rtol=1e-6, err_msg=m)
+        np.testing.assert_array_equal(acts["out"].flatten().numpy(), W2 @ h)
+    assert "forward" not in vars(net.act)  # the back mode's forward is gone with its block
+    plain = torch.autograd.functional.jacobian(lambda t: net(t)[0, 0, 0, 0], x).flatten()  # afterwards
+    np.testing.assert_allclose(plain.numpy(), W1.T @ (W2[0] * mask), rtol=1e-6)
+
+
 def run_live(*args, timeout=240):
     return subprocess.run(["deepvis-live", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
 

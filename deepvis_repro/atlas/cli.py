@@ -56,7 +56,7 @@ def mine_task(cfg) -> None:
               + (" ..." if len(r.skipped) > 3 else ""), file=sys.stderr)
     if cfg.montages:
         written = render_montages(backend, atlas_dir, layers=r.layers, mode=mode, tile=tile,
-                                  batch_size=8, numerics=str(cfg.numerics))
+                                  numerics=str(cfg.numerics))
         print(f"montages: {sum(written.values())} unit(s) written")
     write_index(atlas_dir)
     print(f"atlas: {atlas_dir} (open {os.path.join(atlas_dir, 'index.html')})")

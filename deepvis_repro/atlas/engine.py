@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from ..allocator import keep_freed_memory
 from ..errors import DeepvisError
 from .corpus import BatchDecoder
 from .miner import Miner
@@ -125,6 +126,7 @@ class _MinerActor:
     def __init__(self, backend_box, layers, k, negatives, device, threads, numerics):
         import ray
 
+        keep_freed_memory()  # as the commands do (allocator.py)
         if threads:
             torch.set_num_threads(int(threads))  # the driver's: identical numbers, bit for bit
         backend = ray.get(backend_box[0]).to(device)
@@ -149,6 +151,7 @@ class _MinerActor:
 
 class _MapActor:
     def __init__(self, make_worker, threads):
+        keep_freed_memory()
         if threads:
             torch.set_num_threads(int(threads))
         self.worker = make_worker()

@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import DeepvisError
+from ..numerics import taps_depthwise
 
 
 def _reflect_index(n: int, radius: int, device) -> torch.Tensor:
@@ -30,7 +30,13 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
 
 def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Blur each channel of (N,C,H,W) like scipy.ndimage.gaussian_filter(channel, sigma):
-    separable, 'reflect' borders, truncated at 4 sigma; on x's device, batched."""
+    separable, 'reflect' borders, truncated at 4 sigma; on x's device, batched.
+
+    Each pass is the portable spec's own tap chain (deepvis_repro/numerics.py: a fused
+    multiply-add per tap, in order, from zero), not F.conv2d: the same bits as oneDNN's kernel
+    where that is verified to follow the spec, but ~20x faster at 8 images (3 vs 61 ms on the
+    reference machine: a one-channel convolution is oneDNN's slow case), and the spec's bits in
+    every numerics mode."""
     k = torch.as_tensor(gaussian_kernel1d(sigma, truncate), dtype=x.dtype, device=x.device)
     r = (k.numel() - 1) // 2
     if r == 0:
@@ -38,9 +44,9 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch
     n, c, h, w = x.shape
     flat = x.reshape(n * c, 1, h, w)
     flat = flat.index_select(2, _reflect_index(h, r, x.device))
-    flat = F.conv2d(flat, k.view(1, 1, -1, 1))
+    flat = taps_depthwise(flat, k.view(1, -1, 1), (1, 1), (1, 1))
     flat = flat.index_select(3, _reflect_index(w, r, x.device))
-    flat = F.conv2d(flat, k.view(1, 1, 1, -1))
+    flat = taps_depthwise(flat, k.view(1, 1, -1), (1, 1), (1, 1))
     return flat.reshape(n, c, h, w)
 
 

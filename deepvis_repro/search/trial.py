@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from ..allocator import keep_freed_memory
 from ..optimize import optimize
 from .panel import Panel
 from .space import to_preset
@@ -26,6 +27,7 @@ class TrialRunner:
         self.threads, self.numerics = threads, numerics
 
     def __call__(self, params: dict, report) -> dict:
+        keep_freed_memory()  # in a Ray Tune worker too, as the commands do (allocator.py)
         if self.threads:
             torch.set_num_threads(int(self.threads))
         preset = to_preset(params, self.steps)
