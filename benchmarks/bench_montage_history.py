@@ -74,7 +74,7 @@ def main():
                 work = os.path.join(tmp, f"work_{commit}")
                 os.makedirs(work)
                 print(f"commit {commit}:", flush=True)
-                subprocess.run([sys.executable, "-c", CHILD, work, tree], env=env, check=True)
+                subprocess.run([sys.executable, "-c", CHILD, work, tree], env=env, check=True, cwd=work)  # not this checkout
             finally:
                 subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], capture_output=True)
 
