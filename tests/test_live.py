@@ -190,8 +190,9 @@ def test_back_modes_through_relu6_against_hand_computation(inplace):
     assert len({tuple(v) for v in want.values()}) == 3
     x = torch.ones(1, 3, 1, 1)
     for m in want:
-        gx, _, acts = backprop(b, x, "out", 0, m)
+        gx, _, acts = backprop(b, x, "out", 0, m, also="h")
         np.testing.assert_allclose(gx.flatten().numpy(), want[m], rtol=1e-6, err_msg=m)
+        np.testing.assert_array_equal(acts["h"].flatten().numpy(), h)  # the hook at the ReLU6 itself
         np.testing.assert_array_equal(acts["out"].flatten().numpy(), W2 @ h)
     assert "forward" not in vars(net.act)  # the back mode's forward is gone with its block
     plain = torch.autograd.functional.jacobian(lambda t: net(t)[0, 0, 0, 0], x).flatten()  # afterwards
