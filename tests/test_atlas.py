@@ -317,6 +317,39 @@ def test_shared_forward_backprop_equals_one_pass_per_pair(lite0, photos, layer):
         assert np.abs(got[k] - want).max() <= 1e-4 * np.abs(want).max(), (layer, k)
 
 
+def test_deconv_tiles_scale_by_numpys_percentile(lite0, photos):
+    """A deconv tile's scale (the 99th percentile of |gradient|) is found from two order
+    statistics instead of np.percentile's whole float64 sort: the very same value on the real
+    gradients of the photos (fc and blocks.5, guided) and on arrays built to defeat the shortcut
+    (sorted, all ties, mostly zeros, a NaN, too small for it), at any percentile; the tile's grey
+    levels are those of the float64 formula within one level; a NaN pixel is drawn grey."""
+    from deepvis_repro.atlas.patches import abs_percentile, render_signed, shared_backprop
+
+    views = {i: np.asarray(Image.fromarray(photos[n]).resize((224, 224))) for i, n in enumerate(sorted(photos))}
+    grads = []
+    for layer in ("fc", "blocks.5"):
+        pairs = [(i, c, (5, 6)) for i in range(4) for c in (0, 7)]
+        shared_backprop(lite0, views, pairs, layer, lambda k, g: grads.append(g.copy()), "guided", images=4)
+    rng = np.random.default_rng(0)
+    sorted_up = np.sort(rng.standard_normal(150528)).astype(np.float32)
+    mostly_zero = np.where(rng.random(150528) < 0.999, 0, rng.standard_normal(150528)).astype(np.float32)
+    with_nan = grads[0].copy()
+    with_nan[3, 4, 1] = np.nan
+    odd = [sorted_up, np.ones(50000, np.float32), mostly_zero, with_nan, grads[1][:20, :30]]
+    for a in grads + odd:
+        for pct in (99.0, 99.9, 50.0, 100.0, 0.0):
+            want = np.percentile(np.abs(np.asarray(a, np.float64)), pct)
+            got = abs_percentile(a, pct)
+            assert got == want or (np.isnan(want) and np.isnan(got)), (a.shape, pct, got, want)
+    for g in grads:
+        m = np.percentile(np.abs(g.astype(np.float64)), 99)
+        want = np.clip(np.round(127.5 + 127.5 * g.astype(np.float64) / m), 0, 255)
+        assert np.abs(render_signed(g).astype(int) - want).max() <= 1
+    tile = render_signed(with_nan)  # a NaN pixel drawn grey, the others as without it
+    assert tile[3, 4, 1] == 128 and np.array_equal(np.delete(tile.ravel(), 3 * 224 * 3 + 4 * 3 + 1),
+                                                   np.delete(render_signed(np.nan_to_num(with_nan)).ravel(), 3 * 224 * 3 + 4 * 3 + 1))
+
+
 def run_mine(*args, timeout=600, **kw):
     return subprocess.run(["deepvis-mine", *args], capture_output=True, text=True, timeout=timeout, **kw)
 

@@ -123,15 +123,56 @@ def resolve_mode(backend, mode: str) -> str:
     return mode
 
 
+def _order_stats(v: np.ndarray, ranks: list[int]) -> np.ndarray:
+    """The values of the given ranks (0-based, ascending) in v, as np.partition gives them.
+    For high ranks (a 99th percentile) only the candidates above a bound guessed from every
+    16th value are partitioned: the same values, ~3x faster than partitioning all of v; a bound
+    that turns out too high (too many values under it) falls back to the whole array."""
+    low = min(ranks)
+    if v.size >= 4096 and low >= v.size // 2:
+        sample = v[::16]
+        # a little below the sample's own quantile, so that it almost surely lies under rank `low`
+        guess = max(0, int(sample.size * low / v.size) - 8 - sample.size // 100)
+        bound = np.partition(sample, guess)[guess]
+        cand = v[v >= bound]
+        below = v.size - cand.size  # how many values lie under the bound
+        if below <= low:
+            return np.partition(cand, [r - below for r in ranks])[[r - below for r in ranks]]
+    return np.partition(v, ranks)[ranks]
+
+
+def abs_percentile(a: np.ndarray, pct: float) -> float:
+    """np.percentile(|a|, pct) (linear interpolation, numpy's own lerp formula), the same value,
+    from the two order statistics it needs, found in float32 (no float64 copy, and for high
+    percentiles no partition of the whole array): about a quarter of np.percentile's time on
+    a 224x224x3 gradient."""
+    v = np.abs(a, dtype=np.float32).ravel()
+    if np.isnan(v.max()):  # as numpy (the shortcut below would not count a NaN)
+        return float("nan")
+    pos = (v.size - 1) * (float(pct) / 100.0)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, v.size - 1)
+    x, y = (float(u) for u in _order_stats(v, [lo, hi]))
+    t = pos - lo
+    d = y - x
+    return y - d * (1.0 - t) if t >= 0.5 else x + d * t
+
+
 def render_signed(patch: np.ndarray, pct: float = 99.0) -> np.ndarray:
-    """A signed HxWx3 array as uint8: grey at zero, +-(99th percentile of |value|) at 255 / 0."""
-    a = np.asarray(patch, np.float64)
-    m = float(np.percentile(np.abs(a), pct)) if a.size else 0.0
+    """A signed HxWx3 array as uint8: grey at zero, +-(99th percentile of |value|) at 255 / 0.
+    In float32 (gradients are float32; a float64 copy changed at most a rounding, at 2x the time)."""
+    a = np.asarray(patch, np.float32)
+    m = abs_percentile(a, pct) if a.size else 0.0
+    if np.isnan(m):  # a NaN in the gradient (a broken model): drawn as zero, the rest still shown
+        a = np.nan_to_num(a, nan=0.0)
+        m = abs_percentile(a, pct)
     if m <= 0:
         m = float(np.abs(a).max()) if a.size else 0.0
     if m <= 0:
         return np.full(a.shape, 128, np.uint8)
-    return np.clip(np.round(127.5 + 127.5 * a / m), 0, 255).astype(np.uint8)
+    out = a * np.float32(127.5 / m)
+    out += np.float32(127.5)
+    return np.clip(np.round(out, out=out), 0, 255, out=out).astype(np.uint8)
 
 
 def display_box(geometry, y: int, x: int, input_size) -> tuple[int, int, int, int]:
@@ -287,7 +328,15 @@ def _render_chunk(backend, store, cache, layer, geometry, arrays, units, tile, m
     flat_pos = pos.reshape(-1, 2)
     views = cache.get_many(flat_ids)
     boxes = [display_box(geometry, y, x, backend.input_size) for y, x in flat_pos]
-    patches = [None if v is None else fit_tile(crop_box(v, b), tile) for v, b in zip(views, boxes)]
+    # an image in several units' lists, with the same box (always, where the field is the whole
+    # input: fc, deep layers), is cut and scaled once
+    cut: dict[tuple, np.ndarray] = {}
+    patches = []
+    for i, v, b in zip(flat_ids, views, boxes):
+        key = (int(i), tuple(int(c) for c in b))
+        if v is not None and key not in cut:
+            cut[key] = fit_tile(crop_box(v, b), tile)
+        patches.append(None if v is None else cut[key])
     deconvs: list = [None] * len(views)
     if deconv_kind:
         have = [i for i, v in enumerate(views) if v is not None]
