@@ -4,6 +4,7 @@ an atlas each mines from the same 400-image corpus; every unit of blocks.10 and 
 units of fc, in float32 (and bf16 where the commit has it).
 
     python benchmarks/bench_montage_history.py 5f271a5 21b97a1 HEAD
+    python benchmarks/bench_montage_history.py 5f271a5 HEAD 5f271a5 HEAD   # interleaved, on a noisy machine
 
 Each process uses its commit's allocator setting if it has one (deepvis_repro/allocator.py),
 as its commands would. Run it on an idle machine: the commits run in turn, not interleaved.
@@ -60,18 +61,18 @@ def main():
     ap.add_argument("commits", nargs="+")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        for commit in args.commits:
-            tree = os.path.join(tmp, f"tree_{commit}")
+        for n, commit in enumerate(args.commits):  # a commit may be named twice (A B A B: interleaved)
+            tree = os.path.join(tmp, f"tree_{n}_{commit}")
             subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-f", tree, commit],
                            check=True, capture_output=True)
             try:
                 # the commit's backends and configs under the names the installed package maps
-                names = os.path.join(tmp, f"names_{commit}")
+                names = os.path.join(tmp, f"names_{n}_{commit}")
                 os.makedirs(names)
                 os.symlink(os.path.join(tree, "backends"), os.path.join(names, "deepvis_repro_backends"))
                 os.symlink(os.path.join(tree, "conf"), os.path.join(names, "deepvis_repro_conf"))
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, names]))
-                work = os.path.join(tmp, f"work_{commit}")
+                work = os.path.join(tmp, f"work_{n}_{commit}")
                 os.makedirs(work)
                 print(f"commit {commit}:", flush=True)
                 subprocess.run([sys.executable, "-c", CHILD, work, tree], env=env, check=True, cwd=work)  # not this checkout
