@@ -124,7 +124,7 @@ def resolve_mode(backend, mode: str) -> str:
 
 
 def _order_stats(v: np.ndarray, ranks: list[int]) -> np.ndarray:
-    """The values of the given ranks (0-based, ascending) in v, as np.partition gives them.
+    """The values of the given ranks (0-based, ascending) in v (no NaN), as np.partition gives them.
     For high ranks (a 99th percentile) only the candidates above a bound guessed from every
     16th value are partitioned: the same values, ~3x faster than partitioning all of v; a bound
     that turns out too high (too many values under it) falls back to the whole array."""
@@ -166,11 +166,13 @@ def render_signed(patch: np.ndarray, pct: float = 99.0) -> np.ndarray:
     if np.isnan(m):  # a NaN in the gradient (a broken model): drawn as zero, the rest still shown
         a = np.nan_to_num(a, nan=0.0)
         m = abs_percentile(a, pct)
+    m = np.float32(m)  # divided by, not multiplied by 127.5 / m: that overflows for a tiny m
     if m <= 0:
-        m = float(np.abs(a).max()) if a.size else 0.0
+        m = np.abs(a).max() if a.size else np.float32(0)
     if m <= 0:
         return np.full(a.shape, 128, np.uint8)
-    out = a * np.float32(127.5 / m)
+    out = a / m
+    out *= np.float32(127.5)
     out += np.float32(127.5)
     return np.clip(np.round(out, out=out), 0, 255, out=out).astype(np.uint8)
 
