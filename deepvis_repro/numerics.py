@@ -32,6 +32,7 @@ criterion instead of by bits (reproduce/compare.py).
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import torch
@@ -290,6 +291,21 @@ def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
 def linear(x, w, b=None):
     lead = x.shape[:-1]
     return matmul(x.reshape(-1, x.shape[-1]), w.t(), b).view(*lead, w.shape[0])
+
+
+def percentile_ranks(n: int, pct: float) -> tuple[int, int, float]:
+    """numpy's default ('linear') percentile of n sorted values: the ranks of the two values it
+    interpolates between and the weight of the upper one."""
+    pos = (n - 1) * (float(pct) / 100.0)
+    lo = int(math.floor(pos))
+    return lo, min(lo + 1, n - 1), pos - lo
+
+
+def percentile_lerp(a, b, t: float):
+    """numpy's own lerp (numpy/lib/_function_base_impl.py, _lerp) between the lower and upper
+    values (floats or tensors): single-rounding operations only, exact at either end."""
+    d = b - a
+    return b - d * (1.0 - t) if t >= 0.5 else a + d * t
 
 
 def tree_sum(t: torch.Tensor, dim: int) -> torch.Tensor:

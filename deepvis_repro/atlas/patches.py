@@ -29,7 +29,7 @@ from ..backprop import MODES, relu_backward
 from ..errors import DeepvisError
 from ..files import image_file_ok
 from ..images import save_image
-from ..numerics import Numerics
+from ..numerics import Numerics, percentile_lerp, percentile_ranks
 from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, load_items
 from .receptive import crop_box, layer_geometry
@@ -137,7 +137,8 @@ def _order_stats(v: np.ndarray, ranks: list[int]) -> np.ndarray:
         cand = v[v >= bound]
         below = v.size - cand.size  # how many values lie under the bound
         if below <= low:
-            return np.partition(cand, [r - below for r in ranks])[[r - below for r in ranks]]
+            shifted = [r - below for r in ranks]
+            return np.partition(cand, shifted)[shifted]
     return np.partition(v, ranks)[ranks]
 
 
@@ -149,13 +150,9 @@ def abs_percentile(a: np.ndarray, pct: float) -> float:
     v = np.abs(a, dtype=np.float32).ravel()
     if np.isnan(v.max()):  # as numpy (the shortcut below would not count a NaN)
         return float("nan")
-    pos = (v.size - 1) * (float(pct) / 100.0)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, v.size - 1)
+    lo, hi, t = percentile_ranks(v.size, pct)
     x, y = (float(u) for u in _order_stats(v, [lo, hi]))
-    t = pos - lo
-    d = y - x
-    return y - d * (1.0 - t) if t >= 0.5 else x + d * t
+    return percentile_lerp(x, y, t)
 
 
 def render_signed(patch: np.ndarray, pct: float = 99.0) -> np.ndarray:

@@ -3,13 +3,12 @@ blur, clipping small-norm pixels and clipping small-contribution pixels, on a ba
 backend contract's space, written so that each has the same bits on every CPU."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 
 from ..errors import DeepvisError
-from ..numerics import taps_depthwise
+from ..numerics import percentile_lerp, percentile_ranks, taps_depthwise
 
 
 def _reflect_index(n: int, radius: int, device) -> torch.Tensor:
@@ -55,13 +54,8 @@ def percentile(score: torch.Tensor, pct: float) -> torch.Tensor:
     formula), in float64 from sorted values and single-rounding operations only, so that it has
     the same bits on every CPU (torch.quantile's fused lerp may not)."""
     v = torch.sort(score.double(), dim=1).values
-    pos = (v.shape[1] - 1) * (float(pct) / 100.0)
-    lo = int(math.floor(pos))
-    hi = min(lo + 1, v.shape[1] - 1)
-    t = pos - lo
-    a, b = v[:, lo], v[:, hi]
-    d = b - a
-    return b - d * (1.0 - t) if t >= 0.5 else a + d * t
+    lo, hi, t = percentile_ranks(v.shape[1], pct)
+    return percentile_lerp(v[:, lo], v[:, hi], t)
 
 
 def _zero_below_percentile(x: torch.Tensor, score: torch.Tensor, pct: float) -> torch.Tensor:
