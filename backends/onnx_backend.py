@@ -48,16 +48,6 @@ REARRANGING = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"
 TARGET_OPSET = 17
 #: Defaults where neither the user nor the file's metadata says: torchvision's ImageNet scaling.
 DEFAULT_MEAN, DEFAULT_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-#: ONNX operators whose outputs are NCHW by the standard's definition.
-CHANNEL_FIRST = {"Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool",
-                 "GlobalMaxPool", "LRN", "InstanceNormalization", "LpPool", "MaxUnpool", "Upsample",
-                 "DepthToSpace", "SpaceToDepth"}
-#: Transposes that move a 4-D tensor between layouts: perm -> (from, to).
-MOVES = {(0, 2, 3, 1): ("NCHW", "NHWC"), (0, 3, 1, 2): ("NHWC", "NCHW")}
-SAME_LAYOUT = {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip",
-               "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Neg", "Abs", "Exp", "Sqrt", "Pow",
-               "Softplus", "Softsign", "Erf", "Gelu", "Mish", "Identity", "Dropout", "Cast", "Pad", "Resize"}
-
 
 def clean_graph(model):
     """Make an exporter's ONNX convertible by onnx2torch, keeping its function:
@@ -347,27 +337,6 @@ def input_layout(model, layout: str | None) -> tuple[str, tuple[int, int] | None
     return layout, ((h, w) if h and w else None), int(channels)
 
 
-def value_layouts(model, layout: str) -> dict[str, str | None]:
-    """The layout of each 4-D value in the graph, propagated from the input: channel-first
-    operators make NCHW, transposes move it, elementwise operators keep it."""
-    lay = {model.graph.input[0].name: layout}
-    for node in model.graph.node:
-        first = next((lay.get(i) for i in node.input if lay.get(i)), None)
-        if node.op_type in CHANNEL_FIRST:
-            out = "NCHW"
-        elif node.op_type == "Transpose":
-            perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), ())
-            source, target = MOVES.get(perm, (None, None))
-            out = target if first == source else None  # any other transpose: unknown
-        elif node.op_type in SAME_LAYOUT or node.op_type == "Concat":
-            out = first
-        else:
-            out = None
-        for o in node.output:
-            lay[o] = out
-    return lay
-
-
 class OnnxBackend(HookBackend):
     """Layers are the converted graph's modules, in order, named after the ONNX nodes."""
 
@@ -422,10 +391,9 @@ class OnnxBackend(HookBackend):
         if "blobs" in meta:  # written by deepvis-convert: Caffe's blob names, in Caffe's order
             made = {o for node in nodes.values() for o in node.output_values}
             blobs = meta["blobs"] if until in (None, "") else [b for b in meta["blobs"] if b in made]
-            paths, self._nhwc_layers = self._blob_layers(blobs, nodes), set()
+            paths = self._blob_layers(blobs, nodes)
         else:
-            paths, self._nhwc_layers = self._layers(module, nodes, value_layouts(model, layout), to_input,
-                                                    tuple(input_size), channels)
+            paths = self._layers(module, nodes, to_input, tuple(input_size), channels)
         if last_value is not None:  # the layer the cut graph ends with (a value that is no layer: the last one)
             ending = [n for n, p in paths if nodes.get(p) is not None and last_value in nodes[p].output_values]
             until = ending[0] if ending else paths[-1][0]
@@ -462,10 +430,11 @@ class OnnxBackend(HookBackend):
         return [(b, writer[b]) for b in blobs]
 
     @staticmethod
-    def _layers(module, nodes, layouts, to_input, size, channels):
+    def _layers(module, nodes, to_input, size, channels):
         """(name, module path) of every module whose output is an activation: a float tensor with
         the batch and a channel axis, computed once per forward (found with a batch of 2 zero
-        images); and the names of those whose 4-D output is NHWC."""
+        images). Which axis is which is the layout tracer's (deepvis_repro/layout.py): an NHWC
+        value inside the graph is shown as the map it is."""
         candidates = [n.target for n in module.graph.nodes if n.op == "call_module"
                       and not type(module.get_submodule(n.target)).__name__.startswith(SKIP_MODULES)
                       and not type(module.get_submodule(n.target)).__name__.endswith(SKIP_MODULES)]
@@ -483,7 +452,7 @@ class OnnxBackend(HookBackend):
         finally:
             for h in handles:
                 h.remove()
-        paths, nhwc = [], set()
+        paths = []
         for t in candidates:
             outs = seen.get(t, [])
             if len(outs) != 1:
@@ -494,23 +463,10 @@ class OnnxBackend(HookBackend):
             node = nodes.get(t)
             if node is not None and node.operation_type in REARRANGING:
                 continue
-            if o.dim() == 4 and node is not None and layouts.get(node.output_values[0]) == "NHWC":
-                nhwc.add(t)
             paths.append((t, t))
         if not paths:
             raise DeepvisError("the ONNX model has no layer with a batch and a channel axis to show")
-        return paths, nhwc
-
-    def _as_nchw(self, name, value):
-        """Users see NCHW maps, whatever the graph's own layout."""
-        if self._nhwc_layers and value.dim() == 4 and self._paths.get(self.resolve_layer(name)) in self._nhwc_layers:
-            return value.permute(0, 3, 1, 2)
-        return value
-
-    def forward(self, x, layers, visit=None):
-        if visit is not None:
-            return super().forward(x, layers, visit=lambda n, v: visit(n, self._as_nchw(n, v)))
-        return {n: self._as_nchw(n, v) for n, v in super().forward(x, layers).items()}
+        return paths
 
 
 def default_scaling(channels: int) -> tuple[tuple, tuple]:

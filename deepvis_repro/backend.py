@@ -11,6 +11,7 @@ grey (ITU-R 601 luma) for a 1-channel one; a backend maps it to its module's inp
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -36,6 +37,11 @@ def check_input_size(size, source: str) -> tuple[int, int]:
         raise DeepvisError(f"input size {h}x{w} ({source}) is not in 1..{MAX_INPUT_SIDE} pixels a side; "
                            "give backend.input_size=[H,W] if the model accepts a smaller input")
     return h, w
+
+
+#: ``forward(x, ["blocks.3" + PREFIX])``: a token layer's prefix tokens (class, distillation,
+#: register tokens) as (N, C, P), beside the patch grid that ``blocks.3`` itself gives.
+PREFIX = ":prefix"
 
 
 class _StopForward(Exception):
@@ -93,6 +99,33 @@ class Backend:
         raise DeepvisError(f"unknown layer '{name}' for backend {self.name}; "
                            + did_you_mean(name, list(self.layers) + list(self.aliases)))
 
+    def layer_layout(self, name: str):
+        """The layer's Layout (deepvis_repro/layout.py). A backend that does not trace its layers
+        (a plugin) is read as the contract has always said: (N, C) vectors and (N, C, H, W) maps."""
+        from .layout import Layout
+
+        name = self.resolve_layer(name)
+        shape = self.cache("raw_shapes").get(name)
+        if shape is None:
+            h, w = self.input_size
+            with torch.no_grad():
+                v = self.forward(torch.zeros(1, self.channels, h, w, device=self.device), [name])[name]
+            shape = self.cache("raw_shapes")[name] = tuple(v.shape)
+        if len(shape) == 2:
+            return Layout("vector", ("N", "C"), shape[1], raw=shape[1:])
+        if len(shape) == 4:
+            return Layout("chw", ("N", "C", "Y", "X"), shape[1], tuple(shape[2:]), raw=shape[1:])
+        return Layout("unknown", reason=f"a value of shape {shape[1:]} (a plugin states no layouts)", raw=shape[1:])
+
+    def check_layer(self, name: str) -> str:
+        """The layer's name if its layout is decided; else one line saying why no tool takes it."""
+        name = self.resolve_layer(name)
+        lay = self.layer_layout(name)
+        if not lay.decided:
+            raise DeepvisError(f"layer {name} of {self.name} cannot be shown or optimized: its layout is "
+                               f"unknown ({lay.reason}); deepvis-inspect lists every layer's layout")
+        return name
+
     def cache(self, kind: str) -> dict:
         """A dict this backend keeps for facts derived from it that are costly to measure (its
         layers' shapes: units.layer_shapes; their receptive fields: atlas/receptive.py), one per
@@ -107,9 +140,28 @@ class Backend:
         if self.lr_scale not in (None, "auto"):
             return float(self.lr_scale)
         if getattr(self, "_calibrated", None) is None:
-            from .optimize import calibrate_lr_scale  # the optimizer's measurement, only when asked
+            from .optimize import NoResponse, calibrate_lr_scale  # the optimizer's measurement, only when asked
 
-            self._calibrated = float(calibrate_lr_scale(self, self.output_layer, n_units=16))
+            # the output layer, or where none of its units responds at the start image (a
+            # zero-initialized head, a U-Net's output), the deepest layer before it that does
+            tried = []
+            for layer in [self.output_layer] + [l for l in reversed(self.layers) if l not in (self.output_layer, "prob")]:
+                if not self.layer_layout(layer).decided:
+                    continue
+                try:
+                    self._calibrated = float(calibrate_lr_scale(self, layer, n_units=16))
+                    break
+                except NoResponse:
+                    tried.append(layer)
+                    if len(tried) >= 4:
+                        break
+            else:
+                tried = tried or ["(no layer)"]
+            if getattr(self, "_calibrated", None) is None:
+                raise DeepvisError(f"cannot calibrate the learning rate of {self.name}: no unit of "
+                                   f"{', '.join(tried)} has a gradient at the start image; give "
+                                   "backend.lr_scale=VALUE (1 for a network fed 0..255 pixels, about "
+                                   "1/std^2 for one fed normalized pixels) or optimize.lr_scale=VALUE")
         return self._calibrated
 
     @property
@@ -262,6 +314,73 @@ class HookBackend(Backend):
         if name not in (output, "prob"):
             self.labels = None
 
+    def layer_layout(self, name: str):
+        if name.endswith(PREFIX) and self.resolve_layer(name[:-len(PREFIX)]):
+            name = name[:-len(PREFIX)]
+        return self._traced_layouts()[self.resolve_layer(name)]
+
+    def _traced_layouts(self) -> dict:
+        """Every layer's Layout, traced once (deepvis_repro/layout.py): a probe batch of two blank
+        images through the module under the layout tracer, with hooks on the layers' modules."""
+        cached = self.__dict__.get("_layouts")
+        if cached is not None:
+            return cached
+        from .layout import Layout, decide, trace
+
+        with self._lock:
+            h, w = self.input_size
+            # a blank batch of two, as layer_shapes' blank image: labels follow the operations,
+            # not the values (and a model that fails on real pictures fails later, visibly)
+            x = torch.zeros(2, self.channels, h, w, device=self.device)
+            real = [n for n in self.layers if not (n == "prob" and self._synthetic_prob)]
+            mods = {n: self._submodules[self._paths[n]] for n in real}
+            deepest = real[-1] if real else None
+
+            def run(inp):
+                def stop(_m, _i, _o):
+                    raise _StopForward
+                handle = mods[deepest].register_forward_hook(stop) if deepest and not self._synthetic_prob else None
+                try:
+                    self.module(self._input(inp))
+                except _StopForward:
+                    pass
+                finally:
+                    if handle is not None:
+                        handle.remove()
+
+            with torch.no_grad():
+                found = trace(run, x, mods)
+            names = self.prefix_names()
+            layouts = {}
+            for n in real:
+                if n not in found.shapes:
+                    layouts[n] = Layout("unknown", reason="its module never ran in a forward pass")
+                elif found.labels.get(n) is None and n in found.labels:
+                    layouts[n] = Layout("unknown", reason="its module runs more than once per forward pass")
+                else:
+                    layouts[n] = decide(found.labels[n], found.shapes[n], names)
+                if n in found.shapes:
+                    raw = list(found.shapes[n])
+                    axes = layouts[n].axes
+                    del raw[axes.index("N") if "N" in axes else 0]
+                    layouts[n] = replace(layouts[n], raw=tuple(raw))
+            if self._synthetic_prob:
+                out = layouts.get(self.output_layer)
+                layouts["prob"] = Layout("vector", ("N", "C"), out.channels if out else 0)
+            self._layouts = layouts
+        return layouts
+
+    def prefix_names(self):
+        """Names of a token model's prefix tokens in order ('cls', 'dist', 'reg0', ...), or None
+        (then one prefix token is 'cls', more are tok0, tok1, ...). Backends that know them say so."""
+        return getattr(self, "_prefix_names", None)
+
+    def _input(self, x):
+        inp = self._to_input(x)
+        if self.channels_last and inp.dim() == 4:
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        return inp
+
     def __getstate__(self):
         # A lock cannot be pickled; a copy (a Ray actor, a deepcopy) gets a lock of its own.
         state = dict(self.__dict__)
@@ -280,10 +399,16 @@ class HookBackend(Backend):
         visit(name, value) as soon as it is computed and not kept (the dict comes back empty):
         a caller that only reduces each layer (the atlas's miner) then holds one layer at a time,
         not all of them until the pass ends."""
+        from .layout import canonical
+
         layers = [layers] if isinstance(layers, str) else list(layers)
+        wants_prefix = {n[:-len(PREFIX)] for n in layers if n.endswith(PREFIX)}
+        layers = [n[:-len(PREFIX)] if n.endswith(PREFIX) else n for n in layers]
         names = [self.resolve_layer(n) for n in layers]
         if not names:
             return {}
+        layouts = self._traced_layouts()
+        prefixes: dict[str, torch.Tensor] = {}
         deepest = max(names, key=self._order.__getitem__)
         synthetic = {"prob"} if self._synthetic_prob else set()
         out: dict[str, torch.Tensor] = {}
@@ -293,10 +418,14 @@ class HookBackend(Backend):
 
         def make_hook(name):
             def hook(_mod, _inp, output):
-                if isinstance(output, torch.Tensor) and output.dim() == 3:
-                    # (N, C, L): units along one spatial axis (a detector's head, a 1-D conv),
-                    # shown as a one-row map, so that every tool takes them as (N, C, 1, L)
-                    output = output.unsqueeze(2)
+                if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+                    output = output[0]  # an attention module's (output, weights)
+                lay = layouts.get(name)
+                if lay is not None and lay.decided and isinstance(output, torch.Tensor):
+                    # the one view every tool reads: (N, C) or (N, C, H, W), prefix tokens aside
+                    output, prefix = canonical(output, lay)
+                    if prefix is not None:
+                        prefixes[name] = prefix
                 if visit is None:
                     out[name] = output
                 else:
@@ -311,10 +440,7 @@ class HookBackend(Backend):
             handles = [self._submodules[self._paths[n]].register_forward_hook(make_hook(n))
                        for n in set(names) - synthetic]
             try:
-                inp = self._to_input(x)
-                if self.channels_last and inp.dim() == 4:
-                    inp = inp.contiguous(memory_format=torch.channels_last)
-                final = self.module(inp)
+                final = self.module(self._input(x))
                 if synthetic & set(names):
                     prob = torch.softmax(final.flatten(1), dim=1)
                     if visit is None:
@@ -329,7 +455,13 @@ class HookBackend(Backend):
         if visit is not None:
             return {}
         # Requested aliases come back under the name the caller used.
-        return {a: out[name] for a, name in zip(layers, names)}
+        result = {a: out[name] for a, name in zip(layers, names)}
+        for a, name in zip(layers, names):
+            if a in wants_prefix:
+                if name not in prefixes:
+                    raise DeepvisError(f"layer {a} has no prefix tokens")
+                result[a + PREFIX] = prefixes[name]
+        return result
 
 
 def check_resize(resize, input_size) -> tuple[int, int] | None:
@@ -346,21 +478,44 @@ def check_resize(resize, input_size) -> tuple[int, int] | None:
     return (r[0], r[1])
 
 
+#: Inside a transformer block, what a user looks at besides the block's output (the residual
+#: stream): its attention output and its MLP output.
+SUBLAYER_NAMES = ("attn", "attention", "self_attention", "mlp", "ffn", "token_mixer", "mixer")
+SUBLAYER_TYPES = ("Attention", "MLP", "Mlp")
+
+
 def discover_layers(module: nn.Module, example: torch.Tensor,
                     skip=(nn.Dropout, nn.Identity)) -> list[tuple[str, str]]:
     """Readable layer names from the module tree, in execution order: the top-level children,
     with nn.Sequential / nn.ModuleList containers opened recursively (blocks such as a ResNet
-    Bottleneck stay whole). Modules called more than once per forward are left out, since one
-    name could not say which call it means."""
+    Bottleneck stay whole); a container holding such a list (a ViT's ``encoder``, a Swin stage) is
+    listed and opened too, and a block's attention and MLP are listed beside it. Modules called
+    more than once per forward are left out, since one name could not say which call it means."""
     candidates: list[str] = []
 
-    def walk(prefix, mod):
+    def is_list(m):
+        return isinstance(m, (nn.Sequential, nn.ModuleList))
+
+    def holds_blocks(m):  # a list of at least two modules that have parts of their own
+        return any(is_list(g) and sum(1 for b in g.children() if next(b.children(), None) is not None) >= 2
+                   for g in m.children())
+
+    def walk(prefix, mod, in_list=False):
         for name, child in mod.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, (nn.Sequential, nn.ModuleList)):
-                walk(path, child)
-            elif not isinstance(child, skip):
+            if is_list(child):
+                walk(path, child, in_list=True)
+            elif isinstance(child, skip):
+                continue
+            else:
                 candidates.append(path)
+                if holds_blocks(child):
+                    walk(path, child)  # a container of blocks: its blocks are layers too
+                elif in_list:
+                    for sub, g in child.named_children():
+                        kind = type(g).__name__
+                        if sub in SUBLAYER_NAMES or any(t in kind for t in SUBLAYER_TYPES):
+                            candidates.append(f"{path}.{sub}")
 
     walk("", module)
     subs = dict(module.named_modules())

@@ -56,7 +56,7 @@ def inspect_task(cfg) -> None:
             print(f"{v:.4f}  {i:4d}  {label}")
         return
     h, w = backend.input_size
-    shapes = layer_shapes(backend, backend.layers)
+    layouts = {n: backend.layer_layout(n) for n in backend.layers}
     inverse_alias = {v: k for k, v in backend.aliases.items()}
     order = backend.channel_order
     note = {"RGB": "", "grey": " (1 channel: pictures are fed as their luma)",
@@ -66,10 +66,14 @@ def inspect_task(cfg) -> None:
     print(f"backend {backend.name}: input {h}x{w}, {order}{note}, {len(backend.layers)} layers")
     labels = {n: n + (f" ({inverse_alias[n]})" if n in inverse_alias else "") for n in backend.layers}
     width = max([24] + [len(v) + 2 for v in labels.values()])  # long names keep their own column
-    print(f"{'layer':<{width}}{'output shape':<22}{'channels':>8}")
+    # the shape every tool reads (channels first, positions as a map), the model's own, and the layout
+    print(f"{'layer':<{width}}{'output shape':<22}{'channels':>8}  {'layout (the model computes)'}")
     for name in backend.layers:
-        shape = shapes[name]
-        print(f"{labels[name]:<{width}}{str(shape):<22}{shape[0]:>8}")
+        lay = layouts[name]
+        shape = lay.canonical_shape() if lay.decided else lay.raw
+        channels = lay.channels if lay.decided else "-"
+        raw = f" {lay.raw}" if lay.decided and tuple(lay.raw) != tuple(shape) else ""
+        print(f"{labels[name]:<{width}}{str(shape):<22}{channels:>8}  {lay.describe()}{raw}")
 
 
 def inspect_main() -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import DeepvisError
 from .images import stretch_around_grey
 from .numerics import Numerics
 from .optvis.param import make_param
@@ -24,7 +25,7 @@ from .optvis.presets import PRESETS, Preset, get_preset
 from .optvis.rules import make_rule
 from .optvis.transforms import Robustness
 from .progress import progress as progress_bar
-from .units import Unit, gather_units, layer_shapes, resolve_units
+from .units import Unit, gather_units, layer_shapes, resolve_units, value_layers
 from .validate import number, whole
 
 
@@ -91,7 +92,7 @@ class _Batch:
 def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale, on_step=None,
                on_best=None) -> _Batch:
     n = len(units)
-    layers = sorted({u.layer for u in units}, key=backend.layers.index)
+    layers = value_layers(backend, units)
     param = make_param(backend, p, x, seed)
     rule = make_rule(p, param, lr_scale, progress_scale)
     robust = Robustness(p, backend.input_size, seed)
@@ -113,7 +114,7 @@ def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale
             # 2. forward only as deep as the deepest unit; the objective is each unit's value
             #    (the mean over the transformed copies)
             acts = backend.forward(robust(x), layers)
-            obj = gather_units(acts, units * k).float()  # bf16 numerics: statistics in float32
+            obj = gather_units(acts, units * k, backend).float()  # bf16 numerics: statistics in float32
             if k > 1:
                 obj = obj.view(k, n).mean(0)
             # 3. d obj / d leaf: each image's objective depends on that image only
@@ -175,7 +176,7 @@ def _plain_activation(backend, units, layers, x: torch.Tensor, fallback: torch.T
     """Each unit's value in its image as it is, without transforms (what the harness, the atlas and
     the search compare across settings); a unit that never stepped keeps its fallback."""
     with torch.no_grad():
-        value = gather_units(backend.forward(x, layers), units).double()
+        value = gather_units(backend.forward(x, layers), units, backend).double()
     return torch.where(torch.isfinite(fallback), value, fallback)
 
 
@@ -281,5 +282,14 @@ def calibrate_lr_scale(backend, layer: str = "fc", n_units: int = 32, seed: int 
     x = start_images(backend, len(units), "mean_plus_rand", seed).requires_grad_(True)
     obj = gather_units(backend.forward(x, [layer]), units)
     (g,) = torch.autograd.grad(obj.sum(), x)
-    natural_lr = 2.0 / g.double().flatten(1).pow(2).sum(1)
-    return float(natural_lr.median() / 100.0)
+    norm2 = g.double().flatten(1).pow(2).sum(1)
+    # a unit whose gradient is zero at the start (a zero-initialized head, a dead unit) says
+    # nothing about the scale: only the units that respond are measured
+    ok = torch.isfinite(norm2) & (norm2 > 0)
+    if not ok.any():
+        raise NoResponse(f"no unit of {layer} has a gradient at the start image")
+    return float((2.0 / norm2[ok]).median() / 100.0)
+
+
+class NoResponse(DeepvisError):
+    """The calibration's units have no gradient at the start image."""

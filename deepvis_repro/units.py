@@ -1,4 +1,6 @@
-"""Units, written ``layer:channel`` or ``layer:channel:y:x`` everywhere (CLI, configs, files)."""
+"""Units, written ``layer:channel`` or ``layer:channel:y:x`` everywhere (CLI, configs, files), and
+on a token layer (a ViT block) ``layer:channel:cls`` for a prefix token named by the layer's
+layout (cls, dist, reg0, ...); ``layer:channel`` there is the centre patch of the grid."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,10 +16,18 @@ class Unit:
     channel: int
     y: int | None = None
     x: int | None = None
+    token: str | None = None  # a prefix token's name (a ViT's cls), instead of a position
 
     def __str__(self) -> str:
-        pos = f":{self.y}:{self.x}" if self.y is not None else ""
+        pos = f":{self.token}" if self.token else f":{self.y}:{self.x}" if self.y is not None else ""
         return f"{self.layer}:{self.channel}{pos}"
+
+    @property
+    def value_layer(self) -> str:
+        """The name to ask the backend for: the layer, or its prefix tokens (backend.PREFIX)."""
+        from .backend import PREFIX
+
+        return self.layer + PREFIX if self.token else self.layer
 
     @property
     def slug(self) -> str:
@@ -34,15 +44,25 @@ def parse_unit(spec) -> Unit:
             return Unit(parts[0], int(parts[1]))
         if len(parts) == 4:
             return Unit(parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
+        if len(parts) == 3 and parts[2].isidentifier():
+            return Unit(parts[0], int(parts[1]), token=parts[2])
     except ValueError:
         pass
-    raise DeepvisError(f"bad unit '{spec}': write layer:channel or layer:channel:y:x "
-                       "with whole numbers, e.g. fc:130 or blocks.5:10:7:7")
+    raise DeepvisError(f"bad unit '{spec}': write layer:channel, layer:channel:y:x with whole numbers, "
+                       "or layer:channel:TOKEN for a prefix token, e.g. fc:130, blocks.5:10:7:7, blocks.3:17:cls")
+
+
+def shown_layers(backend) -> list[str]:
+    """The layers every tool can take: those whose layout is decided (deepvis_repro/layout.py);
+    the others are listed by deepvis-inspect and refused by name."""
+    return [l for l in backend.layers if backend.layer_layout(l).decided]
 
 
 def layer_shapes(backend, layers) -> dict[str, tuple[int, ...]]:
     """Output shape (without the batch) of each layer, from one forward of a blank image."""
     cache = backend.cache("layer_shapes")
+    for l in layers:  # a layer whose layout is unknown is refused here, in one line, by every tool
+        backend.check_layer(l)
     missing = [backend.resolve_layer(l) for l in layers if backend.resolve_layer(l) not in cache]
     if missing:
         h, w = backend.input_size
@@ -69,6 +89,13 @@ def resolve_units(backend, specs) -> list[Unit]:
         if not 0 <= u.channel < shape[0]:
             raise DeepvisError(f"unit {u}: channel {u.channel} out of range; layer {u.layer} "
                                f"has channels 0..{shape[0] - 1}")
+        if u.token is not None:
+            names = backend.layer_layout(u.layer).prefix
+            if u.token not in names:
+                raise DeepvisError(f"unit {u}: layer {u.layer} has no prefix token '{u.token}'; "
+                                   + (f"its prefix tokens: {', '.join(names)}" if names else "it has none"))
+            out.append(u)
+            continue
         if len(shape) == 1 or (len(shape) == 3 and shape[1:] == (1, 1)):
             if u.y not in (None, 0) or u.x not in (None, 0):
                 raise DeepvisError(f"unit {u}: layer {u.layer} has no spatial positions")
@@ -83,10 +110,21 @@ def resolve_units(backend, specs) -> list[Unit]:
     return out
 
 
-def gather_units(acts: dict, units: list[Unit]) -> torch.Tensor:
+def value_layers(backend, units: list[Unit]) -> list[str]:
+    """The names to ask backend.forward for, to read these units (their layers in network order,
+    and the prefix tokens of those that have token units)."""
+    layers = sorted({u.layer for u in units}, key=backend.layers.index)
+    return layers + sorted({u.value_layer for u in units if u.token})
+
+
+def gather_units(acts: dict, units: list[Unit], backend=None) -> torch.Tensor:
     """Value of units[i] in image i of the batch -> (N,)."""
     vals = []
     for i, u in enumerate(units):
+        if u.token:
+            names = backend.layer_layout(u.layer).prefix
+            vals.append(acts[u.value_layer][i, u.channel, names.index(u.token)])
+            continue
         a = acts[u.layer]
         vals.append(a[i, u.channel] if a.dim() == 2 else a[i, u.channel, u.y, u.x])
     return torch.stack(vals)

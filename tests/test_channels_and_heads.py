@@ -49,18 +49,21 @@ class GreyNet(nn.Module):
 
 
 class HeadNet(nn.Module):
-    """A YOLO-style head: the backbone's grid flattened to (N, C, L) and a 1x1 Conv1d over it."""
+    """A YOLO-style head: two scales' grids flattened and joined to (N, C, L), a 1x1 Conv1d over
+    it: a sequence of positions that is no one grid (a single flattened grid is shown as its map)."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(4)
         self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.c2 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(12, 12, 3, stride=2, padding=1)
         self.head = nn.Conv1d(12, 7, 1)
 
     def forward(self, x):
         h = torch.relu(self.c2(torch.relu(self.c1(x))))
-        return torch.sigmoid(self.head(h.flatten(2)))
+        h3 = torch.relu(self.c3(h))
+        return torch.sigmoid(self.head(torch.cat([h.flatten(2), h3.flatten(2)], 2)))
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +207,8 @@ def test_a_detector_head_of_one_spatial_axis_in_every_tool(head, image_folder, t
     m, path = head
     b = dv.load_backend("onnx", path=path)
     shapes = layer_shapes(b, b.layers)
-    assert shapes["head/Conv"] == (7, 1, 256)  # (N, C, L) shown as a one-row map
+    assert shapes["head/Conv"] == (7, 1, 320)  # (N, C, L) of two grids: a one-row map
+    assert b.layer_layout("head/Conv").kind == "sequence"
     with torch.no_grad():
         want = m(b.preprocess(photos["rocket"]) / torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1))
         got = b.forward(b.preprocess(photos["rocket"]), [b.layers[-1]])[b.layers[-1]]

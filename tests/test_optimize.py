@@ -97,6 +97,8 @@ def test_nan_stops_that_unit_only_and_keeps_its_best():
     net = _NaNAfter()
     b = HookBackend(nn.Sequential(net), [("out", "0")], to_input=lambda x: x / 255,
                     mean=[128.0] * 3, input_size=(16, 16), prob=False)
+    b.layer_layout("out")  # the layout probe's pass (a batch of 2) is not one of the optimizer's
+    net.calls = 0
     r = optimize(b, ["out:0", "out:1"], preset="paper_3", steps=8, progress=False)
     assert r.stopped[1] == (3, "NaN or inf in the objective or gradient")
     assert "NaN" not in r.stopped.get(0, (0, ""))[1]  # the other unit is not stopped by it

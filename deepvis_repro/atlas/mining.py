@@ -20,7 +20,7 @@ from ..files import load_sealed_npz, remove_stale_partials, save_sealed_npz, sig
 from ..numerics import Numerics
 from ..outputs import versions
 from ..progress import progress as progress_bar
-from ..units import layer_shapes
+from ..units import layer_shapes, shown_layers
 from .corpus import BatchDecoder, Corpus, as_corpus
 from .engine import LocalEngine, RayEngine
 from .store import AtlasStore, backend_identity
@@ -86,10 +86,10 @@ def make_engine(engine, **options):
 
 def _resolve_layers(backend, layers) -> list[str]:
     if layers in (None, "all") or layers == ["all"]:
-        return list(backend.layers)
+        return shown_layers(backend)  # every layer whose layout is decided
     if isinstance(layers, str):
         layers = [layers]
-    names = [backend.resolve_layer(l) for l in layers]
+    names = [backend.check_layer(l) for l in layers]  # a layer of unknown layout: one line
     if not names:
         raise DeepvisError("no layers to mine: name at least one, e.g. layers=[blocks.5]")
     return sorted(dict.fromkeys(names), key=backend.layers.index)

@@ -175,6 +175,10 @@ def layer_geometry(backend, layer: str) -> Geometry:
         except Exception:
             if not margin:
                 raise
+            if best is not None and best.size_y >= H and best.size_x >= W and best.stride_y == best.stride_x == 0:
+                # a model fixed to its input size (a ViT), whose neighbouring units both see the
+                # whole input (after attention): every unit sees the whole image, decided
+                best = Geometry(H, W, 0, 0, 0, 0, whole=True)
             break  # a model fixed to its input size: what the input size gave
         if boxes is None:
             continue

@@ -21,7 +21,7 @@ from ..backprop import MODES
 from ..errors import DeepvisError
 from ..files import check_writable_file, write_bytes, write_json
 from ..numerics import Numerics
-from ..units import layer_shapes
+from ..units import layer_shapes, shown_layers
 from .draw import FrameState, Painter, PaneView
 from .keys import MOVES, binding, valid_keys
 from .network import Capture, Network
@@ -55,9 +55,11 @@ class LiveApp:
         self.sync_timeout = sync_timeout
         self.numerics = Numerics(str(numerics)).mode  # the network's passes (checked before the window)
         self.camera_factory = camera_factory
-        start = backend.layers.index(backend.resolve_layer(layer)) if layer else 0
+        # the layers it can draw: those whose layout is decided (the others are listed by inspect)
+        self.layers = shown_layers(backend)
+        start = self.layers.index(backend.check_layer(layer)) if layer else 0
         # Channel counts up front: the drawing thread must never run the network itself.
-        self.channels = {k: v[0] for k, v in layer_shapes(backend, backend.layers).items()}
+        self.channels = {k: v[0] for k, v in layer_shapes(backend, self.layers).items()}
         self.settings = ViewSettings(layer=start, crop=backend.crop)
         self.message = ""
         self.show_help = False
@@ -89,7 +91,7 @@ class LiveApp:
         self.settings = replace(self.settings, **kw)
 
     def n_channels(self, layer_index: int) -> int:
-        return self.channels[self.backend.layers[layer_index]]
+        return self.channels[self.layers[layer_index]]
 
     def user_active(self) -> bool:
         return time.perf_counter() - self.last_key < ACTIVE_SECONDS
@@ -119,7 +121,7 @@ class LiveApp:
 
     def key_layer(self, key: str, shift: bool):
         s = self.settings
-        layer = int(np.clip(s.layer + (1 if key == "o" else -1), 0, len(self.backend.layers) - 1))
+        layer = int(np.clip(s.layer + (1 if key == "o" else -1), 0, len(self.layers) - 1))
         self.update(layer=layer, unit=min(s.unit, self.n_channels(layer) - 1))
 
     def key_back(self, key: str, shift: bool):
@@ -133,7 +135,7 @@ class LiveApp:
 
     def key_freeze_unit(self, key: str, shift: bool):
         s = self.settings
-        self.update(frozen=None if s.frozen else (self.backend.layers[s.layer], s.unit))
+        self.update(frozen=None if s.frozen else (self.layers[s.layer], s.unit))
 
     def key_pattern(self, key: str, shift: bool):
         if self.reader is None:
@@ -185,7 +187,7 @@ class LiveApp:
     # ----- the unit pane ------------------------------------------------------------------------
     def selected(self) -> tuple[str, int]:
         s = self.settings
-        return self.backend.layers[s.layer], min(s.unit, self.n_channels(s.layer) - 1)
+        return self.layers[s.layer], min(s.unit, self.n_channels(s.layer) - 1)
 
     def pane_entry(self) -> dict | None:
         """The selected unit's pictures (None while loading); asks for what is missing."""
@@ -243,12 +245,13 @@ class LiveApp:
         pygame.font.init()
         pygame.display.set_caption(f"deepvis-live: {self.backend.name}")
         screen = pygame.display.set_mode(self.window)
-        painter = self.painter = Painter(screen, self.backend.layers, with_pane=self.reader is not None)
+        painter = self.painter = Painter(screen, self.layers, with_pane=self.reader is not None)
         self.capture = Capture(self.source)
         self.capture.poll()
         if self.capture.latest()[0] is None:
             raise DeepvisError(f"source {self.source.name} gave no frame")
-        self.net = Network(self.backend, self.capture, lambda: self.settings, numerics=self.numerics)
+        self.net = Network(self.backend, self.capture, lambda: self.settings, numerics=self.numerics,
+                           layers=self.layers)
         t0 = time.perf_counter()
         interrupted = None
         try:

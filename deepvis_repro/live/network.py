@@ -116,11 +116,12 @@ class Capture(threading.Thread):
 
 
 class Network(threading.Thread):
-    def __init__(self, backend, capture: Capture, settings, numerics: str = "default"):
+    def __init__(self, backend, capture: Capture, settings, numerics: str = "default", layers=None):
         """settings: a callable giving the newest ViewSettings (the drawing thread replaces them;
         this thread only reads): the network gets what it computes from, not the app."""
         super().__init__(daemon=True, name="network")
         self.backend, self.capture, self.settings = backend, capture, settings
+        self.layers = list(layers or backend.layers)  # the view's layer list (ViewSettings.layer indexes it)
         self.numerics = Numerics(numerics)
         self.snapshot: Snapshot | None = None
         self.passes, self.busy_seconds = 0, 0.0
@@ -195,7 +196,7 @@ class Network(threading.Thread):
         b = self.backend
         t = time.perf_counter()
         x = b.preprocess(frame, crop=s.crop)
-        layer = b.layers[s.layer]
+        layer = self.layers[s.layer]
         acts = self._forward(x, layer)
         a = acts[layer][0].float().cpu().numpy()
         warning = "" if np.isfinite(a).all() else f"layer {layer} holds NaN or inf values (shown as 0)"

@@ -17,7 +17,7 @@ from ..optimize import get_preset, optimize
 from ..outputs import unit_label
 from ..progress import progress as progress_bar
 from ..references import replace_folder
-from ..units import layer_shapes
+from ..units import layer_shapes, shown_layers
 from .compare import DEFAULT_MIN_SSIM, TRAJECTORY_STEPS, verdict
 from .metrics import class_ranks, high_frequency_energy, total_variation
 from .plots import write_plots
@@ -35,7 +35,7 @@ def default_reference_dir(backend_name: str, profile: str) -> Path:
 def profile_units(backend, profile) -> list[tuple[str, int | None]]:
     """(unit, class index or None) for the profile: its classes on the output layer (the last
     before 'prob'), then hidden units at fractions of the layer list."""
-    layers = [l for l in backend.layers if l != "prob"]
+    layers = [l for l in shown_layers(backend) if l != "prob"]
     out_layer = backend.output_layer
     units = []
     n_out = layer_shapes(backend, [out_layer])[out_layer][0]
