@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import DeepvisError, did_you_mean
+from .layout import PREFIX, Layout, canonical, decide, trace
 from .view import View
 
 
@@ -37,11 +38,6 @@ def check_input_size(size, source: str) -> tuple[int, int]:
         raise DeepvisError(f"input size {h}x{w} ({source}) is not in 1..{MAX_INPUT_SIDE} pixels a side; "
                            "give backend.input_size=[H,W] if the model accepts a smaller input")
     return h, w
-
-
-#: ``forward(x, ["blocks.3" + PREFIX])``: a token layer's prefix tokens (class, distillation,
-#: register tokens) as (N, C, P), beside the patch grid that ``blocks.3`` itself gives.
-PREFIX = ":prefix"
 
 
 class _StopForward(Exception):
@@ -102,8 +98,6 @@ class Backend:
     def layer_layout(self, name: str):
         """The layer's Layout (deepvis_repro/layout.py). A backend that does not trace its layers
         (a plugin) is read as the contract has always said: (N, C) vectors and (N, C, H, W) maps."""
-        from .layout import Layout
-
         name = self.resolve_layer(name)
         shape = self.cache("raw_shapes").get(name)
         if shape is None:
@@ -325,8 +319,6 @@ class HookBackend(Backend):
         cached = self.__dict__.get("_layouts")
         if cached is not None:
             return cached
-        from .layout import Layout, decide, trace
-
         with self._lock:
             h, w = self.input_size
             # a blank batch of two, as layer_shapes' blank image: labels follow the operations,
@@ -399,8 +391,6 @@ class HookBackend(Backend):
         visit(name, value) as soon as it is computed and not kept (the dict comes back empty):
         a caller that only reduces each layer (the atlas's miner) then holds one layer at a time,
         not all of them until the pass ends."""
-        from .layout import canonical
-
         layers = [layers] if isinstance(layers, str) else list(layers)
         wants_prefix = {n[:-len(PREFIX)] for n in layers if n.endswith(PREFIX)}
         layers = [n[:-len(PREFIX)] if n.endswith(PREFIX) else n for n in layers]

@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 
+#: ``forward(x, ["blocks.3" + PREFIX])``: a token layer's prefix tokens (class, distillation,
+#: register tokens) as (N, C, P), beside the patch grid that ``blocks.3`` itself gives.
+PREFIX = ":prefix"
+
 # ----- what a layer is ----------------------------------------------------------------------------
 #: the layouts a layer can have (README: "Layers have layouts")
 KINDS = ("vector", "chw", "hwc", "tokens", "sequence", "unknown")
@@ -389,6 +393,9 @@ class _Tracer(TorchFunctionMode):
                          for a, s in zip((((),) * (out.dim() - len(lx))) + lx, out.shape))
         if name == "__getitem__":
             return self._getitem(lx, x, args[1], out)
+        if name in ("index_select",):  # some channels, in some order (a BGR swap): still channels
+            d = int(args[1] if len(args) > 1 else kwargs["dim"]) % len(lx)
+            return lx[:d] + (_new_c(out.shape[d]) if _role(lx[d]) == "C" else UNKNOWN_AXIS,) + lx[d + 1:]
         if name in ("select",):
             d = int(args[1] if len(args) > 1 else kwargs["dim"]) % len(lx)
             return lx[:d] + lx[d + 1:]
@@ -411,7 +418,7 @@ class _Tracer(TorchFunctionMode):
             # stacking pieces of features (a rotary embedding's halves) adds a feature piece
             if d > 0 and _role(lab[d - 1]) in ("C", "H"):
                 return lab[:d] + ((("C", len(seq), 1),),) + lab[d:]
-            return None
+            return lab[:d] + (UNKNOWN_AXIS,) + lab[d:]  # a new axis (reduced away by Caffe's Eltwise max)
         if name in ("cat", "concat", "concatenate"):
             return self._cat(args, kwargs, out)
         if name in ("matmul", "__matmul__", "bmm"):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import DeepvisError
+from .layout import PREFIX
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,6 @@ class Unit:
     @property
     def value_layer(self) -> str:
         """The name to ask the backend for: the layer, or its prefix tokens (backend.PREFIX)."""
-        from .backend import PREFIX
-
         return self.layer + PREFIX if self.token else self.layer
 
     @property
