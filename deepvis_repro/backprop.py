@@ -15,6 +15,13 @@ from .images import stretch_around_grey
 
 MODES = ("off", "gradient", "deconv", "guided")
 RELU_TYPES = (nn.ReLU, nn.ReLU6)
+#: Smooth activations of today's networks, by class name (torch's, timm's and torchvision's own).
+#: The rule for them, which for a ReLU is exactly Zeiler & Fergus's and Springenberg's: deconv
+#: passes the positive part of the incoming gradient, ignoring the forward pass; guided backprop
+#: takes the activation's own backward, then its positive part. Norms (LayerNorm, BatchNorm),
+#: attention and activations called as functions inside a module pass their plain gradient.
+SMOOTH_TYPES = ("GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "Hardswish", "HardSwish", "Mish", "ELU",
+                "SELU", "CELU", "LeakyReLU", "Softplus", "Hardsigmoid", "HardSigmoid", "Sigmoid", "Tanh")
 
 
 class _ModedReLU(torch.autograd.Function):
@@ -51,6 +58,42 @@ def _moded_relu(x, hi, mode):
     return _ModedReLU.apply(x, hi, mode)
 
 
+class _PositiveGradient(torch.autograd.Function):
+    """Forward: ``y`` as given; backward: the positive part of the incoming gradient, to ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clamp(min=0), None
+
+
+class _ClampGradient(torch.autograd.Function):
+    """The identity, whose backward keeps the positive part of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clamp(min=0)
+
+
+def _moded_smooth(x, forward, mode):
+    if mode == "deconv":  # the forward pass ignored: only positive gradients pass
+        return _PositiveGradient.apply(x, forward(x).detach())
+    return _ClampGradient.apply(forward(x))  # guided: the activation's own derivative, then its positive part
+
+
+def smooth_activations(module: nn.Module) -> list[str]:
+    """Class names of the smooth activation modules in ``module`` (what the back modes' rule for
+    them applies to; the live view and the README say it)."""
+    return sorted({type(m).__name__ for m in module.modules() if type(m).__name__ in SMOOTH_TYPES})
+
+
 @contextlib.contextmanager
 def relu_backward(module: nn.Module, mode: str):
     """Within the block, every ReLU/ReLU6 module of ``module`` backpropagates by ``mode`` (its
@@ -60,11 +103,14 @@ def relu_backward(module: nn.Module, mode: str):
         return
     if mode not in ("deconv", "guided"):
         raise ValueError(f"unknown back mode {mode!r}")
-    patched = [m for m in module.modules() if isinstance(m, RELU_TYPES)]
+    patched = [m for m in module.modules() if isinstance(m, RELU_TYPES) or type(m).__name__ in SMOOTH_TYPES]
     for m in patched:
-        hi = 6.0 if isinstance(m, nn.ReLU6) else None
         # an instance attribute shadows the class's forward; deleting it restores the class's
-        m.forward = functools.partial(_moded_relu, hi=hi, mode=mode)
+        if isinstance(m, RELU_TYPES):
+            hi = 6.0 if isinstance(m, nn.ReLU6) else None
+            m.forward = functools.partial(_moded_relu, hi=hi, mode=mode)
+        else:
+            m.forward = functools.partial(_moded_smooth, forward=type(m).forward.__get__(m), mode=mode)
     try:
         yield
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from .atlas.cli import mine_task
 from .atlas.optimized import optimize_into_atlas
@@ -20,12 +21,12 @@ from .optimize import get_preset, optimize
 from .outputs import machine, versions, write_optimization
 from .registry import instantiate_backend, instantiate_config
 from .reproduce.compare import compare, failure_table
-from .reproduce.harness import (check_profile, default_reference_dir, rewrite_metrics, run_profile, write_outputs,
-                                write_references)
+from .reproduce.harness import (check_profile, default_reference_dir, expected_images, rewrite_metrics, run_profile,
+                                write_outputs, write_references)
 from .reproduce.stats import fmt_interval
 from .search.command import search_task
 from .units import is_whole_layer, layer_shapes
-from .validate import number, whole
+from .validate import flag, number, whole
 
 
 # ----- deepvis-inspect --------------------------------------------------------------------------
@@ -195,18 +196,26 @@ def reproduce_task(cfg) -> None:
     tolerance = number("rounding_tolerance", cfg.rounding_tolerance, minimum=0.0)
     median_tolerance = number("rounding_tolerance_median", cfg.rounding_tolerance_median, minimum=0.0)
     numerics = Numerics(str(cfg.numerics)).mode
-    if numerics == "bf16" and cfg.update_references:
+    update = flag("update_references", cfg.update_references)
+    drop = flag("drop_references", cfg.get("drop_references", False))
+    no_compare = str(cfg.references).lower() == "none" if cfg.references is not None else False
+    if no_compare and update:
+        raise DeepvisError("update_references=true needs a folder to write: references=none only measures")
+    if numerics == "bf16" and update:
         raise DeepvisError("update_references=true with numerics=bf16: references are float32 images "
                            "(numerics=portable, or default); bf16 runs are compared against them")
     seed_everything(seed)
     device = resolve_device(cfg.device)
     profile = OmegaConf.to_container(cfg.profile)
     backend = instantiate_backend(cfg.backend).to(device)
-    check_profile(backend, profile)  # every setting and unit, before any work (or the judge's load)
+    presets, units = check_profile(backend, profile)  # every setting and unit, before any work (or the judge)
+    ref_dir = Path(cfg.references) if cfg.references and not no_compare else \
+        default_reference_dir(backend.name, profile["name"])
+    if update and not drop:
+        check_no_references_dropped(ref_dir, expected_images(presets, units))
     judge = None
     if cfg.judge is not None:
         judge = instantiate_backend(cfg.judge).to(device)
-    ref_dir = Path(cfg.references) if cfg.references else default_reference_dir(backend.name, profile["name"])
     command = "deepvis-reproduce " + " ".join(sys.argv[1:])
     here = machine()
     here["device"] = str(device)
@@ -218,16 +227,21 @@ def reproduce_task(cfg) -> None:
             "machine": here, "numerics_mode": numerics, "profile_config": profile}
     run = run_profile(backend, profile, seed=seed, judge=judge, numerics=numerics)
     failures = []
-    updating = bool(cfg.update_references) and not run.interrupted
+    updating = update and not run.interrupted
     if updating:
         for r in run.records:  # until the new set is swapped in, the old one stays in force
             r["reference"] = "being written"
+    elif no_compare:
+        for r in run.records:
+            r["reference"] = "not compared"
     else:
         theirs = reference_manifest(ref_dir)
         info["reference_machine"] = theirs.get("machine")
         info["reference_numerics"] = theirs.get("numerics")
+        # both sides portable on x86-64 CPUs: the same bits are then the criterion (numerics.py)
         bits = (numerics == "portable" and (theirs.get("numerics") or {}).get("mode") == "portable"
-                and str(device) == "cpu")
+                and str(device) == "cpu" and here.get("arch") == "x86_64"
+                and (theirs.get("machine") or {}).get("arch", "x86_64") == "x86_64")
         failures = compare(run, ref_dir, threshold, bits_expected=bits, tolerance=tolerance,
                            median_tolerance=median_tolerance)
     out = Path(output_dir())
@@ -252,9 +266,12 @@ def reproduce_task(cfg) -> None:
     missing = sum(r["reference"] == "missing" for r in run.records)
     if updating:
         print(f"wrote {len(run.records)} references to {ref_dir}")
+    elif no_compare:
+        print("References: not compared (references=none)")
     elif missing:
-        print(f"note: {missing} image(s) have no reference in {ref_dir}; "
-              "make them with update_references=true", file=sys.stderr)
+        print(f"{missing} image(s) have no reference in {ref_dir}"
+              + ("" if ref_dir.is_dir() else " (no such folder)")
+              + "; make them with update_references=true, or give references=none to only measure", file=sys.stderr)
     if metrics["verdict"]:
         print(metrics["verdict"])
     if metrics.get("claim_line"):
@@ -266,6 +283,20 @@ def reproduce_task(cfg) -> None:
     if failures:
         print(failure_table(failures, threshold), file=sys.stderr)
         sys.exit(1)
+
+
+def check_no_references_dropped(ref_dir, writes: set) -> None:
+    """update_references=true replaces the whole set: refuse (before any work) when the set holds
+    images this run does not make, unless drop_references=true says to drop them."""
+    try:
+        held = {p.name for p in Path(ref_dir).glob("*.png")}
+    except OSError:
+        return
+    lost = sorted(held - writes)
+    if lost:
+        raise DeepvisError(f"update_references=true would drop {len(lost)} of the {len(held)} references in {ref_dir} "
+                           f"that this run does not make ({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}); "
+                           "run the profile that made them, or add drop_references=true to replace the set")
 
 
 def reference_manifest(ref_dir) -> dict:

@@ -41,12 +41,23 @@ def _rewrite_backend_args(argv: list[str]) -> list[str]:
         elif eq and key == "regularization" and _is_yaml_path(value):
             if not os.path.isfile(value):
                 raise DeepvisError(f"setting file not found: {value}")
-            out += ["regularization=_file", f"++regularization.file={os.path.abspath(value)}"]
+            out += ["regularization=_file", f"++regularization.file={hydra_quoted(os.path.abspath(value), key)}"]
         elif eq and key in ("regularization", "source", "profile", "engine", "search") and value not in config_names(key):
             raise DeepvisError(f"unknown {key} '{value}'; " + did_you_mean(value, config_names(key)))
         else:
             out.append(a)
     return out
+
+
+def hydra_quoted(path: str, key: str) -> str:
+    """A file path as one quoted value of Hydra's override grammar (a comma, a bracket or a space
+    in it would otherwise be grammar); a path that is not UTF-8 is refused in one line."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DeepvisError(f"{key}: the path {path.encode('utf-8', 'surrogateescape')!r} is not UTF-8; "
+                           "rename the file") from None
+    return "'" + path.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _config_keys(config_name: str, argv: list[str]) -> set[str]:

@@ -174,7 +174,7 @@ def save_sealed_npz(path, **arrays) -> str:
 def load_sealed_npz(path, what: str, expected: str | None = None) -> dict:
     """The arrays of a save_sealed_npz file, checked against their own digest (and the expected
     one, e.g. a manifest's): a truncated, damaged or hand-edited file is a DeepvisError naming
-    it. A file from before digests (none stored, none expected) is read as it is."""
+    it, and so is one without its digest: deleting the seal must not unseal a file."""
     import numpy as np
 
     try:
@@ -183,8 +183,9 @@ def load_sealed_npz(path, what: str, expected: str | None = None) -> dict:
     except Exception as e:  # OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error
         raise DeepvisError(f"{what} {path} is damaged ({str(e)[:120] or type(e).__name__})") from None
     stored = str(arrays.pop(DIGEST_KEY)) if DIGEST_KEY in arrays else None
-    if stored is None and expected is None:
-        return arrays
+    if stored is None:
+        raise DeepvisError(f"{what} {path} has no digest (edited by hand, or not written by this tool); "
+                           "remove it and rerun")
     actual = arrays_digest(arrays)
     if stored != actual or (expected is not None and expected != actual):
         raise DeepvisError(f"{what} {path} does not match its digest (damaged or edited by hand)")
@@ -258,3 +259,71 @@ def signals_deferred():
             if callable(handler):
                 handler(got[0], None)
             raise Terminated if got[0] == signal.SIGTERM else KeyboardInterrupt
+
+
+#: Setting and backend files are a few hundred bytes; these bounds refuse a hostile file (an alias
+#: "billion laughs" bomb of 491 bytes expands without end) before anything is expanded.
+MAX_YAML_BYTES = 64 * 1024
+MAX_YAML_NODES = 10_000
+
+
+def load_yaml_file(path, what: str):
+    """A small YAML file (a setting, a backend config) as an OmegaConf config, or one DeepvisError
+    line: larger than MAX_YAML_BYTES, more than MAX_YAML_NODES values once its aliases are
+    expanded, nested past Python's recursion limit, not UTF-8, or not YAML. Tags that construct
+    objects (!!python/...) are refused by the safe loader."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_YAML_BYTES:
+            raise DeepvisError(f"{what} {path} is {size:,} bytes; a {what} holds at most {MAX_YAML_BYTES:,}")
+        with open(path, "rb") as f:
+            text = f.read(MAX_YAML_BYTES + 1).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DeepvisError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise DeepvisError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # aliases stay shared: linear in the file
+        if root is not None and _expanded_nodes(root) > MAX_YAML_NODES:
+            raise DeepvisError(f"{what} {path} expands to more than {MAX_YAML_NODES:,} values (YAML aliases); "
+                               "refused")
+        data = yaml.safe_load(text)
+    except DeepvisError:
+        raise
+    except RecursionError:
+        raise DeepvisError(f"{what} {path} is nested too deeply") from None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DeepvisError(f"cannot read {what} {path}: {first}") from None
+    try:
+        return OmegaConf.create(data if data is not None else {})
+    except Exception as e:  # keys OmegaConf cannot hold (a list of lists as a key, ...)
+        raise DeepvisError(f"cannot read {what} {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _expanded_nodes(root) -> int:
+    """How many values the YAML graph holds once every alias is expanded (memoized per node, so
+    a bomb is measured without expanding it)."""
+    import yaml
+
+    memo: dict[int, int] = {}
+
+    def size(node, depth=0) -> int:
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        memo[key] = MAX_YAML_NODES + 1  # a cycle counts as too large
+        if isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(v, depth + 1) for v in node.value)
+        else:
+            n = 1
+        memo[key] = min(n, 10 * MAX_YAML_NODES)
+        return memo[key]
+
+    return size(root)

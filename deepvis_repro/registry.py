@@ -60,10 +60,9 @@ def backend_config(name: str) -> DictConfig:
     if _is_yaml_path(name):
         if not os.path.isfile(name):
             raise DeepvisError(f"backend config file not found: {name}")
-        try:
-            cfg = OmegaConf.load(name)
-        except Exception as e:
-            raise DeepvisError(f"cannot read backend config {name}: {e}") from None
+        from .files import load_yaml_file
+
+        cfg = load_yaml_file(name, "backend config")  # bounded: a YAML bomb is refused, not expanded
         if not isinstance(cfg, DictConfig) or "_target_" not in cfg:
             raise DeepvisError(f"backend config {name} needs a '_target_' key naming the backend class")
         return cfg

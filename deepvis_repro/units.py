@@ -30,8 +30,12 @@ class Unit:
 
     @property
     def slug(self) -> str:
-        """A file-name-safe form: fc_130, blocks.5_10_7_7."""
-        return str(self).replace(":", "_").replace("/", "-")
+        """A file-name-safe form: fc_130, blocks.5_10_7_7 (a layer's other characters as '-':
+        an ONNX layer '/layer3/0/conv1' or '..' can never name a folder)."""
+        import re
+
+        s = re.sub(r"[^A-Za-z0-9._+-]", "-", str(self).replace(":", "_"))
+        return "-" + s[1:] if s.startswith(".") else s
 
 
 def parse_unit(spec) -> Unit:

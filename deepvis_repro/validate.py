@@ -48,6 +48,36 @@ def number(name: str, value, minimum: float | None = None, positive: bool = Fals
     return v
 
 
+def flag(name: str, value) -> bool:
+    """true or false (Hydra reads both as booleans); 'no', 'nope' or 1.5 are mistakes, not true."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise DeepvisError(f"{name} must be true or false, got {value!r}")
+
+
+#: What a name that becomes part of a file name may hold (a setting's, a layer's slug's).
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,79}$")
+
+
+def safe_name(what: str, value) -> str:
+    """A name that output files are named after: letters, digits, '.', '_', '+', '-', at most 80
+    characters, not starting with '.' or '-' (so it can never name another folder: '../x')."""
+    v = str(value)
+    if not _SAFE_NAME.match(v) or ".." in v:
+        shown = v if len(v) <= 60 else v[:57] + "..."
+        raise DeepvisError(f"{what} {shown!r} cannot name output files: use 1-80 letters, digits, '.', '_', "
+                           "'+' or '-', starting with a letter or digit, without '..'")
+    return v
+
+
+def slug(value: str) -> str:
+    """A safe_name made from any text (a file's own name): other characters become '-'."""
+    s = re.sub(r"[^A-Za-z0-9._+-]", "-", str(value))[:80].lstrip(".-").replace("..", "-") or "setting"
+    return s
+
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")
 
 

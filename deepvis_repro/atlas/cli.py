@@ -8,7 +8,8 @@ from ..console import exit_interrupted, resolve_device
 from ..files import check_output_dir
 from ..numerics import Numerics
 from ..registry import instantiate_backend, instantiate_config
-from ..validate import whole
+from ..errors import DeepvisError
+from ..validate import flag, number, whole
 from .corpus import open_corpus
 from .mining import mine
 from .page import write_index
@@ -26,8 +27,17 @@ def _layers(value):
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+#: Far past any use (the original kept 9), short of an allocation of gigabytes per layer.
+MAX_TOP_K = 1000
+
+
 def mine_task(cfg) -> None:
     top_k = whole("top_k", cfg.top_k, 1)
+    if top_k > MAX_TOP_K:
+        raise DeepvisError(f"top_k must be at most {MAX_TOP_K}, got {top_k}")
+    negatives = flag("negatives", cfg.negatives)
+    montages = flag("montages", cfg.montages)
+    checkpoint_seconds = number("checkpoint_seconds", cfg.checkpoint_seconds, positive=True)
     Numerics(str(cfg.numerics))  # checked before any work
     batch_size = whole("batch_size", cfg.batch_size, 1)
     every = whole("corpus.every", cfg.corpus.every, 1)
@@ -41,8 +51,8 @@ def mine_task(cfg) -> None:
     corpus = open_corpus(cfg.corpus.path, every)
     print(f"corpus: {corpus.kind} {corpus.source or ''} ({len(corpus)} images); atlas: {atlas_dir}", flush=True)
     r = mine(backend, corpus, _layers(cfg.layers), top_k=top_k, engine=engine,
-             negatives=bool(cfg.negatives), batch_size=batch_size, atlas_dir=atlas_dir,
-             checkpoint_seconds=float(cfg.checkpoint_seconds), numerics=str(cfg.numerics))
+             negatives=negatives, batch_size=batch_size, atlas_dir=atlas_dir,
+             checkpoint_seconds=checkpoint_seconds, numerics=str(cfg.numerics))
     if not r.complete:
         print(f"interrupted after {r.images_done} of {len(r.paths)} images; the state is saved in "
               f"{atlas_dir}: rerun the same command to continue", file=sys.stderr)
@@ -54,7 +64,7 @@ def mine_task(cfg) -> None:
         print(f"{len(r.skipped)} unreadable image(s) skipped, listed in {os.path.join(atlas_dir, 'skipped.tsv')}: "
               + ", ".join(os.path.basename(p) for _, p, _ in r.skipped[:3])
               + (" ..." if len(r.skipped) > 3 else ""), file=sys.stderr)
-    if cfg.montages:
+    if montages:
         written = render_montages(backend, atlas_dir, layers=r.layers, mode=mode, tile=tile,
                                   numerics=str(cfg.numerics))
         print(f"montages: {sum(written.values())} unit(s) written")

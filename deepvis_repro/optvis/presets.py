@@ -9,7 +9,8 @@ from importlib import resources
 from omegaconf import OmegaConf
 
 from ..errors import DeepvisError
-from ..validate import number, whole
+from ..files import load_yaml_file
+from ..validate import number, safe_name, slug, whole
 from .regularizers import check_regularization
 
 #: image parametrizations: the paper's pixels, Lucid's decorrelated Fourier basis, MACO's phase
@@ -19,6 +20,11 @@ PAPER_POLICIES = ("constant", "progress", "progress01")
 ADAPTIVE_POLICIES = ("adam", "nadam")
 #: robustness transforms: none (the paper), lucid (pad, jitter, scale, rotate), crops (MACO)
 TRANSFORMS = ("none", "lucid", "crops")
+
+#: Bounds on sizes a setting file may ask for: far past any use, short of an allocation failure.
+MAX_STEPS = 100_000
+MAX_CROPS = 256
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -58,7 +64,14 @@ class Preset:
             "decay", "blur_radius", "small_norm_pct", "small_contrib_pct", "lr", "max_lr", "desired_prog",
             "early_prog", "late_prog_mult", "crop_min", "crop_max", "noise", "decay_power")}
         p = replace(self, **numeric, blur_every=whole("blur_every", self.blur_every, 0),
-                    steps=whole("steps", self.steps, 1), crops=whole("crops", self.crops, 1))
+                    steps=whole("steps", self.steps, 1), crops=whole("crops", self.crops, 1),
+                    name=safe_name("setting name", self.name))  # it names output files
+        if p.steps > MAX_STEPS or p.crops > MAX_CROPS or p.blur_every > MAX_STEPS:
+            raise DeepvisError(f"steps, blur_every and crops must be at most {MAX_STEPS:,}, {MAX_STEPS:,} and "
+                               f"{MAX_CROPS}; got {p.steps}, {p.blur_every}, {p.crops}")
+        for k in ("early_prog", "late_prog_mult"):
+            if getattr(p, k) < 0:  # a negative desired progress runs the ascent backwards
+                raise DeepvisError(f"{k} must be >= 0, got {getattr(p, k)}")
         check_regularization(**p.regularization())
         if p.param not in PARAMS:
             raise DeepvisError(f"param must be one of {', '.join(PARAMS)}, got '{p.param}'")
@@ -102,21 +115,31 @@ PRESETS: dict[str, Preset] = _load_presets()
 
 def preset_from_file(path: str) -> Preset:
     """A setting written as a yaml file (the fields of Preset; a search's best_N.yaml), so that a
-    profile can run it beside the paper's: 'profile.settings=[paper_3,my/best_1.yaml]'."""
+    profile can run it beside the paper's: 'profile.settings=[paper_3,my/best_1.yaml]'. Its
+    ``name`` names output files, so it is checked (a file's own name is made safe instead); a
+    file named like a built-in setting must be that setting."""
     if not os.path.isfile(path):
         raise DeepvisError(f"setting file not found: {path}")
-    try:
-        d = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as e:  # yaml syntax: one line naming the file
-        raise DeepvisError(f"cannot read setting file {path}: {str(e).splitlines()[0][:200]}") from None
+    d = OmegaConf.to_container(load_yaml_file(path, "setting file"))
     fields = set(Preset.__dataclass_fields__)
     if not isinstance(d, dict) or set(d) - fields - {"_target_", "provenance"}:
-        bad = sorted(set(d) - fields) if isinstance(d, dict) else []
+        bad = sorted(map(str, set(d) - fields)) if isinstance(d, dict) else []
         raise DeepvisError(f"setting file {path} must hold Preset fields"
-                           + (f"; unknown: {', '.join(bad)}" if bad else "") + f" (valid: {', '.join(sorted(fields))})")
+                           + (f"; unknown: {', '.join(bad[:10])}" if bad else "") + f" (valid: {', '.join(sorted(fields))})")
     d = {k: v for k, v in d.items() if k in fields}
-    d.setdefault("name", os.path.splitext(os.path.basename(path))[0])
-    return Preset(**d)
+    if "name" in d:
+        safe_name(f"the name in setting file {path}:", d["name"])
+    else:
+        d["name"] = slug(os.path.splitext(os.path.basename(path))[0])
+    try:
+        p = Preset(**d)
+    except TypeError as e:
+        raise DeepvisError(f"setting file {path}: {e}") from None
+    builtin = PRESETS.get(p.name)
+    if builtin is not None and p.validate() != builtin.validate():
+        raise DeepvisError(f"setting file {path} is named '{p.name}' like the built-in setting, but differs from "
+                           "it; give it another name (its results would be mixed with the built-in's)")
+    return p
 
 
 def get_preset(preset, **overrides) -> Preset:

@@ -28,6 +28,10 @@ from .metrics import ssim
 
 #: The fallback for references without trajectories (SSIM alone; README says how weak it is).
 DEFAULT_MIN_SSIM = 0.75
+#: A reference image is a few hundred KB at most; a file past these bounds is refused as damaged
+#: before it is decoded (a 20000x20000 PNG put in a reference's place).
+MAX_REFERENCE_BYTES = 50 * 1024 * 1024
+MAX_REFERENCE_PIXELS = 4096 * 4096
 #: How many of the first objective values the trajectory criterion compares. Measured: after two
 #: steps the ascent has amplified rounding up to 1000x a step, as far as a real change moves them.
 TRAJECTORY_STEPS = 2
@@ -41,8 +45,13 @@ DEFAULT_MEDIAN_TOLERANCE = 5e-3
 def trajectory_difference(run_history, ref_history, steps: int = TRAJECTORY_STEPS) -> float:
     """Largest relative difference of the first objective values, |a - b| / max(|b|, 1) (inf when
     either is shorter or one is finite where the other is not)."""
-    a = np.asarray([np.nan if v is None else v for v in list(run_history)[:steps]], dtype=np.float64)
-    b = np.asarray([np.nan if v is None else v for v in list(ref_history)[:steps]], dtype=np.float64)
+    try:
+        a = np.asarray([np.nan if v is None else v for v in list(run_history)[:steps]], dtype=np.float64)
+        b = np.asarray([np.nan if v is None else v for v in list(ref_history)[:steps]], dtype=np.float64)
+    except (TypeError, ValueError):  # a damaged trajectories.json (strings, lists): no twin
+        return float("inf")
+    if a.ndim != 1 or b.ndim != 1:
+        return float("inf")
     n = min(steps, len(ref_history))
     if len(a) < n or len(b) < n or n == 0 or not np.array_equal(np.isfinite(a[:n]), np.isfinite(b[:n])):
         return float("inf")
@@ -75,13 +84,24 @@ def compare(run, ref_dir: Path, min_ssim: float = DEFAULT_MIN_SSIM, bits_expecte
     failures = []
     for r in run.records:
         path = ref_dir / Path(r["image"]).name
+        if r.get("partial") or (r.get("steps_run") is not None and r["steps_run"] < r.get("steps", 0)):
+            # cut short by a signal: its first steps agree with the reference's, yet it is not the
+            # image the reference is (never a rounding twin)
+            r["reference"], r["ssim"], r["comparison"] = "partial", None, None
+            failures.append(r)
+            continue
         if not path.is_file():
             r["reference"], r["ssim"], r["comparison"] = "missing", None, None
+            failures.append(r)
             continue
         try:
+            if path.stat().st_size > MAX_REFERENCE_BYTES:
+                raise ValueError(f"{path.stat().st_size:,} bytes, more than a reference image holds")
             with Image.open(path) as im:
+                if im.width * im.height > MAX_REFERENCE_PIXELS:  # from the header: a decompression bomb
+                    raise ValueError(f"{im.width}x{im.height} pixels, more than a reference image holds")
                 ref = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             r["reference"], r["ssim"], r["comparison"] = "damaged", None, None
             r["reference_error"] = f"{path.name}: {e}"
             failures.append(r)
@@ -90,9 +110,15 @@ def compare(run, ref_dir: Path, min_ssim: float = DEFAULT_MIN_SSIM, bits_expecte
         if img.shape == ref.shape and np.array_equal(img, ref):
             r["reference"], r["ssim"], r["comparison"] = "match", 1.0, "identical"
             continue
-        r["ssim"] = ssim(img, ref)
-        r["comparison"] = "rounding criterion"
+        r["ssim"] = ssim(img, ref) if img.shape == ref.shape else 0.0
         r["bits_expected"] = bool(bits_expected)
+        if bits_expected:
+            # both in portable numerics: the same bits are the criterion, and one bit is a difference
+            r["comparison"] = "identical expected"
+            r["reference"] = "differs"
+            failures.append(r)
+            continue
+        r["comparison"] = "rounding criterion"
         theirs = trajectories.get(path.name)
         if isinstance(theirs, dict) and isinstance(theirs.get("history"), list):
             r["trajectory_difference"] = trajectory_difference(r.get("history") or [], theirs["history"])
@@ -121,8 +147,9 @@ def compare(run, ref_dir: Path, min_ssim: float = DEFAULT_MIN_SSIM, bits_expecte
 
 
 def verdict(records: list, min_ssim: float) -> str | None:
-    """'15/15 images match the references (15 identical)', or None when none was compared."""
-    compared = [r for r in records if r["reference"] in ("match", "differs", "damaged")]
+    """'15/15 images match the references (15 identical)', or None when none was compared.
+    Every image counts: one without a reference, or cut short, is one that did not match."""
+    compared = [r for r in records if r["reference"] in ("match", "differs", "damaged", "missing", "partial")]
     if not compared:
         return None
     ok = sum(r["reference"] == "match" for r in compared)
@@ -132,16 +159,23 @@ def verdict(records: list, min_ssim: float) -> str | None:
     if twins:
         how.append(f"{twins} rounding twin{'s' if twins > 1 else ''}")
     missing = sum(r["reference"] == "missing" for r in records)
-    tail = f"; {missing} without a reference" if missing else ""
+    partial = sum(r["reference"] == "partial" for r in records)
+    tail = (f"; {missing} without a reference" if missing else "") + (f"; {partial} cut short" if partial else "")
     return f"References: {ok}/{len(compared)} images match" + (f" ({', '.join(how)})" if how else "") + tail
 
 
 def failure_table(failures: list, min_ssim: float) -> str:
-    lines = [f"{len(failures)} image(s) differ from their references beyond rounding (not identical, and "
-             f"their first {TRAJECTORY_STEPS} objective values differ by more than rounding does):",
+    lines = [f"{len(failures)} image(s) do not match their references (missing, cut short, not identical in "
+             f"portable numerics, or their first {TRAJECTORY_STEPS} objective values differ by more than rounding does):",
              f"  {'setting':<10}{'unit':<22}{'first steps':>12}{'ssim':>8}"]
 
     def row(r):
+        if r["reference"] == "missing":
+            return f"  {r['setting']:<10}{r['unit']:<22}  no reference"
+        if r["reference"] == "partial":
+            return f"  {r['setting']:<10}{r['unit']:<22}  cut short at step {r.get('steps_run')} of {r.get('steps')}"
+        if r.get("comparison") == "identical expected":
+            return f"  {r['setting']:<10}{r['unit']:<22}  not identical (both in portable numerics){r['ssim']:>8.3f}"
         if r["ssim"] is None:
             return f"  {r['setting']:<10}{r['unit']:<22}  damaged reference ({r.get('reference_error', '')})"
         t = r.get("trajectory_difference")

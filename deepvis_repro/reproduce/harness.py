@@ -17,7 +17,7 @@ from ..optimize import get_preset, optimize
 from ..outputs import unit_label
 from ..progress import progress as progress_bar
 from ..references import replace_folder
-from ..units import layer_shapes, shown_layers
+from ..units import layer_shapes, parse_unit, shown_layers
 from .compare import DEFAULT_MIN_SSIM, TRAJECTORY_STEPS, verdict
 from .metrics import class_ranks, high_frequency_energy, total_variation
 from .plots import write_plots
@@ -49,6 +49,17 @@ def profile_units(backend, profile) -> list[tuple[str, int | None]]:
     if not units:
         raise DeepvisError("the profile names no units (classes need a backend with labels)")
     return units
+
+
+def image_name(setting: str, unit: str) -> str:
+    """The file an image is stored under, here and among the references: both parts are safe
+    (a setting's name is checked; a unit's slug has no '/'), so no name can reach another folder."""
+    return f"{setting}__{parse_unit(unit).slug}.png"
+
+
+def expected_images(presets, units) -> set[str]:
+    """The reference files a run of these settings and units writes."""
+    return {image_name(p.name, u) for p in presets for u, _ in units}
 
 
 @dataclass
@@ -103,7 +114,7 @@ def run_profile(backend, profile, *, seed=0, judge=None, progress=True, numerics
                 "partial": bool(result.interrupted), "total_variation": total_variation(img),
                 "hf_energy": high_frequency_energy(img), "judge_rank": ranks[i], "own_rank": own[i],
                 "stopped": result.stopped[i][0] if i in result.stopped else None,
-                "image": f"images/{name}__{u.replace(':', '_')}.png",
+                "image": f"images/{image_name(name, u)}",
                 "ssim": None, "reference": "missing", "comparison": None,
                 "history": [None if not np.isfinite(v) else float(v) for v in result.history[:, i]],
             })

@@ -18,13 +18,17 @@ from ..outputs import machine, versions
 from ..registry import instantiate_backend
 from ..reproduce.stats import fmt_interval
 from ..units import resolve_units
-from ..validate import number, whole
+from ..validate import flag, number, whole
 from .holdout import comparison_line, holdout_profile, validate
 from .panel import load_or_build_panel
 from .select import choose_best, pareto_figure, write_presets
 from .space import check_space
 from .trial import TrialRunner
 from .tuning import Ledger, check_identity, run_search
+
+
+#: The paper tried about 300 settings; a search of a million would never end on any machine.
+MAX_TRIALS = 100_000
 
 
 def _units(value) -> list[str]:
@@ -37,6 +41,9 @@ def _units(value) -> list[str]:
 def search_task(cfg) -> None:
     s, e = cfg.search, cfg.engine
     trials = whole("search.trials", s.trials, 1)
+    if trials > MAX_TRIALS:
+        raise DeepvisError(f"search.trials must be at most {MAX_TRIALS:,}, got {trials:,}")
+    validating = flag("search.validate", s.validate)
     steps = whole("search.steps", s.steps, 1)
     seed = whole("search.seed", s.seed, 0)
     report_every = whole("search.report_every", s.report_every, 1)
@@ -110,7 +117,7 @@ def search_task(cfg) -> None:
         if interrupted:
             raise KeyboardInterrupt
         return
-    if s.validate:
+    if validating:
         summary["validation"] = _validate(cfg, backend, judge, units, steps, paths, folder, seed, numerics,
                                           identity)
     write_json(os.path.join(folder, "summary.json"), summary)

@@ -1,0 +1,220 @@
+"""Today's backbones (issue 32): each layer's layout traced from the model, one canonical view
+(channels first, positions as a map, prefix tokens aside) that equals the model's own values
+rearranged by the model's own metadata, transformer blocks listed, token units, timm's zoo as a
+backend, and a layer whose layout cannot be decided refused in one line. Random weights (nothing
+can be downloaded here): structure and numbers against the model's own forward pass."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import deepvis_repro as dv
+from deepvis_repro.backend import PREFIX, HookBackend
+from deepvis_repro.errors import DeepvisError
+from deepvis_repro.units import layer_shapes, resolve_units, shown_layers
+
+timm = pytest.importorskip("timm")
+ENV = dict(os.environ, SDL_VIDEODRIVER="dummy")
+
+#: small members of each family timm users pick from (random weights; shrunk where timm allows)
+FAMILIES = {
+    "vit_tiny_patch16_224": {"depth": 2},
+    "deit_tiny_distilled_patch16_224": {"depth": 2},                    # distillation token
+    "vit_tiny_patch16_224+reg": {"depth": 2, "reg_tokens": 4},          # register tokens
+    "beit_base_patch16_224": {"depth": 2, "embed_dim": 192, "num_heads": 3},
+    "swin_tiny_patch4_window7_224": {"depths": (2, 2, 2, 2), "embed_dim": 48, "num_heads": (3, 3, 3, 3)},
+    "convnext_atto": {},
+    "resnet18": {},
+    "efficientnet_b0": {},
+    "mobilenetv3_small_050": {},
+    "mobilenetv4_conv_small": {},
+    "regnetx_002": {},
+    "mobilevit_xxs": {},                                                # hybrid: convolutions + attention
+}
+
+
+def timm_backend(key):
+    name = key.split("+")[0]
+    return dv.load_backend("timm", model=name, model_args=FAMILIES[key])
+
+
+def run(*args, timeout=600):
+    return subprocess.run(list(args), capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def photo_x():
+    import skimage.data
+
+    return skimage.data.chelsea()
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+def test_timm_families_listed_with_their_own_geometry(key, photo_x):
+    b = timm_backend(key)
+    model = b.module
+    x = b.preprocess(photo_x)
+    shown = shown_layers(b)
+    assert len(shown) >= 5 and b.layers[-1] == "prob"
+    # every decided layer: the tools' view is the model's own value, only rearranged
+    raw = {}
+    handles = [model.get_submodule(b._paths[n]).register_forward_hook(
+        lambda m, i, o, n=n: raw.setdefault(n, o[0] if isinstance(o, tuple) else o)) for n in shown if n != "prob"]
+    with torch.no_grad():
+        got = b.forward(x, shown)
+    for h in handles:
+        h.remove()
+    prefix = getattr(model, "num_prefix_tokens", 0) if hasattr(model, "patch_embed") else 0
+    for n in shown:
+        if n == "prob":
+            continue
+        lay, v, r = b.layer_layout(n), got[n], raw[n]
+        if lay.kind == "tokens":  # (N, P + gh*gw, C): the grid after the prefix tokens, row-major
+            gh, gw = model.patch_embed.grid_size
+            assert lay.grid == (gh, gw) and len(lay.prefix) == prefix, (n, lay)
+            want = r[:, prefix:].transpose(1, 2).reshape(1, r.shape[-1], gh, gw)
+        elif lay.kind == "hwc":
+            want = r.permute(0, 3, 1, 2)
+        else:
+            want = r
+        assert torch.equal(v, want), (n, lay)
+    if prefix:  # the prefix tokens, by name, as (N, C, P)
+        blocks = [n for n in shown if n.startswith("blocks.") and n.count(".") == 1]
+        with torch.no_grad():
+            pre = b.forward(x, [blocks[-1] + PREFIX])[blocks[-1] + PREFIX]
+        assert torch.equal(pre, raw[blocks[-1]][:, :prefix].transpose(1, 2))
+        names = b.layer_layout(blocks[-1]).prefix
+        assert names[0] == "cls"
+        if "deit" in key:
+            assert names == ("cls", "dist")
+        if "reg" in key:
+            assert names == ("cls", "reg0", "reg1", "reg2", "reg3")
+    if hasattr(model, "blocks"):  # a ViT: every block, its attention and its MLP are layers
+        assert {"blocks.0", "blocks.0.attn", "blocks.0.mlp", "blocks.1"} <= set(shown)
+
+
+def test_swin_stages_are_drawn_as_maps_not_rows(photo_x):
+    """Swin's stages are (N, H, W, C): channel c of the view is the model's feature c over the
+    grid. A perturbation of the top-left corner changes the top-left of every channel's map most:
+    with channels and positions swapped, it would be a channel that changed."""
+    b = timm_backend("swin_tiny_patch4_window7_224")
+    layer = "layers.0.blocks.0"
+    lay = b.layer_layout(layer)
+    assert lay.kind == "hwc" and lay.grid == (56, 56) and lay.channels == 48
+    assert layer_shapes(b, [layer])[layer] == (48, 56, 56)
+    x = b.preprocess(photo_x)
+    x2 = x.clone()
+    x2[:, :, :8, :8] += 60
+    with torch.no_grad():
+        d = (b.forward(x2, [layer])[layer] - b.forward(x, [layer])[layer]).abs()[0]
+    per_position = d.sum(0)  # (56, 56)
+    assert per_position[:2, :2].sum() > 0 and per_position[8:, :].sum() == 0  # window-local, top-left
+    assert d.sum((1, 2)).min() > 0  # every channel's map saw it
+
+
+def test_vit_tokens_are_drawn_on_the_patch_grid(photo_x):
+    """A ViT block's channel is a 14x14 map over patches: the patch a perturbation touches moves
+    its own token most (the residual stream), wherever it is."""
+    b = timm_backend("vit_tiny_patch16_224")
+    layer = "blocks.0"
+    assert layer_shapes(b, [layer])[layer] == (192, 14, 14)
+    x = b.preprocess(photo_x)
+    for (py, px) in ((0, 0), (3, 11), (13, 5)):
+        x2 = x.clone()
+        x2[:, :, py * 16:(py + 1) * 16, px * 16:(px + 1) * 16] += 80
+        with torch.no_grad():
+            d = (b.forward(x2, [layer])[layer] - b.forward(x, [layer])[layer]).abs()[0].sum(0)
+        assert tuple(np.unravel_index(int(d.argmax()), d.shape)) == (py, px)
+
+
+def test_token_units_in_the_optimizer():
+    b = timm_backend("deit_tiny_distilled_patch16_224")
+    units = resolve_units(b, ["blocks.1:17", "blocks.1:17:3:4", "blocks.1:5:cls", "blocks.1:5:dist"])
+    assert [str(u) for u in units] == ["blocks.1:17:7:7", "blocks.1:17:3:4", "blocks.1:5:cls", "blocks.1:5:dist"]
+    with pytest.raises(DeepvisError, match="no prefix token 'reg0'; its prefix tokens: cls, dist"):
+        resolve_units(b, ["blocks.1:5:reg0"])
+    r = dv.optimize(b, units, preset="paper_3", steps=6, progress=False)
+    first = dv.optimize(b, units, preset="paper_3", steps=1, progress=False)
+    assert (r.best_activation > first.best_activation).all()
+    for preset in ("lucid", "maco"):  # the successors on a ViT (MACO's paper shows ViTs)
+        r = dv.optimize(b, ["blocks.1:5:cls"], preset=preset, steps=4, progress=False)
+        assert np.isfinite(r.best_activation).all()
+
+
+class Mixer(nn.Module):
+    """Token mixing through an operation the layout tracer does not know (an FFT over the tokens):
+    after it, which axis is which is not decided."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Conv2d(3, 8, 8, stride=8)
+        self.mix = nn.Identity()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (N, 16, 8)
+        t = self.mix(torch.fft.fft(t, dim=1).real)
+        return self.fc(t.mean(1))
+
+
+def test_a_layer_of_unknown_layout_is_listed_and_refused():
+    m = Mixer()
+    b = HookBackend(m, [("embed", "embed"), ("mix", "mix"), ("fc", "fc")], to_input=lambda x: x / 255,
+                    mean=[128.0] * 3, input_size=(32, 32))
+    assert b.layer_layout("embed").kind == "chw"
+    lay = b.layer_layout("mix")
+    assert lay.kind == "unknown" and lay.raw == (16, 8)
+    assert shown_layers(b) == ["embed", "fc", "prob"]
+    with pytest.raises(DeepvisError, match="layer mix of .* cannot be shown or optimized: its layout is unknown"):
+        resolve_units(b, ["mix:1"])
+
+
+def test_torchvision_transformers_list_their_blocks():
+    for arch, layer, shape, kind in (("vit_b_16", "encoder.layers.encoder_layer_3", (768, 14, 14), "tokens"),
+                                     ("swin_t", "features.3.1", (192, 28, 28), "hwc"),
+                                     ("convnext_tiny", "features.5.2", (384, 14, 14), "chw")):
+        b = dv.load_backend("torchvision", arch=arch)
+        assert layer in b.layers and layer_shapes(b, [layer])[layer] == shape
+        assert b.layer_layout(layer).kind == kind
+    b = dv.load_backend("torchvision", arch="vit_b_16")
+    assert b.layer_layout("encoder.layers.encoder_layer_3").prefix == ("cls",)
+    assert {"encoder.layers.encoder_layer_0.self_attention", "encoder.layers.encoder_layer_0.mlp"} <= set(b.layers)
+    # its zero-initialized head has no gradient: the lr is calibrated on a layer that responds
+    assert np.isfinite(b.calibrated_lr_scale) and b.calibrated_lr_scale > 0
+
+
+def test_every_tool_on_a_vit(tmp_path, photo_x):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    import skimage.data
+
+    for name in ("chelsea", "coffee", "astronaut"):
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
+    args = ["backend=timm", "backend.model=vit_tiny_patch16_224", "backend.model_args={depth:2}"]
+    r = run("deepvis-inspect", *args)
+    assert r.returncode == 0 and "tokens 14x14 + cls" in r.stdout, r.stderr
+    r = run("deepvis-optimize", *args, "units=[blocks.1:3,blocks.1:3:cls]", "optimize.steps=3",
+            f"hydra.run.dir={tmp_path / 'opt'}")
+    assert r.returncode == 0, r.stderr
+    atlas = tmp_path / "atlas"
+    r = run("deepvis-mine", *args, f"corpus.path={folder}", "layers=[blocks.1]", "top_k=2", "engine.workers=0",
+            f"atlas.dir={atlas}")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((atlas / "manifest.json").read_text())
+    assert len(list((atlas / "max_im" / "blocks.1").glob("*.jpg"))) == 192
+    shot, stats = tmp_path / "live.png", tmp_path / "s.json"
+    r = run("deepvis-live", *args, "source=images", f"source.path={folder}", "live.max_frames=6",
+            "live.layer=blocks.1", "live.keys=[b,b]", f"live.screenshot={shot}", f"live.stats={stats}")
+    assert r.returncode == 0 and shot.is_file(), r.stderr
+    assert json.loads(stats.read_text())["error"] is None
+    r = run("deepvis-reproduce", *args, "profile.steps=2", "profile.classes=[130]", "profile.hidden=[[0.5,3]]",
+            "profile.settings=[paper_3,lucid]", "references=none", "judge=null", f"hydra.run.dir={tmp_path / 'rep'}")
+    assert r.returncode == 0 and "References: not compared" in r.stdout, r.stderr
+    assert manifest
