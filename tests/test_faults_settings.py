@@ -70,9 +70,10 @@ def test_a_yaml_alias_bomb_is_refused_within_bounded_memory(tmp_path):
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(BOMB)
     assert len(BOMB.encode()) < 600
-    # in a process whose address space is capped at 1 GB: the bomb's expansion would need far more
-    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
-            "from deepvis_repro.files import load_yaml_file\n"
+    # in a process allowed 512 MB more than its imports took: the bomb's expansion would need far more
+    code = ("import resource, sys\nfrom deepvis_repro.files import load_yaml_file\n"
+            "vm = int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmSize')][0]) * 1024\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), vm + (512 << 20)))\n"
             "try:\n    load_yaml_file(sys.argv[1], 'setting file')\n"
             "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)")
     r = run(sys.executable, "-c", code, str(bomb), timeout=60)
