@@ -19,7 +19,7 @@ from deepvis_repro_backends.efficientnet_lite import load_state_dict_file
 
 from deepvis_repro.backend import HookBackend, discover_layers
 from deepvis_repro.errors import DeepvisError, did_you_mean
-from deepvis_repro.labels import imagenet_labels
+from deepvis_repro.labels import imagenet_labels, read_labels
 
 _warned: set = set()
 
@@ -106,8 +106,6 @@ class TimmBackend(HookBackend):
         if labels == "imagenet" or (labels is None and classes == 1000):
             labels = imagenet_labels()
         elif labels:
-            from deepvis_repro.labels import read_labels
-
             labels = read_labels(labels)
         else:
             labels = None

@@ -182,6 +182,8 @@ def _role(axis: tuple) -> str:
         return "H"
     if all(t == "P" for t in tags):
         return "Q"  # prefix tokens alone (cut from a token axis)
+    if "C" in tags and len(set(tags)) > 1 and set(tags) <= {"C", "Y", "X"}:
+        return "C"  # features with positions folded in: a flattened map (an fc's input), a space-to-depth
     grid = [f for f in axis if f[0] in ("Y", "X")]
     if [f[0] for f in grid] == ["Y", "X"] and all(f[2] == 1 for f in grid) \
             and all(t == "P" for t in tags[:len(tags) - 2]) and tags[-2:] == ["Y", "X"]:
@@ -475,6 +477,8 @@ class _Tracer(TorchFunctionMode):
         return [lab, lab] if isinstance(out, tuple) else lab
 
     def _getitem(self, lx, x, idx, out):
+        if isinstance(idx, list) and all(isinstance(i, (slice, int)) or i is Ellipsis for i in idx):
+            idx = tuple(idx)  # onnx2torch's Slice indexes with a list of slices
         idx = idx if isinstance(idx, tuple) else (idx,)
         if any(isinstance(i, torch.Tensor) or isinstance(i, list) for i in idx):
             return None

@@ -13,6 +13,7 @@ from importlib import metadata, resources
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import DeepvisError, did_you_mean
+from .files import load_yaml_file
 
 ENTRY_POINT_GROUP = "deepvis_repro.backends"
 CONF_PACKAGE = "deepvis_repro_conf"
@@ -60,8 +61,6 @@ def backend_config(name: str) -> DictConfig:
     if _is_yaml_path(name):
         if not os.path.isfile(name):
             raise DeepvisError(f"backend config file not found: {name}")
-        from .files import load_yaml_file
-
         cfg = load_yaml_file(name, "backend config")  # bounded: a YAML bomb is refused, not expanded
         if not isinstance(cfg, DictConfig) or "_target_" not in cfg:
             raise DeepvisError(f"backend config {name} needs a '_target_' key naming the backend class")

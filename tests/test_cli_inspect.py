@@ -40,7 +40,7 @@ def test_torchvision_alexnet_table_shows_caffe_names():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["backend=nosuch"], "unknown backend 'nosuch'; valid: caffe, caffenet, efficientnet_lite0, efficientnet_lite1, onnx, torchvision"),
+    (["backend=nosuch"], "unknown backend 'nosuch'; valid: caffe, caffenet, efficientnet_lite0, efficientnet_lite1, onnx, timm, torchvision"),
     (["image=/no/such.png"], "image not found: /no/such.png"),
     (["backend.weights=/no/such.pth"], "weights file not found: /no/such.pth"),
     (["backend=torchvision", "backend.arch=resnet51"], "unknown torchvision arch 'resnet51'"),

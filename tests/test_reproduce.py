@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -121,19 +122,31 @@ def test_the_paper_claim_is_tested_and_stated(quick_run):
 
 
 def test_planted_regression_fails_naming_the_setting(tmp_path):
-    """paper_3 with blur sigma 0.7 instead of 1.0, run as a setting file under its own name."""
+    """paper_3 with blur sigma 0.7 instead of 1.0, run as a setting file of its own name against
+    paper_3's stored references (copied under that name), in default numerics: the rounding
+    criterion, not the bits, must catch it. (A file named paper_3 that differs from the built-in is
+    refused: its rows would be mixed with the built-in's.)"""
     changed = (REPO / "conf" / "regularization" / "paper_3.yaml").read_text().replace("blur_radius: 1.0",
                                                                                     "blur_radius: 0.7")
     assert "blur_radius: 0.7" in changed
-    (tmp_path / "paper_3.yaml").write_text(changed)
+    changed = changed.replace("name: paper_3", "name: planted")
+    (tmp_path / "planted.yaml").write_text(changed)
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    quick = REPO / "reference_outputs" / "efficientnet_lite0" / "quick"
+    for png in quick.glob("paper_3__*.png"):
+        shutil.copy(png, refs / png.name.replace("paper_3__", "planted__"))
+    traj = json.loads((quick / "trajectories.json").read_text())
+    (refs / "trajectories.json").write_text(json.dumps(
+        {k.replace("paper_3__", "planted__"): v for k, v in traj.items() if k.startswith("paper_3__")}))
     out = tmp_path / "run"
     # two of the quick profile's classes and its hidden unit, against the stored references of
     # the quick run (a third of its units: the change moves every image, 15 s instead of 45)
-    r = subprocess.run(["deepvis-reproduce", f"profile.settings=[{tmp_path / 'paper_3.yaml'}]", "judge=null",
-                        "profile.classes=[130,366]", f"hydra.run.dir={out}"], capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(["deepvis-reproduce", f"profile.settings=[{tmp_path / 'planted.yaml'}]", "judge=null",
+                        "profile.classes=[130,366]", f"references={refs}", "numerics=default",
+                        f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "settings with differing images: paper_3" in r.stderr
+    assert "settings with differing images: planted" in r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(x["comparison"] == "rounding criterion" for x in metrics["results"])  # no bit matched
     assert [x["reference"] for x in metrics["results"]] == ["differs"] * 3

@@ -37,7 +37,7 @@ def mine_task(cfg) -> None:
         raise DeepvisError(f"top_k must be at most {MAX_TOP_K}, got {top_k}")
     negatives = flag("negatives", cfg.negatives)
     montages = flag("montages", cfg.montages)
-    checkpoint_seconds = number("checkpoint_seconds", cfg.checkpoint_seconds, positive=True)
+    checkpoint_seconds = number("checkpoint_seconds", cfg.checkpoint_seconds, minimum=0.0)
     Numerics(str(cfg.numerics))  # checked before any work
     batch_size = whole("batch_size", cfg.batch_size, 1)
     every = whole("corpus.every", cfg.corpus.every, 1)

@@ -72,7 +72,7 @@ def load_trajectories(ref_dir: Path) -> dict:
         return {}
 
 
-def compare(run, ref_dir: Path, min_ssim: float = DEFAULT_MIN_SSIM, bits_expected: bool = True,
+def compare(run, ref_dir: Path, min_ssim: float = DEFAULT_MIN_SSIM, bits_expected: bool = False,
             tolerance: float = DEFAULT_TRAJECTORY_TOLERANCE,
             median_tolerance: float = DEFAULT_MEDIAN_TOLERANCE) -> list[dict]:
     """Fill each record's reference status (match, differs, missing, damaged: an unreadable file),
