@@ -14,6 +14,7 @@ float32 (autocast casts the image where the first convolution reads it).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 import torch
@@ -123,13 +124,45 @@ class _Bf16Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+#: measured (issue 34): the embedded model's optimizer step in emulated bfloat16 on an AVX2-only CPU
+#: took 18x its float32 time; no run waits that long unless asked to
+EMULATED_SLOWDOWN = 18
+EMULATE_ENV = "DEEPVIS_BF16_EMULATE"
+
+
+def emulation_asked() -> bool:
+    """DEEPVIS_BF16_EMULATE=1: compute in bfloat16 even where it is emulated (to see its effect)."""
+    return os.environ.get(EMULATE_ENV) == "1"
+
+
+def runs_bf16(device_type: str) -> bool:
+    """Whether numerics=bf16 computes in bfloat16 here: natively, or emulated when asked."""
+    return native_bf16(device_type) or emulation_asked()
+
+
+def fallback_note(device_type: str) -> str:
+    return (f"numerics=bf16: this {device_type.upper()} has no native bfloat16 (CPU: AVX512-BF16 or AMX); "
+            f"emulated it runs about {EMULATED_SLOWDOWN}x slower than float32, so this run computes in "
+            f"float32 ({EMULATE_ENV}=1 emulates bfloat16 anyway)")
+
+
+def _say_once(text: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        print(f"deepvis: {text}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def autocast_bf16(device_type: str):
-    """The block's network arithmetic in bfloat16 (see the module's doc)."""
-    global _warned
-    if not native_bf16(device_type) and not _warned:
-        _warned = True
-        print(f"deepvis: numerics=bf16: this {device_type.upper()} has no native bfloat16 (CPU: AVX512-BF16 "
-              "or AMX); it runs, emulated, slower than float32", file=sys.stderr)
+    """The block's network arithmetic in bfloat16 (see the module's doc); float32 where the device
+    has no bfloat16 of its own (``runs_bf16``), said once."""
+    if not runs_bf16(device_type):
+        _say_once(fallback_note(device_type))
+        yield
+        return
+    if not native_bf16(device_type):
+        _say_once(f"numerics=bf16: emulated bfloat16 on this {device_type.upper()} ({EMULATE_ENV}=1): "
+                  f"about {EMULATED_SLOWDOWN}x slower than float32")
     with torch.autocast(device_type, dtype=torch.bfloat16), _Bf16Mode(device_type):
         yield

@@ -186,6 +186,14 @@ def _drop_empty_run_dir() -> None:
     left = [n for n in os.listdir(out) if n != ".hydra" and not n.endswith(".log")]
     if not left:
         shutil.rmtree(out, ignore_errors=True)
+        # and the folders Hydra made above it (outputs/<date>/, outputs/) once they are empty
+        here, parent = os.path.abspath(os.getcwd()), os.path.dirname(os.path.abspath(out))
+        while parent.startswith(here + os.sep):
+            try:
+                os.rmdir(parent)  # only an empty folder goes
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
 
 
 _terminated = False

@@ -232,6 +232,37 @@ def check_output_dir(path, what: str) -> None:
 
 
 @contextlib.contextmanager
+def folder_lock(folder, what: str, advice: str):
+    """Hold folder for one writer: a second run on it is refused in one line naming the first
+    (its process id), instead of both writing and one deleting the other's temporaries. The lock
+    is the kernel's (flock on folder/.lock), so a killed holder releases it at once."""
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise DeepvisError(f"{what} {folder} is in use by another run (process {holder}); {advice}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_stale_partials_below(folder) -> int:
+    """remove_stale_partials in folder and every folder below it (a montage phase writes into
+    max_im/<layer>/ ...)."""
+    n = 0
+    for root, _dirs, _files in os.walk(folder):
+        n += remove_stale_partials(root)
+    return n
+
+
+@contextlib.contextmanager
 def signals_deferred():
     """Let a writing phase finish: SIGINT / SIGTERM arriving inside the block are held and
     delivered (as KeyboardInterrupt / Terminated) when it ends. Only in the main thread;

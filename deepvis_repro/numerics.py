@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .bf16 import autocast_bf16
+from .bf16 import autocast_bf16, runs_bf16
 from .errors import DeepvisError
 
 #: Length of one sequential multiply-add chain in a matrix product (see the module's doc).
@@ -375,6 +375,7 @@ class Numerics:
             raise DeepvisError(f"numerics must be one of {', '.join(MODES)}, got '{mode}'")
         self.mode = mode
         self.native: set[str] = set()
+        self.fell_back = False  # bf16 asked, float32 ran (bf16.runs_bf16)
 
     @contextlib.contextmanager
     def active(self, device="cpu"):
@@ -383,7 +384,9 @@ class Numerics:
             yield self
             return
         if self.mode == "bf16":
-            with autocast_bf16(torch.device(device).type):
+            kind = torch.device(device).type
+            self.fell_back = not runs_bf16(kind)  # float32 where bfloat16 would only be emulated
+            with autocast_bf16(kind):
                 yield self
             return
         m = _PortableMode()
@@ -398,4 +401,7 @@ class Numerics:
             self.native |= m.native
 
     def report(self) -> dict:
+        """What ran: a bf16 run that fell back to float32 (bf16.runs_bf16) says default, asked bf16."""
+        if self.mode == "bf16" and self.fell_back:
+            return {"mode": "default", "asked": "bf16", "native_reductions": None}
         return {"mode": self.mode, "native_reductions": sorted(self.native) if self.mode == "portable" else None}

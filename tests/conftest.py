@@ -22,6 +22,9 @@ os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 # import, before any test or fixture reads it.
 _CACHE = tempfile.mkdtemp(prefix="deepvis-test-cache-")
 os.environ["XDG_CACHE_HOME"] = _CACHE
+# The bf16 tests judge bfloat16 arithmetic, which a CPU without native bfloat16 would otherwise
+# replace by float32 (bf16.runs_bf16); tests/test_bf16.py checks that fallback without this.
+os.environ["DEEPVIS_BF16_EMULATE"] = "1"
 
 
 # Commands started without a run folder write outputs/ into the working folder: the session's

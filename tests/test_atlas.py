@@ -285,8 +285,17 @@ def test_montages_and_layout(lite0, corpus_dir, tmp_path):
     dec = np.asarray(Image.open(st.unit_file("max_deconv", "fc", 5))).astype(int)
     assert np.abs(dec[2:2 + 50, 2:2 + 50] - dec[4 + tile:4 + tile + 50, 2:2 + 50]).mean() > 1
     assert m["montages"]["fc"]["mode"] == "guided"
+    # issue 34: a killed montage phase's temporaries do not outlive the resume; one writer at a time
+    stale = tmp_path / "max_im" / "fc" / ".fc_0006.jpg.x1y2.partial"
+    stale.write_bytes(b"half a jpeg")
+    with st.writer():
+        with pytest.raises(DeepvisError, match="in use by another run"):
+            render_montages(lite0, tmp_path, units=[6], progress=False)
+    assert stale.exists()  # the refused run touched nothing
     again = render_montages(lite0, tmp_path, units=[0, 5, 6], progress=False)  # resumes
     assert again == {"blocks.4": 1, "fc": 1}
+    assert not stale.exists()
+    assert not [p for p in tmp_path.rglob("*.partial")]
 
 
 @pytest.mark.parametrize("layer", ["blocks.5", "fc"])
@@ -493,9 +502,9 @@ def test_a_second_writer_of_an_atlas_is_refused_naming_the_first(lite0, tmp_path
     Image.fromarray(photos["coffee"]).save(tmp_path / "c.png")
     atlas = tmp_path / "A"
     with AtlasStore(atlas).writer():
-        with pytest.raises(DeepvisError, match=f"being written by another run \\(process {os.getpid()}\\)"):
+        with pytest.raises(DeepvisError, match=f"in use by another run \\(process {os.getpid()}\\)"):
             mine(lite0, [str(tmp_path / "c.png")], ["fc"], atlas_dir=atlas, progress=False)
-        with pytest.raises(DeepvisError, match="being written by another run"):
+        with pytest.raises(DeepvisError, match="in use by another run"):
             optimize_into_atlas(lite0, atlas, ["fc:1"], steps=1, progress=False)
     # released: the next writer goes ahead
     assert optimize_into_atlas(lite0, atlas, ["fc:1"], steps=1, progress=False)["written"] == 1

@@ -156,6 +156,15 @@ def test_model_based_sampler_continues_a_search_from_its_ledger(ray_session, spa
     more = run_search(Synthetic(), space, folder=folder, trials=40, base_steps=30, sampler="tpe", seed=2,
                       cpus_per_trial=2, progress=False).rows
     assert more[:20] == first and sorted(r["trial"] for r in more) == list(range(40))
+    # a run resumed inside the random start draws new settings, not the first run's again under new
+    # numbers (issue 34: best_1..4 were two settings twice)
+    early = os.path.join(folder, "early")
+    start = run_search(Synthetic(), space, folder=early, trials=4, base_steps=30, sampler="tpe", seed=2,
+                       cpus_per_trial=2, progress=False).rows
+    resumed = run_search(Synthetic(), space, folder=early, trials=8, base_steps=30, sampler="tpe", seed=2,
+                         cpus_per_trial=2, progress=False).rows
+    key = lambda r: json.dumps(r["params"], sort_keys=True)  # noqa: E731
+    assert len({key(r) for r in resumed}) == 8 and {key(r) for r in start} <= {key(r) for r in resumed}
     # told the first 20 scores, it samples better settings than its random start did
     assert np.median([r["score"] for r in more[20:]]) > np.median([r["score"] for r in first[:16]])
 
@@ -235,6 +244,11 @@ def test_another_search_in_the_same_folder_is_refused(tmp_path):
     check_identity(str(tmp_path), {"units": ["fc:1"], "seed": 0})
     check_identity(str(tmp_path), {"units": ["fc:1"], "seed": 0})  # the same search continues
     with pytest.raises(DeepvisError, match="holds another search .*units differ"):
+        check_identity(str(tmp_path), {"units": ["fc:2"], "seed": 0})
+    # issue 34: search.json deleted, a rerun with other units adopted the old rows and panel
+    (tmp_path / "trials.jsonl").write_text("")
+    (tmp_path / "search.json").unlink()
+    with pytest.raises(DeepvisError, match="holds trials.jsonl but no search.json"):
         check_identity(str(tmp_path), {"units": ["fc:2"], "seed": 0})
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ..backprop import MODES, relu_backward
 from ..errors import DeepvisError
-from ..files import image_file_ok
+from ..files import image_file_ok, remove_stale_partials_below
 from ..images import save_image
 from ..numerics import Numerics, percentile_lerp, percentile_ranks
 from ..progress import progress as progress_bar
@@ -233,9 +233,19 @@ def render_montages(backend, atlas_dir, layers=None, units=None, mode: str = "au
     images at a time), and JPEGs are encoded by a writer thread while the next chunk computes.
     numerics: the backward passes' (deepvis_repro/numerics.py; deepvis-mine passes its own).
     batch_size: images per forward pass, None for ``montage_batch``. Returns {layer: units written}."""
+    with AtlasStore(atlas_dir).writer():  # one writer: two runs would both write every montage
+        return _render_montages(backend, atlas_dir, layers, units, mode, tile, batch_size, progress,
+                                units_per_chunk, numerics)
+
+
+def _render_montages(backend, atlas_dir, layers, units, mode, tile, batch_size, progress, units_per_chunk,
+                     numerics) -> dict:
     mode = resolve_mode(backend, mode)
     batch_size = int(batch_size or montage_batch(backend.device))
     store = AtlasStore(atlas_dir)
+    # a killed montage phase leaves its JPEG temporaries in max_im/<layer>/...: gone before resuming
+    for kind in ("max_im", "max_deconv", "min_im"):
+        remove_stale_partials_below(store.path(kind))
     manifest = store.manifest()
     if manifest is None or "layers" not in manifest:
         raise DeepvisError(f"{store.root} holds no finished mining: run deepvis-mine first")

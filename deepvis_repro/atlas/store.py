@@ -22,7 +22,6 @@ live view reads its downloads (see :class:`AtlasReader`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ import re
 import numpy as np
 
 from ..errors import DeepvisError
-from ..files import load_sealed_npz, tensors_sha256, write_bytes, write_json
+from ..files import folder_lock, load_sealed_npz, tensors_sha256, write_bytes, write_json
 
 
 FORMAT = "deepvis-atlas/1"
@@ -90,28 +89,10 @@ class AtlasStore:
                                f"weights {theirs.get('weights_sha256', '')[:12]}, not {ours['name']} "
                                f"{ours['weights_sha256'][:12]}): give another atlas.dir")
 
-    @contextlib.contextmanager
     def writer(self):
-        """Hold the atlas for one writer: a second run on the same folder is refused in one line
-        naming the first, instead of both writing (and one deleting the other's temporaries).
-        The lock is the kernel's (flock on .lock), so a killed writer releases it; what a dead
-        writer left is then stale by definition."""
-        import fcntl
-
-        os.makedirs(self.root, exist_ok=True)
-        fd = os.open(self.path(".lock"), os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-                raise DeepvisError(f"atlas {self.root} is being written by another run (process {holder}); "
-                                   "wait for it to finish, or give another atlas.dir") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield self
-        finally:
-            os.close(fd)  # releases the lock
+        """Hold the atlas for one writer (files.folder_lock): a second run on the same folder is
+        refused in one line naming the first; what a dead writer left is then stale by definition."""
+        return folder_lock(self.root, "atlas", "wait for it to finish, or give another atlas.dir")
 
     @property
     def manifest_path(self) -> str:

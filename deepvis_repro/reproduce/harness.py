@@ -4,6 +4,7 @@ interruption still leaves a valid report of what was done."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ..outputs import unit_label
 from ..progress import progress as progress_bar
 from ..references import replace_folder
 from ..units import layer_shapes, parse_unit, shown_layers
+from ..validate import number, whole
 from .compare import DEFAULT_MIN_SSIM, TRAJECTORY_STEPS, verdict
 from .metrics import class_ranks, high_frequency_energy, total_variation
 from .plots import write_plots
@@ -34,21 +36,50 @@ def default_reference_dir(backend_name: str, profile: str) -> Path:
 
 def profile_units(backend, profile) -> list[tuple[str, int | None]]:
     """(unit, class index or None) for the profile: its classes on the output layer (the last
-    before 'prob'), then hidden units at fractions of the layer list."""
+    before 'prob'), then hidden units at fractions of the layer list. A class or channel the
+    model does not have is one line, never dropped or wrapped around: the units run are the
+    units named."""
     layers = [l for l in shown_layers(backend) if l != "prob"]
     out_layer = backend.output_layer
     units = []
     n_out = layer_shapes(backend, [out_layer])[out_layer][0]
-    for c in profile.get("classes") or []:
-        if backend.labels and int(c) < n_out:
-            units.append((f"{out_layer}:{int(c)}", int(c)))
-    for frac, channel in profile.get("hidden") or []:
-        layer = layers[min(len(layers) - 2, max(0, int(round(float(frac) * (len(layers) - 1)))))]
+    classes = _entries("profile.classes", profile.get("classes"))
+    if classes and not backend.labels:
+        raise DeepvisError(f"profile.classes needs a backend with labels; {backend.name} has none "
+                           "(give profile.classes=[] and hidden units)")
+    for c in classes:
+        c = whole("profile.classes entry", c, 0)
+        if c >= n_out:
+            raise DeepvisError(f"profile.classes: class {c} out of range ({out_layer} has {n_out} classes, 0..{n_out - 1})")
+        units.append((f"{out_layer}:{c}", c))
+    for entry in _entries("profile.hidden", profile.get("hidden")):
+        if not _is_list(entry) or len(entry) != 2:
+            raise DeepvisError(f"profile.hidden entries are [depth fraction, channel], e.g. [0.5, 10]; got {entry!r}"[:300])
+        frac = number("profile.hidden depth fraction", entry[0], minimum=0.0)
+        if frac > 1:
+            raise DeepvisError(f"profile.hidden depth fraction must be in [0, 1] (of the layer list), got {frac}")
+        channel = whole("profile.hidden channel", entry[1], 0)
+        layer = layers[min(len(layers) - 2, max(0, int(round(frac * (len(layers) - 1)))))]
         n = layer_shapes(backend, [layer])[layer][0]
-        units.append((f"{layer}:{int(channel) % n}", None))
+        if channel >= n:
+            raise DeepvisError(f"profile.hidden: channel {channel} out of range for {layer} (depth {frac:g}), "
+                               f"which has {n} channels")
+        units.append((f"{layer}:{channel}", None))
     if not units:
-        raise DeepvisError("the profile names no units (classes need a backend with labels)")
+        raise DeepvisError("the profile names no units")
     return units
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _entries(what: str, value) -> list:
+    if value is None:
+        return []
+    if not _is_list(value):
+        raise DeepvisError(f"{what} must be a list, got {value!r}"[:300])
+    return list(value)
 
 
 def image_name(setting: str, unit: str) -> str:

@@ -9,13 +9,15 @@ from pathlib import Path
 
 from omegaconf import ListConfig, OmegaConf
 
+from ..bf16 import fallback_note, runs_bf16
 from ..console import output_dir, resolve_device, seed_everything
 from ..errors import DeepvisError
-from ..files import check_output_dir, write_json
+from ..files import check_output_dir, folder_lock, write_json
 from ..numerics import Numerics
 from ..optimize import backend_lr_scale
 from ..outputs import machine, versions
 from ..registry import instantiate_backend
+from ..reproduce.harness import profile_units
 from ..reproduce.stats import fmt_interval
 from ..units import resolve_units
 from ..validate import flag, number, whole
@@ -24,11 +26,15 @@ from .panel import load_or_build_panel
 from .select import choose_best, pareto_figure, write_presets
 from .space import check_space
 from .trial import TrialRunner
-from .tuning import Ledger, check_identity, run_search
+from .tuning import Ledger, check_identity, probe_address, run_search
 
 
 #: The paper tried about 300 settings; a search of a million would never end on any machine.
 MAX_TRIALS = 100_000
+
+
+def torch_device_type(device: str) -> str:
+    return str(device).split(":")[0]
 
 
 def _units(value) -> list[str]:
@@ -60,12 +66,31 @@ def search_task(cfg) -> None:
     cpus = number("engine.cpus_per_trial", e.cpus_per_trial, positive=True, allow_none=True)
     gpus = number("engine.gpus_per_trial", e.gpus_per_trial or 0, minimum=0.0)
     numerics = Numerics(str(cfg.numerics)).mode
+    if e.address:
+        probe_address(str(e.address))  # nothing listening there: one line now, not after the model loads
     folder = str(s.dir) if s.dir else output_dir()
     check_output_dir(folder, "search.dir")
+    with folder_lock(folder, "search.dir", "wait for it to finish, or give another search.dir"):
+        _search(cfg, s, e, trials=trials, validating=validating, steps=steps, seed=seed,
+                report_every=report_every, units=units, sampler=sampler, space=space, asha=asha, cpus=cpus,
+                gpus=gpus, numerics=numerics, folder=folder)
+
+
+def _search(cfg, s, e, *, trials, validating, steps, seed, report_every, units, sampler, space, asha, cpus, gpus,
+            numerics, folder) -> None:
     seed_everything(seed)
     device = resolve_device(cfg.device)
+    if numerics == "bf16" and not runs_bf16(torch_device_type(device)):
+        # said here, where it is seen (a trial's own warning is lost inside its Ray worker)
+        print(f"deepvis: {fallback_note(torch_device_type(device))}", file=sys.stderr, flush=True)
+        numerics = "default"
     backend = instantiate_backend(cfg.backend).to(device)
     resolve_units(backend, units)  # a wrong unit is one line now, not an error in every trial
+    if validating:  # a held-out class out of range is one line now, not after every trial ran
+        try:
+            profile_units(backend, holdout_profile(backend, OmegaConf.to_container(s.holdout), units, steps, []))
+        except DeepvisError as err:
+            raise DeepvisError(f"search.holdout: {err}".replace("profile.", "")) from None
     judge = instantiate_backend(cfg.judge).to(device)
     lr_scale = backend_lr_scale(backend)  # calibrated once here, not in every trial
     identity = {"backend": backend.name, "judge": judge.name, "units": units, "space": space, "sampler": sampler,

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import DeepvisError
+from ..validate import whole
 from ..images import figure_grid, save_png, stretched
 from ..optimize import PRESETS
 from ..reproduce.harness import run_profile, write_outputs
@@ -23,7 +24,10 @@ def holdout_profile(backend, holdout: dict, search_units: list[str], steps: int,
     held-out classes that are not search units."""
     out = backend.output_layer
     searched = {str(u) for u in search_units}
-    classes = [int(c) for c in holdout.get("classes") or [] if f"{out}:{int(c)}" not in searched]
+    listed = holdout.get("classes") or []
+    if not isinstance(listed, (list, tuple)):
+        raise DeepvisError(f"search.holdout.classes must be a list, got {listed!r}"[:300])
+    classes = [c for c in (whole("search.holdout.classes entry", c, 0) for c in listed) if f"{out}:{c}" not in searched]
     settings = [{**asdict(PRESETS[n]), "steps": int(steps)} for n in PAPER] + list(best_paths)
     if not classes and not holdout.get("hidden"):
         raise DeepvisError("search.holdout names no unit the search did not see")

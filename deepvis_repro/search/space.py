@@ -33,8 +33,29 @@ CHOICE = ("blur_every", "lr_policy", "steps")
 METHODS = ("pixels", "lucid", "maco")  # the paper's pixels with Table 1's regularizers, or a successor
 
 
+def _entry(space: dict, name: str, what: str) -> dict:
+    d = space[name]
+    if d is None:
+        return {}
+    if not isinstance(d, dict):  # search.space.decay=5
+        raise DeepvisError(f"search.space.{name} must be a mapping with {what}, got {d!r}"[:300])
+    return d
+
+
+def _float(name: str, key: str, v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise DeepvisError(f"search.space.{name}.{key} must be a number, got {v!r}"[:300]) from None
+    if not math.isfinite(f):
+        raise DeepvisError(f"search.space.{name}.{key} must be a finite number, got {v!r}")
+    return f
+
+
 def check_space(space: dict) -> dict:
-    """The space as plain dicts, every entry checked: {name: {low, high, log} | {choices} | {p_on}}."""
+    """The space as plain dicts, every entry checked: {name: {low, high, log} | {choices} | {p_on}}.
+    Every value a trial can draw is checked too (each bound and each choice, as a setting): a value
+    no trial could run with is one line here, not a failure inside every trial."""
     space = dict(space or {})
     need = set(NUMERIC) | set(CHOICE) | set(SWITCHES)
     missing, unknown = need - set(space), set(space) - need - {"method"}
@@ -44,39 +65,64 @@ def check_space(space: dict) -> dict:
                            + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else ""))
     out = {}
     for name in NUMERIC:
-        d = dict(space[name] or {})
-        try:
-            low, high = float(d["low"]), float(d["high"])
-        except (KeyError, TypeError, ValueError):
-            raise DeepvisError(f"search.space.{name} needs numbers low and high, got {d}") from None
-        log = bool(d.get("log", False))
-        if not (math.isfinite(low) and math.isfinite(high) and low < high) or (log and low <= 0):
+        d = _entry(space, name, "low and high")
+        if "low" not in d or "high" not in d:
+            raise DeepvisError(f"search.space.{name} needs numbers low and high, got {d}"[:300])
+        low, high = _float(name, "low", d["low"]), _float(name, "high", d["high"])
+        log = d.get("log", False)
+        if not isinstance(log, bool):
+            raise DeepvisError(f"search.space.{name}.log must be true or false, got {log!r}"[:300])
+        if not low < high or (log and low <= 0):
             raise DeepvisError(f"search.space.{name}: need low < high (and low > 0 with log), got {low}, {high}")
         out[name] = {"low": low, "high": high, "log": log}
     for name in CHOICE:
-        choices = list((space[name] or {}).get("choices") or [])
-        if not choices:
-            raise DeepvisError(f"search.space.{name} needs a non-empty list 'choices'")
-        out[name] = {"choices": choices}
+        choices = _entry(space, name, "a list 'choices'").get("choices")
+        if not isinstance(choices, (list, tuple)) or not choices:
+            raise DeepvisError(f"search.space.{name} needs a non-empty list 'choices', got {choices!r}"[:300])
+        out[name] = {"choices": list(choices)}
     for c in out["lr_policy"]["choices"]:
         if c not in ("constant", "progress", "progress01"):
-            raise DeepvisError(f"search.space.lr_policy: unknown policy '{c}'")
+            raise DeepvisError(f"search.space.lr_policy: unknown policy {c!r} (constant, progress, progress01)")
     for c in out["steps"]["choices"]:
-        if not 0 < float(c) <= 1:
-            raise DeepvisError(f"search.space.steps: fractions of search.steps in (0, 1], got {c}")
+        if isinstance(c, bool) or not 0 < _float("steps", "choices", c) <= 1:
+            raise DeepvisError(f"search.space.steps: fractions of search.steps in (0, 1], got {c!r}")
+    for c in out["blur_every"]["choices"]:
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise DeepvisError(f"search.space.blur_every: whole numbers of steps >= 1, got {c!r}")
     for name in SWITCHES:
-        p = float((space[name] or {}).get("p_on", 0.5))
+        p = _float(name, "p_on", _entry(space, name, "p_on").get("p_on", 0.5))
         if not 0 <= p <= 1:
             raise DeepvisError(f"search.space.{name}.p_on must be in [0, 1], got {p}")
         out[name] = {"p_on": p}
     if "method" in space:
-        choices = list((space["method"] or {}).get("choices") or [])
+        choices = _entry(space, "method", "a list 'choices'").get("choices")
+        choices = list(choices) if isinstance(choices, (list, tuple)) else []
         bad = [c for c in choices if c not in METHODS]
         if not choices or bad:
             raise DeepvisError(f"search.space.method needs 'choices' among {', '.join(METHODS)}"
                                + (f"; unknown: {', '.join(map(str, bad))}" if bad else ""))
-        out["method"] = {"choices": choices}
+        if choices != ["pixels"]:  # pixels alone is Table 1's space: the same identity and draws as without
+            out["method"] = {"choices": list(dict.fromkeys(choices))}
+    _check_draws(out)
     return out
+
+
+def _check_draws(space: dict) -> None:
+    """Each bound of each range and each choice, as the one value that differs from a setting with
+    every regularizer on, made into a Preset and validated (decay 2 or a negative lr fail here)."""
+    base = {n: space[n]["low"] for n in NUMERIC} | {n: space[n]["choices"][0] for n in CHOICE} \
+        | {n: True for n in SWITCHES}
+    try:
+        to_preset(base, 1000)
+    except DeepvisError as e:
+        raise DeepvisError(f"search.space: a trial drawing the ranges' low ends could not run: {e}") from None
+    trials = [(n, v) for n in NUMERIC for v in (space[n]["low"], space[n]["high"])]
+    trials += [(n, v) for n in CHOICE for v in space[n]["choices"]]
+    for name, v in trials:
+        try:
+            to_preset({**base, name: v}, 1000)
+        except DeepvisError as e:
+            raise DeepvisError(f"search.space.{name}: a trial drawing {v!r} could not run: {e}") from None
 
 
 def sample(space: dict, n: int, seed: int) -> list[dict]:

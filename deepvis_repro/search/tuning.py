@@ -16,11 +16,10 @@ import io
 import json
 import math
 import os
-import sys
 import time
 
 from ..errors import DeepvisError
-from ..files import write_json, write_text
+from ..files import disk_error, write_json, write_text
 from .space import sample, to_preset, tune_space
 
 #: trials.csv's columns: the trial, its setting (as the preset it stands for), its measures
@@ -38,15 +37,28 @@ class Ledger:
         self.folder = folder
         self.path = os.path.join(folder, "trials.jsonl")
         self.rows: list[dict] = []
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except ValueError:  # the last line of a run killed mid-write: that trial runs again
+        if os.path.lexists(self.path):
+            if not os.path.isfile(self.path):
+                raise DeepvisError(f"{self.path} is not a file: move it away or give another search.dir")
+            try:
+                with open(self.path, "rb") as f:
+                    lines = f.read().split(b"\n")
+            except OSError as e:
+                raise DeepvisError(f"cannot read {self.path}: {e.strerror or e}") from None
+            lines = [l for l in lines if l.strip()]
+            for n, line in enumerate(lines, 1):
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    if n == len(lines):  # the last line of a run killed mid-write: that trial runs again
                         continue
-                    if isinstance(row, dict) and "trial" in row:
-                        self.rows.append(row)
+                    raise DeepvisError(f"{self.path}: line {n} is not a JSON trial record (edited by hand?); "
+                                       "move the file away or give another search.dir") from None
+                problem = _row_problem(row)
+                if problem:
+                    raise DeepvisError(f"{self.path}: line {n} is not a trial record ({problem}); "
+                                       "move the file away or give another search.dir")
+                self.rows.append(row)
             self._rewrite_jsonl()  # a torn line would otherwise sit in front of the next one
 
     def _rewrite_jsonl(self):
@@ -83,6 +95,25 @@ class Ledger:
         return front
 
 
+def _row_problem(row) -> str | None:
+    """What makes a ledger line unusable, or None: the fields the search reads, with their types."""
+    if not isinstance(row, dict):
+        return "not an object"
+    t = row.get("trial")
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        return f"trial is {t!r}, not a whole number"
+    if not isinstance(row.get("params"), dict):
+        return "params is not an object"
+    for k in ("status",):
+        if not isinstance(row.get(k), str):
+            return f"{k} is not a string"
+    for k in ("score", *MEASURE_COLUMNS, "steps_run", "seconds"):
+        v = row.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"{k} is {v!r}, not a number"[:120]
+    return None
+
+
 def _cell(v):
     if isinstance(v, float):
         return "" if not math.isfinite(v) else f"{v:.6g}"
@@ -116,6 +147,13 @@ def check_identity(folder: str, identity: dict) -> None:
     """A search folder holds one search: the same backend, units, space, sampler, seed and steps.
     A rerun continues it; a different search there is refused (its trials would not compare)."""
     path = os.path.join(folder, "search.json")
+    if not os.path.exists(path):
+        # trials or a panel without the identity they were made under: a rerun with other units
+        # would adopt them as its own
+        left = [n for n in ("trials.jsonl", "panel.npz") if os.path.exists(os.path.join(folder, n))]
+        if left:
+            raise DeepvisError(f"search.dir {folder} holds {' and '.join(left)} but no search.json (the search "
+                               "they belong to): move them away or give another search.dir")
     if os.path.exists(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -149,15 +187,59 @@ def _init_ray(address: str | None, object_store_memory: int | None) -> bool:
     if ray.is_initialized():
         return False
     kw = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=True)
+    if address:
+        probe_address(address)
+    import signal
+
+    ours = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if address:
             ray.init(address=address, **kw)
         else:
             ray.init(num_cpus=os.cpu_count(), object_store_memory=object_store_memory, **kw)
-    except ConnectionError as e:
-        raise DeepvisError(f"cannot reach the Ray cluster at engine.address={address}: "
-                           f"{str(e).splitlines()[0][:200]} (start one with 'ray start --head')") from None
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # ConnectionError, a ray:// without Ray Client, a cluster that went away ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DeepvisError(f"cannot reach the Ray cluster at engine.address={address}: {first} "
+                           "(start one with 'ray start --head', or give engine.address=null for a local Ray)") from None
+    # ray.init puts its own C++ handler on SIGTERM (a stack dump, then death by the signal: no
+    # summary, no best files, status 134 or -15); ours saves what is done and exits 143
+    for sig, handler in ours.items():
+        if callable(handler):
+            signal.signal(sig, handler)
     return True
+
+
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT nothing listens on: one line now (Ray itself retries it for minutes)."""
+    import socket
+
+    target = address.split("://", 1)[1] if address.startswith("ray://") else address
+    if address == "auto" or "://" in target or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise DeepvisError(f"engine.address must be auto, HOST:PORT or ray://HOST:PORT, got '{address}'") from None
+    try:
+        socket.create_connection((host, port_n), timeout=timeout).close()
+    except OSError as e:
+        raise DeepvisError(f"cannot reach the Ray cluster at engine.address={address}: {e.strerror or e} "
+                           "(start one with 'ray start --head', or give engine.address=null for a local Ray)") from None
+
+
+def _check_resources(cpus: float, gpus: float) -> None:
+    """A trial that asks for more than the whole cluster has is never scheduled (Ray waits for
+    it for ever): say so instead."""
+    import ray
+
+    have = ray.cluster_resources()
+    for what, asked, key in (("cpus_per_trial", cpus, "CPU"), ("gpus_per_trial", gpus, "GPU")):
+        if asked > have.get(key, 0.0) + 1e-9:
+            raise DeepvisError(f"engine.{what}={asked:g}, but the Ray cluster has {have.get(key, 0.0):g} {key}s: "
+                               f"no trial could ever start (give at most {have.get(key, 0.0):g})")
 
 
 def run_search(runner, space: dict, *, folder: str, trials: int, base_steps: int, sampler: str = "random",
@@ -188,6 +270,7 @@ def run_search(runner, space: dict, *, folder: str, trials: int, base_steps: int
     try:
         cpus = float(cpus_per_trial or ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         resources = {"cpu": cpus, "gpu": float(gpus_per_trial or 0)}
+        _check_resources(resources["cpu"], resources["gpu"])
         tracker = _progress_callback(ledger, trials, base_steps, progress)
         kw = {}
         if sampler == "random":
@@ -212,9 +295,20 @@ def run_search(runner, space: dict, *, folder: str, trials: int, base_steps: int
             run_config=tune.RunConfig(name=name, storage_path=os.path.abspath(os.path.join(folder, "tune")),
                                       callbacks=[tracker], verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)))
-        tuner.fit()
-        for msg in tracker.errors:
-            print(f"warning: {msg}", file=sys.stderr)
+        try:
+            tuner.fit()
+        except (KeyboardInterrupt, DeepvisError):
+            raise
+        except OSError as e:  # a full disk under search.dir/tune
+            raise disk_error(getattr(e, "filename", None) or os.path.join(folder, "tune"), e) from None
+        except Exception as e:  # the cluster went away ('ray stop'), a Ray error of its own
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise DeepvisError(f"the search's Ray Tune run stopped: {type(e).__name__}: {first}; the "
+                               f"finished trials are in {ledger.path}: rerun the same command to continue") from None
+        if tracker.errors:
+            # a trial that failed is a fault to fix, never an interruption to rerun past
+            raise DeepvisError(f"{len(tracker.errors)} trial(s) failed ({tracker.errors[0]}); the finished "
+                               f"trials are in {ledger.path}")
     finally:
         if started:
             import ray
@@ -237,7 +331,10 @@ def _tpe(space: dict, ledger: Ledger, seed: int):
 
     with warnings.catch_warnings():  # multivariate is "experimental" in Optuna's words since 2.2
         warnings.simplefilter("ignore")
-        sampler = optuna.samplers.TPESampler(seed=int(seed), multivariate=True, n_startup_trials=16)
+        # seeded by the search's seed and how far it got: a resumed search must not draw its random
+        # start again (the same seed alone would repeat the first run's settings under new numbers)
+        sampler = optuna.samplers.TPESampler(seed=int(seed) + 1_000_003 * len(rows), multivariate=True,
+                                             n_startup_trials=16)
     return OptunaSearch(space=tune_space(space), metric="score", mode="max", sampler=sampler,
                         points_to_evaluate=[r["params"] for r in rows] or None,
                         evaluated_rewards=[float(r["score"] or 0.0) for r in rows] or None)
