@@ -83,10 +83,91 @@ def clean_graph(model):
     return model
 
 
+def topological(model, path: str):
+    """The graph's nodes in an order where every value is made before it is used. ONNX requires
+    it, onnxruntime does not check it, and some writers (onnxruntime's own fp16 converter) put a
+    node after its users; onnx2torch then fails on a value it has not seen. A stable sort: nodes
+    already in order keep it."""
+    g = model.graph
+    made_by = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    known = {i.name for i in g.initializer} | {i.name for i in g.input} | {""}
+    nodes = list(g.node)
+    needs = [{v for v in n.input if v not in known and v in made_by} for n in nodes]
+    if all(made_by[v] < i for i, vs in enumerate(needs) for v in vs):
+        return model  # already in order (nearly every file)
+    import heapq
+
+    users: dict[int, list[int]] = {}
+    waiting = [len(vs) for vs in needs]
+    for i, vs in enumerate(needs):
+        for v in vs:
+            users.setdefault(made_by[v], []).append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            waiting[u] -= 1  # one count per input value (a node using a value twice counts it once)
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        stuck = next(nodes[i] for i in range(len(nodes)) if i not in set(order))
+        raise DeepvisError(f"ONNX file {path}: its graph has a cycle (node {stuck.name or stuck.output[0]}, "
+                           f"{stuck.op_type}): not a valid model")
+    del g.node[:]
+    g.node.extend(nodes[i] for i in order)
+    return model
+
+
+def as_float32(model):
+    """A float16 file (onnxruntime's fp16 converter, half-precision exports) read in float32:
+    its weights, constants, Casts to float16 and declared float16 values become float32. The
+    arithmetic is then float32's, which the file's float16 weights hold exactly."""
+    import onnx
+    from onnx import numpy_helper
+
+    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    g = model.graph
+    changed = False
+    for i, t in enumerate(g.initializer):
+        if t.data_type == F16:
+            new = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
+            g.initializer[i].CopyFrom(new)
+            changed = True
+    for node in g.node:
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i == F16:
+                a.i, changed = F32, True
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F16:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+                changed = True
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        if v.type.tensor_type.elem_type == F16:
+            v.type.tensor_type.elem_type, changed = F32, True
+    if changed:
+        model.metadata_props.add(key="deepvis.read_as", value="float16 file, computed in float32")
+    return model
+
+
+def check_single_input(model, path: str) -> None:
+    """deepvis feeds a model one image: a second input (a mask, a second image, a size) is named."""
+    ins = list(model.graph.input)
+    if len(ins) > 1:
+        def shape(v):
+            return "[" + ", ".join(d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim) + "]"
+
+        names = ", ".join(f"'{v.name}' {shape(v)}" for v in ins)
+        raise DeepvisError(f"ONNX file {path} has {len(ins)} inputs ({names}); deepvis feeds a model one image: "
+                           f"export it with the image as its only input (the others as constants), or cut it "
+                           f"to the part that takes the image only")
+
+
 AUTO_PAD_OPS = ("Conv", "MaxPool", "AveragePool", "LpPool")
 
 
-def explicit_pads(model, path: str):
+def explicit_pads(model, path: str, input_size=None, layout: str = "NCHW"):
     """auto_pad SAME_UPPER / SAME_LOWER / VALID (Keras and TensorFlow exports) written as the
     explicit pads they stand for, which onnx2torch converts (it refuses SAME_*). SAME pads the
     total (ceil(in / stride) - 1) * stride + (kernel - 1) * dilation + 1 - in, its odd pixel at the
@@ -99,10 +180,19 @@ def explicit_pads(model, path: str):
              and any(a.name == "auto_pad" and a.s.decode() not in ("NOTSET", "") for a in n.attribute)]
     if not nodes:
         return model
+    probe = model
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if input_size and len(dims) == 4 and any(not d.dim_value for d in dims[1:]):
+        # a dynamic input: shape inference on a copy whose input has the size the model will be fed
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        pd = probe.graph.input[0].type.tensor_type.shape.dim
+        for axis, v in zip((2, 3) if layout == "NCHW" else (1, 2), input_size):
+            pd[axis].dim_value = int(v)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(probe)
     except Exception:  # shape inference is a convenience here: without it, sizes stay unknown
-        inferred = model
+        inferred = probe
     shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
               for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
@@ -111,13 +201,15 @@ def explicit_pads(model, path: str):
         mode = attrs["auto_pad"].s.decode()
         where = f"ONNX file {path}: node {node.name or node.output[0]} ({node.op_type}, auto_pad={mode})"
         shape = shapes.get(node.input[0])
-        spatial = shape[2:] if shape and len(shape) >= 3 else [None]
+        kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else inits.get(node.input[1], [])[2:]
+        spatial = shape[2:] if shape and len(shape) >= 3 else [None] * max(1, len(kernel))
+        if mode == "VALID":  # no padding: nothing to know about the input's size
+            spatial = [0] * len(kernel) if kernel else spatial
         if None in spatial:
             raise DeepvisError(f"{where}: the size of its input is unknown (onnx's shape inference gives "
-                               "none), so its padding cannot be made explicit; export the model with a fixed "
-                               "input size")
+                               "none), so its padding cannot be made explicit; give backend.input_size=[H,W] "
+                               "or export the model with a fixed input size")
         rank = len(spatial)
-        kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else inits.get(node.input[1], [])[2:]
         strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * rank
         dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * rank
         if len(kernel) != rank:
@@ -177,7 +269,9 @@ def load_onnx(path: str):
     check_initializers(model, path)
     if not len(model.graph.input):
         raise DeepvisError(f"ONNX file {path} has no graph input")
-    return explicit_pads(clean_graph(model), path)
+    model = as_float32(topological(clean_graph(model), path))
+    check_single_input(model, path)
+    return model
 
 
 def _opset(model) -> int:
@@ -220,11 +314,13 @@ def cut_at(model, until: str, path: str):
 
     named = _node_names(model)
     value = next((n.output[0] for name, n in named if name == until), None)
+    if value is None:  # the node's name as the file writes it (onnx2torch's may differ)
+        value = next((n.output[0] for _, n in named if n.name and n.name == until), None)
     if value is None and any(until in n.output for _, n in named):
         value = until
     if value is None:
         raise DeepvisError(f"until={until}: ONNX file {path} has no node or value of that name; "
-                           + did_you_mean(until, [name for name, _ in named]))
+                           + did_you_mean(until, [name for name, _ in named] + [n.name for _, n in named if n.name]))
     # the nodes the value depends on, in graph order (not onnx's Extractor: it needs the shapes of
     # every value, which shape inference does not give past an operator it does not know)
     maker = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
@@ -259,8 +355,36 @@ def _first_node_of(model, op: str) -> tuple[str | None, str | None]:
 def convert(model, path: str):
     """onnx2torch, first as is; a file newer than opset 17 that it refuses is converted down to
     opset 17 with onnx's version converter (the dynamo exporter writes ReduceMean at opset 18)."""
-    module = _convert(model, path)
+    try:
+        module = _convert(model, path)
+    except DeepvisError:
+        raise
+    except Exception as e:  # a converter's own check failed ('spatial rank == -2', a KeyError ...)
+        raise _converter_failure(model, path, e) from None
     return _fix_modules(module)
+
+
+def _converter_failure(model, path: str, e: Exception) -> DeepvisError:
+    """One line for a failure inside onnx2torch: the node it was converting (found in the
+    traceback: its converter loop's ``name`` and ``onnx_node``), its operator, and the cut that
+    looks at the network before it."""
+    name = op = None
+    tb = e.__traceback__
+    while tb is not None:
+        loc = tb.tb_frame.f_locals
+        node = loc.get("onnx_node")
+        if node is not None and hasattr(node, "operation_type"):
+            name, op = loc.get("name") or getattr(node, "unique_name", None), node.operation_type
+        tb = tb.tb_next
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    if name is None:
+        return DeepvisError(f"ONNX file {path}: onnx2torch cannot convert it: {type(e).__name__}: {why}")
+    named = _node_names(model)
+    maker = {o: n for n, node in named for o in node.output}
+    node = dict(named).get(name)
+    before = next((maker[i] for i in (node.input if node is not None else []) if i in maker), None)
+    return DeepvisError(f"ONNX file {path}: node '{name}' ({op}) cannot be converted by onnx2torch ({why})"
+                        + (f"; to look at the network before it, give backend.until={before}" if before else ""))
 
 
 def _convert(model, path: str):
@@ -294,9 +418,8 @@ def _convert(model, path: str):
                 except NotImplementedError as e3:
                     op, ver = describe(e3)
                     why = str(e3)
-        if "operation_type='" not in why:  # a refusal inside a converter: its own words
-            raise DeepvisError(f"ONNX file {path} (opset {_opset(model)}): onnx2torch cannot convert it: "
-                               f"{(why.splitlines() or [''])[0][:200]}") from None
+        if "operation_type='" not in why:  # a refusal inside a converter ('spatial rank == -2'): its node
+            raise _converter_failure(model, path, e) from None
         node, before = _first_node_of(model, op)
         raise DeepvisError(f"ONNX file {path} uses operator {op} (opset {ver})"
                            + (f" at node '{node}'" if node else "") + ", which onnx2torch cannot convert"
@@ -355,6 +478,7 @@ class OnnxBackend(HookBackend):
                 raise DeepvisError(f"ONNX file {path} has no fixed input size; give backend.input_size=[H,W]")
             input_size = size
         input_size = check_input_size(input_size, f"ONNX file {path}")  # before any forward pass
+        model = explicit_pads(model, path, input_size, layout)
         last_value = None
         if meta.get("cut"):
             labels = None  # deepvis-convert wrote a Caffe net built up to backend.until only
@@ -393,7 +517,8 @@ class OnnxBackend(HookBackend):
             blobs = meta["blobs"] if until in (None, "") else [b for b in meta["blobs"] if b in made]
             paths = self._blob_layers(blobs, nodes)
         else:
-            paths = self._layers(module, nodes, to_input, tuple(input_size), channels)
+            paths, self.not_layers = self._layers(module, nodes, to_input, tuple(input_size), channels,
+                                                  [o.name for o in model.graph.output])
         if last_value is not None:  # the layer the cut graph ends with (a value that is no layer: the last one)
             ending = [n for n, p in paths if nodes.get(p) is not None and last_value in nodes[p].output_values]
             until = ending[0] if ending else paths[-1][0]
@@ -430,7 +555,7 @@ class OnnxBackend(HookBackend):
         return [(b, writer[b]) for b in blobs]
 
     @staticmethod
-    def _layers(module, nodes, to_input, size, channels):
+    def _layers(module, nodes, to_input, size, channels, outputs=()):
         """(name, module path) of every module whose output is an activation: a float tensor with
         the batch and a channel axis, computed once per forward (found with a batch of 2 zero
         images). Which axis is which is the layout tracer's (deepvis_repro/layout.py): an NHWC
@@ -447,17 +572,30 @@ class OnnxBackend(HookBackend):
                 module.eval()
                 module(to_input(torch.zeros(2, channels, *size)))
         except Exception as e:
-            raise DeepvisError(f"the ONNX model does not run on a {size[0]}x{size[1]} image: "
-                               f"{str(e).splitlines()[0][:200]}") from None
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if _runs_at_batch_1(module, to_input, size, channels):
+                # a batch of 1 baked into a Reshape (torch.onnx.export without dynamic_axes): the
+                # image is fine, the batch is not; every tool feeds batches (mining, the optimizer)
+                raise DeepvisError(
+                    "the ONNX model runs only on a batch of 1 (its graph fixes the batch size: " + first
+                    + "); export it with a dynamic batch axis, e.g. torch.onnx.export(..., "
+                    "dynamic_axes={'input': {0: 'batch'}})") from None
+            raise DeepvisError(f"the ONNX model does not run on a {size[0]}x{size[1]} image: {first}") from None
         finally:
             for h in handles:
                 h.remove()
-        paths = []
+        paths, skipped = [], {}
+        graph_outputs = {t for t, n in nodes.items() if set(n.output_values) & set(outputs)}
         for t in candidates:
             outs = seen.get(t, [])
             if len(outs) != 1:
                 continue
             o = outs[0]
+            if (isinstance(o, torch.Tensor) and o.is_floating_point() and 2 <= o.dim() <= 4 and o.shape[0] != 2
+                    and 2 in o.shape[1:] and t in graph_outputs):
+                # a model output whose batch is not its first axis (a CRNN's (T, N, C) logits): said
+                skipped[t] = (f"shape {tuple(o.shape)} at a batch of 2: its batch is axis "
+                                           f"{list(o.shape).index(2)}, not 0; the tools read values of shape (N, C, ...)")
             if not (isinstance(o, torch.Tensor) and o.is_floating_point() and 2 <= o.dim() <= 4 and o.shape[0] == 2):
                 continue  # shape arithmetic, integer indices, constants, 5-D reshapes: nothing to look at
             node = nodes.get(t)
@@ -465,8 +603,19 @@ class OnnxBackend(HookBackend):
                 continue
             paths.append((t, t))
         if not paths:
-            raise DeepvisError("the ONNX model has no layer with a batch and a channel axis to show")
-        return paths
+            raise DeepvisError("the ONNX model has no layer with a batch and a channel axis to show"
+                               + "".join(f"; {t}: {why}" for t, why in skipped.items()))
+        return paths, skipped
+
+
+def _runs_at_batch_1(module, to_input, size, channels) -> bool:
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module(to_input(torch.zeros(1, channels, *size)))
+    except Exception:
+        return False
+    return True
 
 
 def default_scaling(channels: int) -> tuple[tuple, tuple]:

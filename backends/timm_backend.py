@@ -1,7 +1,10 @@
 """Any model of timm's zoo as a backend: ``backend=timm backend.model=NAME``.
 
-The model's own pretrained configuration (``pretrained_cfg``) gives the input size, mean and std,
-the centre crop's fraction (``crop_pct``) and, for ImageNet-1k heads, the labels. Weights:
+The model's own pretrained configuration (``pretrained_cfg``) gives the input size, mean and std
+and, for ImageNet-1k heads, the labels. Its ``crop_pct`` and ``interpolation`` are kept in
+``self.pretrained_cfg`` but not applied yet: the view resizes the shorter side to the input size
+(bilinear) and centre-crops, so a picture reaches the model about 12% larger than timm's own eval
+transform (shorter side to size / crop_pct, bicubic for ViTs) would show it. Weights:
 ``pretrained=true`` loads through timm's and the hub's own cache (offline and not cached: one line
 that names ``checkpoint=``); ``checkpoint=FILE`` reads a safetensors file or a state dict
 (``torch.load(weights_only=True)``, never a pickle of objects); neither: random weights, said once.

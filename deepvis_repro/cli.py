@@ -75,6 +75,8 @@ def inspect_task(cfg) -> None:
         channels = lay.channels if lay.decided else "-"
         raw = f" {lay.raw}" if lay.decided and tuple(lay.raw) != tuple(shape) else ""
         print(f"{labels[name]:<{width}}{str(shape):<22}{channels:>8}  {lay.describe()}{raw}")
+    for name, why in getattr(backend, "not_layers", {}).items():  # values a user may look for, and why not
+        print(f"not a layer: {name}: {why}")
 
 
 def inspect_main() -> None:

@@ -221,3 +221,82 @@ def test_every_tool_on_a_vit(tmp_path, photo_x):
             "profile.settings=[paper_3,lucid]", "references=none", "judge=null", f"hydra.run.dir={tmp_path / 'rep'}")
     assert r.returncode == 0 and "References: not compared" in r.stdout, r.stderr
     assert manifest
+
+
+def _live_pass(backend, layer, photo, **settings):
+    """One network pass of the live view (its network thread's work), on a photo."""
+    from deepvis_repro.live.network import Network
+    from deepvis_repro.live.settings import ViewSettings
+
+    layers = shown_layers(backend)
+    s = ViewSettings(layer=layers.index(layer), **settings)
+    return Network(backend, None, lambda: s, layers=layers).compute(photo, 1, s)
+
+
+def test_live_view_shows_attention_from_the_units_strongest_patch_and_the_prefix_tokens(photo_x):
+    """Issue 32: attention maps in the live view (x), prefix tokens beside the patch map, and the
+    back modes' rule for GELU said. The maps are the model's own softmax (timm's unfused path)."""
+    b = timm_backend("deit_tiny_distilled_patch16_224")
+    layer, unit = "blocks.1", 7
+    snap = _live_pass(b, layer, photo_x, unit=unit, attention=True, back=2)
+    assert snap.layout == "tokens 14x14 + cls, dist" and not snap.warning
+    assert [name for name, _, _ in snap.prefix] == ["cls", "dist"]
+    x = b.preprocess(photo_x)
+    with torch.no_grad():
+        acts = b.forward(x, [layer, layer + PREFIX])
+    assert [v for _, _, v in snap.prefix] == pytest.approx(acts[layer + PREFIX][0, unit].tolist(), rel=1e-6)
+    # the query: the patch where the unit is strongest; the keys: the 14x14 patches
+    y, xx = np.unravel_index(int(acts[layer][0, unit].argmax()), (14, 14))
+    assert snap.attention.startswith(f"attention of patch ({y}, {xx}), where unit {unit} is strongest: 3 heads")
+    attn = b.module.blocks[1].attn
+    attn.fused_attn, seen = False, []
+    h = attn.attn_drop.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            b.forward(x, [layer])
+    finally:
+        h.remove()
+        attn.fused_attn = True
+    own = seen[0][0, :, 2 + y * 14 + xx, 2:].reshape(3, 14, 14).numpy()  # 2 prefix tokens first
+    assert snap.grid_rc == (2, 2) and snap.tile_hw == (14, 14)
+    tiles = [snap.grid[1 + r * 15:15 + r * 15, 1 + c * 15:15 + c * 15] for r, c in ((0, 0), (0, 1), (1, 0))]
+    rel = own / own.reshape(3, -1).max(1)[:, None, None]  # each head to its own peak (indiv boost 1) ...
+    rel = (rel - rel.min()) / (rel.max() - rel.min())      # ... then the grid's one scale
+    for head, tile in enumerate(tiles):
+        assert np.abs(tile.astype(float) / 255 - rel[head]).max() < 0.01, head
+    assert "GELU" in snap.back_note and "positive part" in snap.back_note
+    # Swin's attention is within 7x7 windows of a channels-last map: said, never drawn on the grid
+    swin = timm_backend("swin_tiny_patch4_window7_224")
+    s = _live_pass(swin, "layers.0.blocks.0", photo_x, attention=True)
+    assert "attention maps need a token layer on a patch grid; this one is channels-last" in s.warning
+    assert not s.attention
+    # a convolutional layer has none
+    s = _live_pass(swin, shown_layers(swin)[0], photo_x, attention=True)
+    assert "has no attention of its own" in s.warning
+
+
+def test_onnx_exports_of_a_vit_read_as_tokens_or_name_their_fixed_batch(tmp_path, photo_x):
+    """Issue 32: a ViT exported by torch.onnx.export was read as 197 channels; exported without a
+    dynamic batch axis it was refused with a line that blamed the image size."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", depth=2, pretrained=False).eval()
+    paths = {}
+    for name, kw in (("dynamic", {"dynamic_axes": {"input": {0: "n"}}}), ("fixed", {})):
+        paths[name] = tmp_path / f"{name}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(m, (torch.zeros(1, 3, 224, 224),), str(paths[name]), input_names=["input"],
+                              output_names=["output"], dynamo=False, opset_version=17, **kw)
+    b = dv.load_backend("onnx", path=str(paths["dynamic"]), mean=[127.5] * 3, std=[127.5] * 3)
+    last = "blocks/blocks/1/Add_1"  # the second block's output, the residual stream
+    assert b.layer_layout(last).describe() == "tokens 14x14 + cls"
+    x = b.preprocess(photo_x)
+    with torch.no_grad():
+        got = b.forward(x, [last, last + PREFIX])
+        tokens = m.blocks(m._pos_embed(m.patch_embed(x / 127.5)))  # the model's own residual stream
+    want = tokens[0, 1:].T.reshape(192, 14, 14)
+    assert torch.allclose(got[last][0], want, atol=1e-4) and torch.allclose(got[last + PREFIX][0, :, 0], tokens[0, 0], atol=1e-4)
+    with pytest.raises(DeepvisError, match=r"runs only on a batch of 1 \(its graph fixes the batch size.*dynamic_axes"):
+        dv.load_backend("onnx", path=str(paths["fixed"]), mean=[127.5] * 3, std=[127.5] * 3)

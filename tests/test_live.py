@@ -306,7 +306,7 @@ def test_every_key_of_the_table_acts_and_is_in_the_help(lite0, image_dir):
     app.handle_key("o")
     assert app.backend.layers[app.settings.layer] == "blocks.3"
     for key, field in (("b", "back"), ("n", "back_norm"), ("a", "back_diffs"), ("z", "zoom"), ("t", "boost"),
-                       ("T", "gamma"), ("0", "crop"), ("d", "frozen")):
+                       ("T", "gamma"), ("0", "crop"), ("d", "frozen"), ("x", "attention")):
         before = getattr(app.settings, field)
         app.handle_key(key)
         assert getattr(app.settings, field) != before, key
@@ -318,5 +318,5 @@ def test_every_key_of_the_table_acts_and_is_in_the_help(lite0, image_dir):
     assert not app.running
     acted = {b.action for b in BINDINGS}
     assert all(callable(getattr(app, f"key_{a}", None)) for a in acted)
-    with pytest.raises(DeepvisError, match=r"unknown key.s. in live.keys: x, shift\+x; valid: i, k"):
-        LiveApp(lite0, ImageFolderSource(str(image_dir)), keys=["o", "x", "shift+x", "shift+up"])
+    with pytest.raises(DeepvisError, match=r"unknown key.s. in live.keys: y, shift\+y; valid: i, k"):
+        LiveApp(lite0, ImageFolderSource(str(image_dir)), keys=["o", "y", "shift+y", "shift+up"])

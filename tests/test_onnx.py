@@ -114,16 +114,19 @@ def test_keras_style_auto_pad_matches_onnxruntime(tmp_path, photos, pool_mode):
         np.testing.assert_allclose(got[layer].numpy(), ref[name], rtol=1e-4, atol=1e-5, err_msg=layer)
 
 
-def test_auto_pad_on_an_input_of_unknown_size_is_one_line(tmp_path):
+def test_auto_pad_on_an_input_of_unknown_size_takes_the_given_size(tmp_path):
+    """SAME padding depends on the input's size: a dynamic input is padded for backend.input_size
+    (issue 35: it was refused even with the size given); without one, one line says to give it."""
     node = helper.make_node("MaxPool", ["data"], ["out"], kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER",
                             name="pool")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, "h", "w"])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     path = tmp_path / "dyn.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
-    with pytest.raises(DeepvisError, match=r"node pool \(MaxPool, auto_pad=SAME_UPPER\): the size of its input is "
-                                           r"unknown"):
-        dv.load_backend("onnx", path=str(path), input_size=[32, 32])
+    with pytest.raises(DeepvisError, match=r"has no fixed input size; give backend.input_size"):
+        dv.load_backend("onnx", path=str(path))
+    b = dv.load_backend("onnx", path=str(path), input_size=[31, 32])
+    assert b.layer_layout(b.layers[0]).canonical_shape() == (3, 16, 16)  # ceil(31 / 2), ceil(32 / 2)
 
 
 def _opset18(path, pad_axes=False):

@@ -104,6 +104,10 @@ class Geometry:
     offset_x: int
     whole: bool = False      # fc / global layers: every unit sees the whole input
     clipped: bool = False    # the field was larger than any canvas tried: sizes are lower bounds
+    #: how it was found, for the manifest: 'probe' (two units' fields, exact), 'probe, N units'
+    #: (an upsampled layer: the affine box holding N units' fields), 'vector', 'global' (the field
+    #: grows with the canvas: every unit sees every pixel), 'fixed-size model', 'clipped at N px'
+    method: str = "probe"
 
     def box(self, y: int, x: int) -> tuple[int, int, int, int]:
         top, left = self.offset_y + int(y) * self.stride_y, self.offset_x + int(x) * self.stride_x
@@ -143,8 +147,16 @@ def _support_boxes(backend, layer: str, canvas: tuple[int, int], units_at):
     return out
 
 
+#: The largest canvas the probe builds, per side: its graph's memory grows with the canvas's area
+#: (a deep layer on 1,248 px held 3.2 GB; a U-Net's on 2,368 px 14 GB): a field larger than this
+#: is said to be clipped (a lower bound), never probed further.
+def max_canvas(h: int, w: int) -> int:
+    return max(1248, 4 * max(h, w))
+
+
 def layer_geometry(backend, layer: str) -> Geometry:
-    """The receptive-field geometry of a layer (cached on the backend)."""
+    """The receptive-field geometry of a layer (cached on the backend). Bounded: at most one probe
+    per margin, canvases up to ``max_canvas``; a field that spans every canvas is decided global."""
     layer = backend.resolve_layer(layer)
     cache = backend.cache("receptive_fields")
     if layer in cache:
@@ -152,14 +164,19 @@ def layer_geometry(backend, layer: str) -> Geometry:
     H, W = backend.input_size
     shape = layer_shapes(backend, [layer])[layer]
     if len(shape) != 3 or shape[1:] == (1, 1):
-        cache[layer] = Geometry(H, W, 0, 0, 0, 0, whole=True)
+        cache[layer] = Geometry(H, W, 0, 0, 0, 0, whole=True, method="vector")
         return cache[layer]
     h, w = shape[1:]
     yc, xc = h // 2, w // 2
-    best = None
+    # the centre unit and diagonal neighbours: two suffice where neighbours' fields are shifts of
+    # each other; an upsampled layer (2x2 units sharing one field) needs more to see its stride
+    reach = [k for k in range(1, 5) if yc + k < h and xc + k < w]
+    best, spans = None, 0
     # Fields grow with depth: start where the previous layer's field fitted.
     start = backend.cache("receptive_margin").get("margin", 0)
-    for margin in [m for m in (0, 64, 128, 256, 384, 512, 768, 1024) if m >= start]:
+    limit = max_canvas(H, W)
+    margins = [m for m in (0, 64, 128, 256, 384, 512, 768, 1024) if m >= start and max(H, W) + 2 * m <= limit]
+    for margin in margins:
         shift = {}
 
         def units_at(hc, wc):
@@ -168,36 +185,80 @@ def layer_geometry(backend, layer: str) -> Geometry:
                 return None  # this margin does not keep the map aligned with the image's
             shift["y"], shift["x"] = dy // 2, dx // 2
             y0, x0 = yc + dy // 2, xc + dx // 2
-            return [(y0, x0)] + ([(y0 + 1, x0 + 1)] if yc + 1 < h and xc + 1 < w else [])
+            return [(y0, x0)] + [(y0 + k, x0 + k) for k in reach]
 
+        Hc, Wc = H + 2 * margin, W + 2 * margin
         try:
-            boxes = _support_boxes(backend, layer, (H + 2 * margin, W + 2 * margin), units_at)
+            boxes = _support_boxes(backend, layer, (Hc, Wc), units_at)
         except Exception:
             if not margin:
                 raise
             if best is not None and best.size_y >= H and best.size_x >= W and best.stride_y == best.stride_x == 0:
                 # a model fixed to its input size (a ViT), whose neighbouring units both see the
                 # whole input (after attention): every unit sees the whole image, decided
-                best = Geometry(H, W, 0, 0, 0, 0, whole=True)
+                best = Geometry(H, W, 0, 0, 0, 0, whole=True, method="fixed-size model: every unit sees it all")
             break  # a model fixed to its input size: what the input size gave
         if boxes is None:
             continue
         dy, dx = shift["y"], shift["x"]
         if boxes[0] is None:
             raise DeepvisError(f"layer {layer}: no input pixel reaches its units; cannot find a receptive field")
-        t, l, b, r = boxes[0]
-        sy, sx = (boxes[1][0] - t, boxes[1][1] - l) if len(boxes) > 1 and boxes[1] else (H, W)
+        if all(b == (0, 0, Hc, Wc) for b in boxes):
+            spans += 1
+            if spans == 2 or (margin and margin == margins[-1]):
+                # the field grew with the canvas twice (a squeeze-excite gate, global pooling,
+                # attention): every unit sees every pixel, decided, not a fallback
+                best = Geometry(H, W, 0, 0, 0, 0, whole=True, method="global: the field spans every canvas")
+                break
+            best = Geometry(H, W, 0, 0, 0, 0, whole=True, method="global: the field spans the input")
+            continue
+        geometry = _affine(boxes, [0] + reach, margin, yc, xc, H, W)
+        if geometry is None:
+            continue  # units' fields do not line up on this canvas
+        sy, sx = geometry.stride_y, geometry.stride_x
         if margin and (dy * sy != margin or dx * sx != margin):
             continue  # the map shifted by other than margin / stride: misaligned, try another
-        inside = t > 0 and l > 0 and b < H + 2 * margin and r < W + 2 * margin
-        best = Geometry(b - t, r - l, sy, sx, t - margin - yc * sy, l - margin - xc * sx, clipped=not inside)
+        t, l = geometry.offset_y + margin + yc * sy, geometry.offset_x + margin + xc * sx
+        inside = t > 0 and l > 0 and t + geometry.size_y < Hc and l + geometry.size_x < Wc
+        best = Geometry(geometry.size_y, geometry.size_x, sy, sx, geometry.offset_y, geometry.offset_x,
+                        clipped=not inside, method=geometry.method if inside else f"clipped at {Hc} px")
         if inside:
             backend.cache("receptive_margin")["margin"] = margin
             break
     if best is None:
-        raise DeepvisError(f"layer {layer}: cannot measure its receptive field")
+        raise DeepvisError(f"layer {layer}: cannot measure its receptive field (no canvas up to {limit} px "
+                           "lined its units up)")
     cache[layer] = best
     return best
+
+
+def _affine(boxes, steps, margin, yc, xc, H, W) -> Geometry | None:
+    """Unit (yc + k, xc + k)'s box for each k in steps -> the geometry: exact when the first two
+    are shifts of each other by a whole stride and the rest follow (method 'probe'); otherwise the
+    smallest affine box that holds every measured field, at the stride the farthest unit gives
+    (an upsampled layer, whose neighbours share fields: 'probe, N units'). Offsets are in the
+    input's pixels (the canvas's margin taken off)."""
+    known = [(k, b) for k, b in zip(steps, boxes) if b is not None]
+    if len(known) < 2:
+        (k0, (t, l, b, r)), = known[:1] or [(0, (0, 0, H, W))]
+        return Geometry(b - t, r - l, H, W, t - margin - yc * H, l - margin - xc * W)  # one unit: as before
+    (_, b0), (k1, b1) = known[0], known[1]
+    sy, sx = b1[0] - b0[0], b1[1] - b0[1]
+    size_y, size_x = b0[2] - b0[0], b0[3] - b0[1]
+    exact = k1 == 1 and sy > 0 and sx > 0 and all(
+        bk == (b0[0] + k * sy, b0[1] + k * sx, b0[2] + k * sy, b0[3] + k * sx) for k, bk in known)
+    if exact:
+        return Geometry(size_y, size_x, sy, sx, b0[0] - margin - yc * sy, b0[1] - margin - xc * sx)
+    kf, bf = known[-1]
+    sy, sx = round((bf[0] - b0[0]) / kf), round((bf[1] - b0[1]) / kf)
+    if sy <= 0 or sx <= 0:
+        return None
+    top = min(b[0] - k * sy for k, b in known)
+    left = min(b[1] - k * sx for k, b in known)
+    bottom = max(b[2] - k * sy for k, b in known)
+    right = max(b[3] - k * sx for k, b in known)
+    return Geometry(bottom - top, right - left, sy, sx, top - margin - yc * sy, left - margin - xc * sx,
+                    method=f"probe, {len(known)} units")
 
 
 def receptive_field(backend, layer: str, y: int, x: int) -> tuple[int, int, int, int]:

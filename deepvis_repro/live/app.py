@@ -146,6 +146,9 @@ class LiveApp:
     def key_zoom(self, key: str, shift: bool):
         self.update(zoom=not self.settings.zoom)
 
+    def key_attention(self, key: str, shift: bool):
+        self.update(attention=not self.settings.attention)
+
     def key_boost(self, key: str, shift: bool):
         s = self.settings
         if key == "T":

@@ -114,7 +114,8 @@ class Painter:
         self._grid_size = fit(g.get_size(), self.grid_box.size)
         self._surf["grid"] = scale(g, self._grid_size)
         u = (np.clip(np.nan_to_num(snap.unit_map), 0, 1) * 255).astype(np.uint8)
-        self._surf["unit"] = scale(surface_from(u), fit(u.shape[::-1], (PANE, PANE)))
+        self._unit_h = PANE - (30 if snap.prefix else 0)  # room for the prefix tokens below the map
+        self._surf["unit"] = scale(surface_from(u), fit(u.shape[::-1], (PANE, self._unit_h)))
         if snap.back_image is not None:
             back = surface_from(snap.back_image)
             self._surf["back"] = pygame.transform.smoothscale(back, fit(back.get_size(), (PANE, PANE)))
@@ -142,14 +143,24 @@ class Painter:
             label = f"{MODES[s.back]}{' norm' if s.back_norm else ''} from "
             label += f"{s.frozen[0]}:{s.frozen[1]} (frozen)" if s.frozen else f"{layer_name}:{s.unit}"
             self.text(label, (back_rect.x + 4, back_rect.y + 2), ACCENT, self.small)
+            if snap.back_note:  # what deconv and guided mean on GELU/SiLU networks: said, not hidden
+                words, lines = snap.back_note.split(), [""]
+                for w in words:  # wrapped to the pane's width, below it
+                    if len(lines[-1]) + len(w) + 1 > 50:
+                        lines.append("")
+                    lines[-1] = f"{lines[-1]} {w}".strip()
+                for i, line in enumerate(lines[:4]):
+                    self.text(line, (back_rect.x, back_rect.bottom + 4 + 15 * i), DIM, self.small)
         else:
             self.text("back: off (b)", (back_rect.x + 8, back_rect.y + 8), DIM)
         # column 2: selected unit enlarged, top-5, layer list
         x2 = PANE + 16
         pygame.draw.rect(scr, (40, 40, 46), (x2, 8, PANE, PANE))
         us = self._surf["unit"]
-        scr.blit(us, (x2 + (PANE - us.get_width()) // 2, 8 + (PANE - us.get_height()) // 2))
+        scr.blit(us, (x2 + (PANE - us.get_width()) // 2, 8 + (self._unit_h - us.get_height()) // 2))
         self.text(f"unit {layer_name}:{s.unit}", (x2 + 4, 10), ACCENT, self.small)
+        if snap.prefix:
+            self.draw_prefix(snap.prefix, x2, 8 + PANE)
         y = PANE + 16
         if snap.top5:
             self.text(f"top-{len(snap.top5)}", (x2, y), DIM, self.small)
@@ -167,6 +178,9 @@ class Painter:
             scr.blit(z, gb.topleft)
         elif s.pattern and self.draw_pattern(f.sprite, s.unit):
             what = "optimized images (pattern mode, s)"
+        elif snap.attention:
+            scr.blit(self._surf["grid"], gb.topleft)
+            what = snap.attention
         else:
             scr.blit(self._surf["grid"], gb.topleft)
             self.highlight(snap, s.unit, ACCENT)
@@ -174,7 +188,8 @@ class Painter:
                 self.highlight(snap, s.frozen[1], FROZEN)
             if s.pattern:
                 what += " (pattern mode: loading the optimized images...)"
-        self.text(f"{layer_name}: {snap.n_channels} channels, {what}", (gb.x, gb.bottom + 4), DIM, self.small)
+        layout = f", {snap.layout}" if snap.layout and snap.layout != "vector" else ""
+        self.text(f"{layer_name}: {snap.n_channels} channels{layout}, {what}", (gb.x, gb.bottom + 4), DIM, self.small)
         if self.pane_box is not None and f.pane is not None:
             self.draw_pane(f.pane)
         problem = f.net_error or snap.warning
@@ -183,6 +198,19 @@ class Painter:
         self.draw_status(f, layer_name)
         if f.show_help:
             self.draw_help()
+
+    def draw_prefix(self, prefix, x, bottom):
+        """A token layer's prefix tokens (class, distillation, registers) for the selected channel,
+        beside its patch map: one square each, on the map's grey scale, with the value."""
+        size, step = 22, 72
+        for i, (name, level, value) in enumerate(prefix[:PANE // step]):
+            bx = x + 4 + i * step
+            by = bottom - size - 4
+            g = int(255 * level)
+            pygame.draw.rect(self.screen, (g, g, g), (bx, by, size, size))
+            pygame.draw.rect(self.screen, ACCENT, (bx, by, size, size), 1)
+            self.text(name, (bx + size + 3, by), ACCENT, self.small)
+            self.text(f"{value:.3g}", (bx + size + 3, by + 11), FG, self.small)
 
     def banner(self, msg):
         gb = self.grid_box

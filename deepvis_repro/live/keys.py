@@ -27,6 +27,7 @@ BINDINGS = (
     Binding(("d",), "d", "freeze the backprop unit while the cursor roams", "freeze_unit"),
     Binding(("s",), "s", "pattern mode: every unit's optimized image (atlas)", "pattern"),
     Binding(("z",), "z", "zoom: the selected unit fills the grid pane", "zoom"),
+    Binding(("x",), "x", "attention: each head, from the unit's strongest token", "attention"),
     Binding(("t", "T"), "t / T", "boost: per-channel / gamma", "boost"),
     Binding(("f",), "f", "freeze the frame", "freeze_frame"),
     Binding(("c",), "c", "camera / files", "camera"),

@@ -9,6 +9,7 @@ actually ran (it idles when neither the frame nor the settings change) is ``net_
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..backprop import MODES, backprop, gradient_image
+from ..attention import attention_module, capture_attention, query_maps
+from ..backprop import MODES, backprop, gradient_image, smooth_activations
+from ..errors import DeepvisError
+from ..layout import PREFIX
 from ..labels import top_classes
 from ..numerics import Numerics
 from .settings import BOOST_GAMMA, BOOST_INDIV, ViewSettings
@@ -43,6 +47,10 @@ class Snapshot:
     back_image: np.ndarray | None
     seconds: float
     warning: str = ""
+    layout: str = ""             # the layer's layout as the layer table writes it ('tokens 14x14 + cls')
+    prefix: tuple = ()           # the selected channel's prefix tokens: (name, level 0..1, value) each
+    attention: str = ""          # what the grid shows when it shows attention (empty: the channels)
+    back_note: str = ""          # how deconv / guided read this network's smooth activations
 
 
 class Capture(threading.Thread):
@@ -131,6 +139,17 @@ class Network(threading.Thread):
         self.error = None
         self.failing_since: float | None = None
         self.stop = threading.Event()
+        self._info: dict = {}  # layer -> (Layout, attention module or None)
+        smooth = smooth_activations(backend.module) if isinstance(getattr(backend, "module", None), torch.nn.Module) else []
+        self.back_note = (f"{'/'.join(smooth[:3])}: deconv takes the gradient's positive part, guided the "
+                          "derivative's, then its positive part (README)") if smooth else ""
+
+    def layer_info(self, layer):
+        """The layer's Layout and its attention module (deepvis_repro/attention.py), found once."""
+        info = self._info.get(layer)
+        if info is None:
+            info = self._info[layer] = (self.backend.layer_layout(layer), attention_module(self.backend, layer))
+        return info
 
     def run(self):
         self.running_since = time.perf_counter()
@@ -183,9 +202,9 @@ class Network(threading.Thread):
         return None
 
     @torch.no_grad()
-    def _forward(self, x, layer):
+    def _forward(self, x, layer, prefix: bool = False):
         b = self.backend
-        want = [layer] + (["prob"] if b.labels and "prob" in b.layers else [])
+        want = [layer] + ([layer + PREFIX] if prefix else []) + (["prob"] if b.labels and "prob" in b.layers else [])
         return b.forward(x, want)
 
     def compute(self, frame, fid, s: ViewSettings) -> Snapshot:
@@ -197,7 +216,10 @@ class Network(threading.Thread):
         t = time.perf_counter()
         x = b.preprocess(frame, crop=s.crop)
         layer = self.layers[s.layer]
-        acts = self._forward(x, layer)
+        layout, attn_module = self.layer_info(layer)
+        watching = s.attention and attn_module is not None
+        with (capture_attention(attn_module) if watching else contextlib.nullcontext([])) as attn:
+            acts = self._forward(x, layer, prefix=bool(layout.prefix))
         a = acts[layer][0].float().cpu().numpy()
         warning = "" if np.isfinite(a).all() else f"layer {layer} holds NaN or inf values (shown as 0)"
         a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
@@ -209,11 +231,22 @@ class Network(threading.Thread):
             back_img = gradient_image(torch.nan_to_num(gx), s.back_norm)
             if s.back_diffs:
                 grid_src = np.zeros_like(a) if g_layer is None else np.nan_to_num(g_layer.float().cpu().numpy())
-        grid, rc, hw = tile_layer(grid_src, BOOST_INDIV[s.boost], BOOST_GAMMA[s.gamma])
         unit = min(s.unit, len(a) - 1)
+        grid, rc, hw = tile_layer(grid_src, BOOST_INDIV[s.boost], BOOST_GAMMA[s.gamma])
+        shown = ""
+        if s.attention:
+            grid, rc, hw, shown, problem = self._attention_grid(layer, layout, attn_module, attn, a[unit], unit)
+            warning = warning or problem
+            if problem:
+                grid, rc, hw = tile_layer(grid_src, BOOST_INDIV[s.boost], BOOST_GAMMA[s.gamma])
         um = grid_src[unit] if grid_src.ndim == 3 else grid_src[unit:unit + 1][:, None]
         lo, hi = float(grid_src.min()), float(grid_src.max())
         unit_map = ((um - lo) / (hi - lo) if hi > lo else np.zeros_like(um)).astype(np.float32)
+        prefix = ()
+        if layout.prefix and layer + PREFIX in acts:
+            pv = np.nan_to_num(acts[layer + PREFIX][0, unit].float().cpu().numpy())  # (P,)
+            prefix = tuple((name, float(np.clip((v - lo) / (hi - lo), 0, 1)) if hi > lo else 0.0, float(v))
+                           for name, v in zip(layout.prefix, pv))
         top5 = []
         if "prob" in acts:
             p = acts["prob"][0]
@@ -222,4 +255,24 @@ class Network(threading.Thread):
                 p = torch.nan_to_num(p, nan=0.0)
             top5 = [(label, q) for _, label, q in top_classes(b.labels, p[None], 5)[0]]
         return Snapshot(s, fid, b.deprocess(x), grid, rc, hw, len(a), unit_map, top5, back_img,
-                        time.perf_counter() - t, warning)
+                        time.perf_counter() - t, warning, layout.describe(), prefix, shown,
+                        self.back_note if mode in ("deconv", "guided") else "")
+
+    @staticmethod
+    def _attention_grid(layer, layout, module, attn, unit_map, unit):
+        """The grid of attention maps (one tile per head) from the patch where the unit is
+        strongest: (grid, rows x cols, tile size, caption, problem). A problem (no attention in
+        the layer, windowed attention) is said and the channels are drawn instead."""
+        if module is None:
+            return None, None, None, "", f"{layer} has no attention of its own to show (x: back to the channels)"
+        if not attn:
+            return None, None, None, "", f"{layer}: the attention was not computed in this pass"
+        if unit_map.ndim != 2:
+            return None, None, None, "", f"{layer} is not a map over patches: no attention to draw"
+        y, xx = np.unravel_index(int(np.argmax(unit_map)), unit_map.shape)
+        try:
+            maps = query_maps(attn[-1][0], layout, len(layout.prefix) + int(y) * unit_map.shape[1] + int(xx))
+        except DeepvisError as e:
+            return None, None, None, "", str(e)
+        grid, rc, hw = tile_layer(maps, 1.0)  # each head to its own peak: heads differ in sharpness
+        return grid, rc, hw, f"attention of patch ({y}, {xx}), where unit {unit} is strongest: {len(maps)} heads", ""

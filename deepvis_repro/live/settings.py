@@ -22,3 +22,4 @@ class ViewSettings:
     gamma: int = 0
     crop: bool = True
     pattern: bool = False        # the grid shows the atlas's optimized images
+    attention: bool = False      # the grid shows the layer's attention from the unit's strongest token
