@@ -300,3 +300,62 @@ def test_onnx_exports_of_a_vit_read_as_tokens_or_name_their_fixed_batch(tmp_path
     assert torch.allclose(got[last][0], want, atol=1e-4) and torch.allclose(got[last + PREFIX][0, :, 0], tokens[0, 0], atol=1e-4)
     with pytest.raises(DeepvisError, match=r"runs only on a batch of 1 \(its graph fixes the batch size.*dynamic_axes"):
         dv.load_backend("onnx", path=str(paths["fixed"]), mean=[127.5] * 3, std=[127.5] * 3)
+
+
+def test_a_token_units_montage_marks_its_patch_on_whole_images(tmp_path, photos):
+    """Issue 32: a token's field after attention is the whole image, so its top images are whole
+    images with the token's patch marked, and its back image lies over the photo."""
+    from PIL import Image
+
+    from deepvis_repro.atlas.mining import mine
+    from deepvis_repro.atlas.patches import MARK_COLOR, render_montages, token_marks
+    from deepvis_repro.atlas.receptive import layer_geometry
+    from deepvis_repro.atlas.store import AtlasStore
+
+    b = timm_backend("vit_tiny_patch16_224")
+    paths = []
+    for name in ("chelsea", "coffee", "astronaut"):
+        paths.append(str(tmp_path / f"{name}.png"))
+        Image.fromarray(photos[name]).save(paths[-1])
+    mine(b, paths, ["blocks.1"], top_k=1, progress=False, atlas_dir=tmp_path / "A")
+    render_montages(b, tmp_path / "A", units=[5], progress=False, tile=112)
+    st = AtlasStore(tmp_path / "A")
+    y, x = st.layer_arrays("blocks.1")["positions"][5, 0]
+    (t, l, bt, r), = token_marks(b, "blocks.1", layer_geometry(b, "blocks.1"), [(y, x)], 112)
+    assert (bt - t, r - l) == (8, 8)  # one patch of 16 px at 112 / 224
+    for kind in ("max_im", "max_deconv"):
+        tile = np.asarray(Image.open(st.unit_file(kind, "blocks.1", 5)))[2:114, 2:114].astype(int)  # JPEG
+        edge = np.concatenate([tile[t, l:r], tile[bt - 1, l:r], tile[t:bt, l], tile[t:bt, r - 1]])
+        assert np.abs(edge - MARK_COLOR).mean() < 40, kind  # the outline, in the mark's colour
+        assert np.abs(tile[t + 3:bt - 3, l + 3:r - 3] - MARK_COLOR).mean() > 60, kind  # the patch itself shows
+
+
+@pytest.mark.parametrize("key", list(FAMILIES) + ["tv:vit_b_16", "tv:swin_t", "tv:convnext_tiny"])
+def test_every_tool_runs_on_every_family(key, photos, tmp_path):
+    """Issue 32's 'done when': the optimizer, the atlas (mining and montages), the live view's
+    network pass and the harness on a layer in the middle of each family (in-process, the work
+    each command does; tests/test_backbones.py::test_every_command_on_a_timm_vit runs the commands)."""
+    from PIL import Image
+
+    from deepvis_repro.atlas.mining import mine
+    from deepvis_repro.atlas.patches import render_montages
+    from deepvis_repro.optimize import optimize
+    from deepvis_repro.reproduce.harness import run_profile
+
+    b = dv.load_backend("torchvision", arch=key[3:]) if key.startswith("tv:") else timm_backend(key)
+    layers = [l for l in shown_layers(b) if l != "prob"]
+    mid = layers[len(layers) // 2]
+    r = optimize(b, [f"{mid}:0", f"{b.output_layer}:1"], preset="paper_3", steps=2, progress=False)
+    assert r.images.shape == (2, *b.input_size, 3) and np.isfinite(r.best_activation).all()
+    paths = []
+    for name in ("chelsea", "coffee"):
+        paths.append(str(tmp_path / f"{name}.png"))
+        Image.fromarray(photos[name]).save(paths[-1])
+    m = mine(b, paths, [mid], top_k=1, progress=False, atlas_dir=tmp_path / "A")
+    assert m.values[mid].shape[0] == layer_shapes(b, [mid])[mid][0]
+    assert render_montages(b, tmp_path / "A", units=[0, 1], progress=False, tile=64) == {mid: 2}
+    snap = _live_pass(b, mid, photos["coffee"], back=1)
+    assert not snap.warning and snap.back_image is not None and snap.n_channels == m.values[mid].shape[0]
+    run = run_profile(b, {"name": "t", "settings": ["paper_3"], "classes": [1], "hidden": [[0.5, 0]], "steps": 2},
+                      progress=False, numerics="default")
+    assert len(run.records) == 2 and all(np.isfinite(rec["activation"]) for rec in run.records)

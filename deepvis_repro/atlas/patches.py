@@ -182,6 +182,41 @@ def display_box(geometry, y: int, x: int, input_size) -> tuple[int, int, int, in
     return geometry.box(y, x)
 
 
+MARK_COLOR = (255, 200, 40)
+
+
+def token_marks(backend, layer, geometry, positions, tile) -> list | None:
+    """Where a token layer's field is the whole image (after attention), the montage shows whole
+    images: the unit's own patch, (y, x) of the patch grid, is marked on each tile, as a box in
+    tile pixels. None for other layers (their tiles are the field itself)."""
+    layout = backend.layer_layout(layer)
+    if not (geometry.whole and layout.kind == "tokens" and layout.grid):
+        return None
+    H, W = backend.input_size
+    gh, gw = layout.grid
+    s = tile / max(H, W)
+    top, left = (tile - round(H * s)) // 2, (tile - round(W * s)) // 2
+    return [(top + int(y * H / gh * s), left + int(x * W / gw * s),
+             top + int((y + 1) * H / gh * s), left + int((x + 1) * W / gw * s)) for y, x in positions]
+
+
+def mark(tile_img: np.ndarray, box) -> np.ndarray:
+    """A copy of the tile with the box outlined, 2 px wide inside it (the token's patch; JPEG's
+    colour subsampling would smear a 1-px line)."""
+    out = tile_img.copy()
+    t, l, b, r = box
+    b, r = max(b, t + 4), max(r, l + 4)
+    out[t:b, [l, l + 1, r - 2, r - 1]] = MARK_COLOR
+    out[[t, t + 1, b - 2, b - 1], l:r] = MARK_COLOR
+    return out
+
+
+def overlay(back: np.ndarray, photo: np.ndarray) -> np.ndarray:
+    """The back image over the photo in grey (half each), so what it points at has a place."""
+    grey = photo.astype(np.float32).mean(2, keepdims=True)
+    return np.clip(0.5 * back.astype(np.float32) + 0.5 * grey, 0, 255).astype(np.uint8)
+
+
 def fit_tile(patch: np.ndarray, tile: int) -> np.ndarray:
     """A patch scaled to fit a tile x tile square (nearest neighbour when enlarging a lot, so
     the pixels of a small field stay visible), centred on the pad colour."""
@@ -337,15 +372,16 @@ def _render_chunk(backend, store, cache, layer, geometry, arrays, units, tile, m
     flat_pos = pos.reshape(-1, 2)
     views = cache.get_many(flat_ids)
     boxes = [display_box(geometry, y, x, backend.input_size) for y, x in flat_pos]
+    marks = token_marks(backend, layer, geometry, flat_pos, tile)
     # an image in several units' lists, with the same box (always, where the field is the whole
     # input: fc, deep layers), is cut and scaled once
     cut: dict[tuple, np.ndarray] = {}
     patches = []
-    for i, v, b in zip(flat_ids, views, boxes):
+    for j, (i, v, b) in enumerate(zip(flat_ids, views, boxes)):
         key = (int(i), tuple(int(c) for c in b))
         if v is not None and key not in cut:
             cut[key] = fit_tile(crop_box(v, b), tile)
-        patches.append(None if v is None else cut[key])
+        patches.append(None if v is None else mark(cut[key], marks[j]) if marks else cut[key])
     deconvs: list = [None] * len(views)
     if deconv_kind:
         have = [i for i, v in enumerate(views) if v is not None]
@@ -354,7 +390,10 @@ def _render_chunk(backend, store, cache, layer, geometry, arrays, units, tile, m
 
         def tile_of(j, g):
             i = have[j]
-            deconvs[i] = fit_tile(render_signed(crop_box(g, boxes[i])), tile)
+            back = fit_tile(render_signed(crop_box(g, boxes[i])), tile)
+            if marks:  # a token's field is the whole image: its back image over the photo, its patch marked
+                back = mark(overlay(back, fit_tile(crop_box(views[i], boxes[i]), tile)), marks[i])
+            deconvs[i] = back
 
         shared_backprop(backend, by_id, [(int(flat_ids[i]), int(chans[i]), tuple(flat_pos[i])) for i in have],
                         layer, tile_of, mode, images=batch_size, numerics=numerics)
