@@ -1,10 +1,9 @@
 """Any model of timm's zoo as a backend: ``backend=timm backend.model=NAME``.
 
-The model's own pretrained configuration (``pretrained_cfg``) gives the input size, mean and std
-and, for ImageNet-1k heads, the labels. Its ``crop_pct`` and ``interpolation`` are kept in
-``self.pretrained_cfg`` but not applied yet: the view resizes the shorter side to the input size
-(bilinear) and centre-crops, so a picture reaches the model about 12% larger than timm's own eval
-transform (shorter side to size / crop_pct, bicubic for ViTs) would show it. Weights:
+The model's own pretrained configuration (``pretrained_cfg``) gives the input size, mean and std,
+the eval transform's ``crop_pct`` and ``interpolation`` (every picture reaches the model as timm's
+own eval pipeline would feed it: the shorter side to floor(size / crop_pct), bicubic for ViTs,
+then the centre crop) and, for ImageNet-1k heads, the labels. Weights:
 ``pretrained=true`` loads through timm's and the hub's own cache (offline and not cached: one line
 that names ``checkpoint=``); ``checkpoint=FILE`` reads a safetensors file or a state dict
 (``torch.load(weights_only=True)``, never a pickle of objects); neither: random weights, said once.
@@ -22,6 +21,7 @@ from deepvis_repro_backends.efficientnet_lite import load_state_dict_file
 
 from deepvis_repro.backend import HookBackend, discover_layers
 from deepvis_repro.errors import DeepvisError, did_you_mean
+from deepvis_repro.images import INTERPOLATIONS
 from deepvis_repro.labels import imagenet_labels, read_labels
 
 _warned: set = set()
@@ -66,7 +66,8 @@ def prefix_token_names(model) -> list[str] | None:
 class TimmBackend(HookBackend):
     def __init__(self, model: str = "vit_tiny_patch16_224", pretrained: bool = False, checkpoint=None,
                  input_size=None, crop: bool = True, lr_scale=None, progress_scale: float = 1.0,
-                 device: str = "cpu", resize=None, until: str | None = None, labels=None, model_args=None):
+                 device: str = "cpu", resize=None, until: str | None = None, labels=None, model_args=None,
+                 crop_pct=None, interpolation=None):
         timm = _timm()
         name = str(model)
         if name not in timm.list_models():
@@ -122,3 +123,12 @@ class TimmBackend(HookBackend):
             net, paths, to_input=lambda x, s=scale: x * s.to(x.device), mean=mean, input_size=size,
             labels=labels if labels and len(labels) == classes else None, crop=crop, lr_scale=lr_scale,
             name=f"timm:{name}", device=device, progress_scale=progress_scale, resize=resize, until=until)
+        # timm's eval transform: the shorter side to size / crop_pct with the model's interpolation,
+        # then the centre crop (picture_view reads these; None: the model's own pretrained_cfg)
+        self.crop_pct = float(cfg.get("crop_pct") or 1.0) if crop_pct is None else float(crop_pct)
+        self.interpolation = str(cfg.get("interpolation") or "bilinear") if interpolation is None else str(interpolation)
+        if not 0 < self.crop_pct <= 1:
+            raise DeepvisError(f"backend.crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DeepvisError(f"backend.interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                               f"got '{self.interpolation}'")

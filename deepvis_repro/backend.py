@@ -192,7 +192,8 @@ class Backend:
     def picture_view(self) -> View:
         """How pictures become this network's input (input size, resize, crop, grey)."""
         return View(tuple(self.input_size), bool(self.crop), tuple(self.resize) if self.resize else None,
-                    self.channels == 1)
+                    self.channels == 1, float(getattr(self, "crop_pct", 1.0)),
+                    str(getattr(self, "interpolation", "bilinear")))
 
     def view(self, image: np.ndarray, crop: bool | None = None) -> np.ndarray:
         """The image as the network sees it: HxWx3 uint8 at the input size (picture_view; crop:

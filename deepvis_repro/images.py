@@ -136,14 +136,22 @@ def image_size_text(path) -> str:
         return "its size"
 
 
+#: interpolation names (timm's pretrained_cfg) -> Pillow's filters
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
 def resize_for_input(image: np.ndarray, size: tuple[int, int], crop: bool = True,
-                     resize: tuple[int, int] | None = None) -> np.ndarray:
+                     resize: tuple[int, int] | None = None, crop_pct: float = 1.0,
+                     interpolation: str = "bilinear") -> np.ndarray:
     """Fit an RGB uint8 image to (H, W): crop=True resizes the shorter side and centre-crops
     (keeps the aspect ratio, like the original's default); crop=False stretches.
     resize=(h, w) first stretches the image to that size and then centre-crops (H, W): Caffe's
     transform (256x256, then a 227 crop), as CaffeNet and other Caffe-era models were trained."""
     h, w = size
     img = Image.fromarray(to_rgb_uint8(image))
+    if crop and not resize and (crop_pct != 1.0 or interpolation != "bilinear"):
+        return _timm_eval(img, h, w, crop_pct, interpolation)
     if resize:
         rh, rw = int(resize[0]), int(resize[1])
         if rh < h or rw < w:
@@ -158,6 +166,27 @@ def resize_for_input(image: np.ndarray, size: tuple[int, int], crop: bool = True
     nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
     img = img.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - w) // 2, (nh - h) // 2
+    return np.asarray(img.crop((left, top, left + w, top + h)))
+
+
+def _timm_eval(img: Image.Image, h: int, w: int, crop_pct: float, interpolation: str) -> np.ndarray:
+    """timm's eval transform with torchvision's arithmetic (Resize of the shorter side, CenterCrop):
+    the same pixels a timm user's pipeline feeds the model."""
+    import math
+
+    if interpolation not in INTERPOLATIONS:
+        raise DeepvisError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got '{interpolation}'")
+    if not 0 < crop_pct <= 1:
+        raise DeepvisError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    iw, ih = img.size
+    if h == w:  # torchvision's Resize(int): the shorter side to it, the longer truncated
+        short = math.floor(h / crop_pct)
+        nw, nh = (short, int(short * ih / iw)) if iw <= ih else (int(short * iw / ih), short)
+    else:  # timm's ResizeKeepRatio for a non-square input: the shorter side's ratio on both
+        ratio = max(math.floor(h / crop_pct) / ih, math.floor(w / crop_pct) / iw)
+        nw, nh = round(iw * ratio), round(ih * ratio)
+    img = img.resize((nw, nh), INTERPOLATIONS[interpolation])
+    top, left = int(round((nh - h) / 2.0)), int(round((nw - w) / 2.0))
     return np.asarray(img.crop((left, top, left + w, top + h)))
 
 

@@ -359,3 +359,20 @@ def test_every_tool_runs_on_every_family(key, photos, tmp_path):
     run = run_profile(b, {"name": "t", "settings": ["paper_3"], "classes": [1], "hidden": [[0.5, 0]], "steps": 2},
                       progress=False, numerics="default")
     assert len(run.records) == 2 and all(np.isfinite(rec["activation"]) for rec in run.records)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18", "convnext_atto"])
+def test_timm_pictures_reach_the_model_as_timms_own_eval_pipeline_feeds_it(name, photos):
+    """Issue 32: crop_pct and interpolation from the model's pretrained_cfg (0.9 bicubic for a
+    ViT, 0.95 for timm's ResNet-18, 0.875 ConvNeXt): the model's input equals timm's own
+    create_transform on the same photo, to float rounding, for a wide, a tall-cropped and a square one."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    b = dv.load_backend("timm", model=name)
+    pipeline = create_transform(**resolve_data_config({}, model=b.module))
+    assert (b.crop_pct, b.interpolation) == (b.module.pretrained_cfg["crop_pct"], "bicubic")
+    for img in (photos["chelsea"], photos["astronaut"], photos["coffee"][:, :300]):
+        theirs = pipeline(Image.fromarray(img))[None]
+        assert torch.allclose(b._to_input(b.preprocess(img)), theirs, atol=1e-5)
+    assert b.view_spec()["crop_pct"] == b.crop_pct  # the atlas's identity holds the view
