@@ -405,13 +405,15 @@ class HookBackend(Backend):
         out: dict[str, torch.Tensor] = {}
         asked: dict[str, list[str]] = {}
         for a, n in zip(layers, names):
-            asked.setdefault(n, []).append(a)
+            if a not in asked.setdefault(n, []):  # 'L' and 'L:prefix' ask for one layer once
+                asked[n].append(a)
 
         def make_hook(name):
             def hook(_mod, _inp, output):
                 if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
                     output = output[0]  # an attention module's (output, weights)
                 lay = layouts.get(name)
+                prefix = None
                 if lay is not None and lay.decided and isinstance(output, torch.Tensor):
                     # the one view every tool reads: (N, C) or (N, C, H, W), prefix tokens aside
                     output, prefix = canonical(output, lay)
@@ -421,6 +423,8 @@ class HookBackend(Backend):
                     out[name] = output
                 else:
                     for a in asked[name]:
+                        if a in wants_prefix and prefix is not None:
+                            visit(a + PREFIX, prefix)  # before the map: a caller can join the two
                         visit(a, output)
                 if name == deepest:
                     raise _StopForward

@@ -376,3 +376,50 @@ def test_timm_pictures_reach_the_model_as_timms_own_eval_pipeline_feeds_it(name,
         theirs = pipeline(Image.fromarray(img))[None]
         assert torch.allclose(b._to_input(b.preprocess(img)), theirs, atol=1e-5)
     assert b.view_spec()["crop_pct"] == b.crop_pct  # the atlas's identity holds the view
+
+
+def test_prefix_tokens_are_mined_beside_the_patch_grid(tmp_path, photos):
+    """Issue 32: the atlas's top-k over patch positions and prefix tokens. A DeiT's class and
+    distillation tokens are row 14 of blocks.1's 14x14 map (position (14, p) is token p): each
+    unit's top value is the largest over its patches and its prefix tokens, as the model computes
+    them, and a unit whose best is a prefix token gets that token's own backward pass."""
+    from PIL import Image
+
+    from deepvis_repro.atlas.mining import mine
+    from deepvis_repro.atlas.patches import render_montages, shared_backprop
+    from deepvis_repro.atlas.store import AtlasStore
+
+    b = timm_backend("deit_tiny_distilled_patch16_224")
+    with torch.no_grad():  # random weights: a class token that stands out in every other channel
+        b.module.cls_token[..., ::2] += 20.0
+    names = ("chelsea", "coffee", "astronaut")
+    paths = []
+    for name in names:
+        paths.append(str(tmp_path / f"{name}.png"))
+        Image.fromarray(photos[name]).save(paths[-1])
+    r = mine(b, paths, ["blocks.1"], top_k=2, progress=False, atlas_dir=tmp_path / "A")
+    st = AtlasStore(tmp_path / "A")
+    assert st.manifest()["layers"]["blocks.1"]["prefix"] == ["cls", "dist"]
+    views = {i: b.view(photos[n]) for i, n in enumerate(names)}
+    with torch.no_grad():
+        acts = {i: b.forward(b.views_to_x(torch.from_numpy(v[None])), ["blocks.1", "blocks.1" + PREFIX])
+                for i, v in views.items()}
+    pos, ids, vals = r.positions["blocks.1"], r.image_ids["blocks.1"], r.values["blocks.1"]
+    on_prefix = [c for c in range(192) if pos[c, 0, 0] == 14]
+    assert on_prefix and len(on_prefix) < 192  # some units' best is a prefix token, most a patch's
+    for c in range(192):
+        i, (y, x) = int(ids[c, 0]), pos[c, 0]
+        grid, pre = acts[i]["blocks.1"][0, c], acts[i]["blocks.1" + PREFIX][0, c]
+        want = max(float(grid.max()), float(pre.max()))
+        got = float(pre[x]) if y == 14 else float(grid[y, x])
+        assert got == pytest.approx(want, rel=1e-5) and vals[c, 0] == pytest.approx(want, rel=1e-5), c
+    # the montage's deconv of a prefix-token unit is that token's own gradient
+    c = on_prefix[0]
+    i, (y, x) = int(ids[c, 0]), pos[c, 0]
+    got = {}
+    shared_backprop(b, {i: views[i]}, [(i, c, (int(y), int(x)))], "blocks.1", lambda k, g: got.update(g=g),
+                    mode="gradient")
+    xin = b.views_to_x(torch.from_numpy(views[i][None])).requires_grad_(True)
+    b.forward(xin, ["blocks.1" + PREFIX])["blocks.1" + PREFIX][0, c, x].backward()
+    assert np.allclose(got["g"], xin.grad[0].permute(1, 2, 0).numpy(), atol=1e-6)
+    assert render_montages(b, tmp_path / "A", units=[c], progress=False, tile=64) == {"blocks.1": 1}

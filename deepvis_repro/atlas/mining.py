@@ -23,6 +23,7 @@ from ..progress import progress as progress_bar
 from ..units import layer_shapes, shown_layers
 from .corpus import BatchDecoder, Corpus, as_corpus
 from .engine import LocalEngine, RayEngine
+from .miner import mines_prefix
 from .store import AtlasStore, backend_identity
 from .topk import TopK
 
@@ -318,7 +319,10 @@ def _finish(store, job, state, identity, t0, interrupted) -> MiningResult:
         manifest.update({
             "state": "mined", "mining": identity, "corpus_items": len(job.corpus),
             "layers": {l: {"channels": int(shapes[l][0]), "shape": list(shapes[l]),
-                           "file": os.path.relpath(store.layer_arrays_path(l), store.root), "sha256": digests[l]}
+                           "file": os.path.relpath(store.layer_arrays_path(l), store.root), "sha256": digests[l],
+                           # mined beside the grid as its row H (miner.mines_prefix): position (H, p) is token p
+                           **({"prefix": list(job.backend.layer_layout(l).prefix)}
+                              if mines_prefix(job.backend, l) else {})}
                        for l in job.layers},
             "top_k": job.k, "negatives": job.negatives, "skipped": len(r.skipped),
             "seconds": round(r.seconds, 2), "versions": versions(),

@@ -32,6 +32,8 @@ from ..images import save_image
 from ..numerics import Numerics, percentile_lerp, percentile_ranks
 from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, load_items
+from ..layout import PREFIX
+from .miner import mines_prefix
 from .receptive import crop_box, layer_geometry
 from .store import AtlasStore
 
@@ -85,20 +87,31 @@ def shared_backprop(backend, views: dict, pairs: list, layer: str, on_grad, mode
             x = backend.views_to_x(torch.from_numpy(np.stack([views[i] for i in ids])))
             x = x.detach().requires_grad_(True)
             depth = max(len(by_image[i]) for i in ids)
-            a = backend.forward(x, [layer])[layer]
+            # a position on row H of a token layer's map is prefix token x (miner.with_prefix_row)
+            prefixed = None
+            if mines_prefix(backend, layer):
+                out = backend.forward(x, [layer, layer + PREFIX])
+                a, prefixed = out[layer], out[layer + PREFIX]
+            else:
+                a = backend.forward(x, [layer])[layer]
+            a_dim4 = a.dim() == 4
             for r in range(depth):
                 seed = torch.zeros_like(a)
+                pseed = None if prefixed is None else torch.zeros_like(prefixed)
                 filled = []
                 for m, img in enumerate(ids):
                     if r < len(by_image[img]):
                         k = by_image[img][r]
                         _, c, (y, xx) = pairs[k]
-                        if a.dim() == 4:
+                        if a_dim4 and pseed is not None and int(y) >= a.shape[2]:
+                            pseed[m, int(c), int(xx)] = 1.0
+                        elif a_dim4:
                             seed[m, int(c), int(y), int(xx)] = 1.0
                         else:
                             seed[m].view(-1)[int(c)] = 1.0
                         filled.append((m, k))
-                (g,) = torch.autograd.grad(a, x, grad_outputs=seed, allow_unused=True, retain_graph=r + 1 < depth)
+                outs, seeds = ((a,), (seed,)) if prefixed is None else ((a, prefixed), (seed, pseed))
+                (g,) = torch.autograd.grad(outs, x, grad_outputs=seeds, allow_unused=True, retain_graph=r + 1 < depth)
                 g = torch.zeros_like(x) if g is None else g  # None: the layer does not depend on the input
                 g = g.detach().expand(-1, 3, -1, -1) if g.shape[1] == 1 else g.detach()  # grey: shown grey
                 g = g.permute(0, 2, 3, 1).float().cpu().numpy()
@@ -197,12 +210,15 @@ def token_marks(backend, layer, geometry, positions, tile) -> list | None:
     s = tile / max(H, W)
     top, left = (tile - round(H * s)) // 2, (tile - round(W * s)) // 2
     return [(top + int(y * H / gh * s), left + int(x * W / gw * s),
-             top + int((y + 1) * H / gh * s), left + int((x + 1) * W / gw * s)) for y, x in positions]
+             top + int((y + 1) * H / gh * s), left + int((x + 1) * W / gw * s)) if y < gh else None
+            for y, x in positions]  # row gh: a prefix token (class, ...), which has no patch to mark
 
 
 def mark(tile_img: np.ndarray, box) -> np.ndarray:
     """A copy of the tile with the box outlined, 2 px wide inside it (the token's patch; JPEG's
-    colour subsampling would smear a 1-px line)."""
+    colour subsampling would smear a 1-px line); None: the tile as it is."""
+    if box is None:
+        return tile_img
     out = tile_img.copy()
     t, l, b, r = box
     b, r = max(b, t + 4), max(r, l + 4)

@@ -168,7 +168,8 @@ class AtlasStore:
             shape = info.get("shape")
             if ok and shape and len(shape) == 3:  # a position inside the layer's map (or -1: none)
                 pos = a["positions"]
-                ok = bool(((pos >= -1) & (pos < np.array(shape[1:]))).all())
+                bound = np.array(shape[1:]) + np.array([1 if info.get("prefix") else 0, 0])  # row H: prefix tokens
+                ok = bool(((pos >= -1) & (pos < bound)).all())
         except (KeyError, TypeError, ValueError) as e:
             raise DeepvisError(f"atlas layer file {p} is damaged ({e})") from None
         if not ok:
