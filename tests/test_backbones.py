@@ -423,3 +423,24 @@ def test_prefix_tokens_are_mined_beside_the_patch_grid(tmp_path, photos):
     b.forward(xin, ["blocks.1" + PREFIX])["blocks.1" + PREFIX][0, c, x].backward()
     assert np.allclose(got["g"], xin.grad[0].permute(1, 2, 0).numpy(), atol=1e-6)
     assert render_montages(b, tmp_path / "A", units=[c], progress=False, tile=64) == {"blocks.1": 1}
+
+
+def test_the_search_runs_on_a_timm_vit_with_token_units(tmp_path, photos):
+    """Issue 32: deepvis-search backend=timm ... with units that exist on that model, a class
+    token's unit among them (its scoring panel reads the prefix tokens)."""
+    pytest.importorskip("ray.tune")
+    from PIL import Image
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(photos[name]).save(corpus / f"{name}.png")
+    out = tmp_path / "s"
+    r = run("deepvis-search", "backend=timm", "backend.model=vit_tiny_patch16_224", "backend.model_args={depth:2}",
+            "search.trials=2", "search.steps=4", "search.report_every=2", "search.asha=null", "search.validate=false",
+            "search.units=[head:1,blocks.1:3,blocks.1:3:cls]", f"search.corpus={corpus}", f"search.dir={out}",
+            f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and [u["unit"] for u in rows[0]["units"]] == ["head:1", "blocks.1:3:7:7", "blocks.1:3:cls"]
+    assert (out / "best_1.yaml").exists()

@@ -30,7 +30,7 @@ from ..errors import DeepvisError
 from ..files import load_sealed_npz, save_sealed_npz
 from ..progress import progress as progress_bar
 from ..reproduce.metrics import high_frequency_energy, total_variation
-from ..units import Unit, gather_units, resolve_units
+from ..units import Unit, gather_units, resolve_units, value_layers
 
 
 TOP_NATURAL = 5  # top natural images per hidden unit, whose judge features the image should share
@@ -125,7 +125,7 @@ def build_panel(backend, judge, unit_specs, corpus=None, batch: int = 32, progre
         raise DeepvisError(f"the judge {judge.name} has {len(judge.labels)} classes, the backend "
                            f"{backend.name} {len(backend.labels)}: a judge must know the backend's classes")
     c = open_corpus(corpus)
-    layers = sorted({u.layer for u in units}, key=backend.layers.index)
+    layers = value_layers(backend, units)  # with the prefix tokens of token units (blocks.5:3:cls)
     acts, feats = [], []
     with progress_bar(total=len(c.items), desc="scoring panel: natural images", unit="image",
                       enabled=progress, leave=False) as bar:
@@ -134,7 +134,7 @@ def build_panel(backend, judge, unit_specs, corpus=None, batch: int = 32, progre
             if images:
                 with torch.no_grad():
                     a = backend.forward(torch.cat([backend.preprocess(im) for im in images]), layers)
-                    acts.append(gather_all(a, units).cpu().double().numpy())
+                    acts.append(gather_all(a, units, backend).cpu().double().numpy())
                     feats.append(_features(judge, torch.cat([judge.preprocess(im) for im in images]))[1].cpu().numpy())
             bar.update(len(c.items[s:s + batch]))
     if not acts:
@@ -174,8 +174,8 @@ def load_or_build_panel(path: str, backend, judge, unit_specs, corpus=None) -> P
     return panel
 
 
-def gather_all(acts: dict, units: list[Unit]) -> torch.Tensor:
+def gather_all(acts: dict, units: list[Unit], backend=None) -> torch.Tensor:
     """(images, units): every unit's value on every image of a batch (gather_units pairs the
-    i-th image with the i-th unit)."""
+    i-th image with the i-th unit; the backend names a token unit's prefix token)."""
     n = next(iter(acts.values())).shape[0]
-    return torch.stack([gather_units(acts, [u] * n) for u in units], 1)
+    return torch.stack([gather_units(acts, [u] * n, backend) for u in units], 1)
