@@ -151,17 +151,64 @@ def as_float32(model):
     return model
 
 
-def check_single_input(model, path: str) -> None:
-    """deepvis feeds a model one image: a second input (a mask, a second image, a size) is named."""
-    ins = list(model.graph.input)
-    if len(ins) > 1:
-        def shape(v):
-            return "[" + ", ".join(d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim) + "]"
+def check_single_input(model, path: str, constants: dict | None = None):
+    """deepvis feeds a model one image: a second input (a mask, a second image, a size) is named,
+    or, given in ``constants`` ({name: value}, backend.constant_inputs), made a constant of its
+    declared shape inside the graph (its batch axis follows the image's)."""
+    from onnx import helper, numpy_helper
 
-        names = ", ".join(f"'{v.name}' {shape(v)}" for v in ins)
+    if constants is not None and not hasattr(constants, "items"):
+        raise DeepvisError(f"backend.constant_inputs must be a mapping {{input name: value}}, got {constants!r}")
+    constants = {str(k): v for k, v in (constants or {}).items()}
+    ins = list(model.graph.input)
+    extra = ins[1:]
+    unknown = sorted(set(constants) - {v.name for v in extra})
+    if unknown:
+        raise DeepvisError(f"backend.constant_inputs names {', '.join(unknown)}, which "
+                           + (f"the model's other inputs are not ({', '.join(v.name for v in extra)})" if extra
+                              else "the model does not have: it has one input"))
+
+    def shape(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    left = [v for v in extra if v.name not in constants]
+    if left:
+        names = ", ".join(f"'{v.name}' [{', '.join(map(str, shape(v)))}]" for v in ins)
         raise DeepvisError(f"ONNX file {path} has {len(ins)} inputs ({names}); deepvis feeds a model one image: "
-                           f"export it with the image as its only input (the others as constants), or cut it "
-                           f"to the part that takes the image only")
+                           f"give the others a constant value, e.g. backend.constant_inputs={{{left[0].name}: 1.0}}, "
+                           f"or export it with the image as its only input")
+    g = model.graph
+    for v in extra:
+        dims = shape(v)
+        if any(isinstance(d, str) or not d for d in dims[1:]):
+            raise DeepvisError(f"backend.constant_inputs: input '{v.name}' has shape {dims}: only its first "
+                               "(batch) axis may be open for a constant")
+        try:
+            value = float(constants[v.name])
+        except (TypeError, ValueError):
+            raise DeepvisError(f"backend.constant_inputs.{v.name} must be a number, got {constants[v.name]!r}") from None
+        np_type = helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        fill = numpy_helper.from_array(np.array([value], dtype=np_type), f"{v.name}__fill")
+        rest = numpy_helper.from_array(np.array(dims[1:], dtype=np.int64), f"{v.name}__rest")
+        g.initializer.extend([rest])
+        if isinstance(dims[0], str) or not dims[0]:  # the batch follows the image's
+            nodes = [helper.make_node("Shape", [ins[0].name], [f"{v.name}__ishape"], start=0, end=1),
+                     helper.make_node("Concat", [f"{v.name}__ishape", f"{v.name}__rest"], [f"{v.name}__shape"], axis=0)]
+            if _opset(model) < 15:  # Shape's start/end came in opset 15
+                nodes = [helper.make_node("Shape", [ins[0].name], [f"{v.name}__ishape_all"]),
+                         helper.make_node("Slice", [f"{v.name}__ishape_all", f"{v.name}__zero", f"{v.name}__one"],
+                                          [f"{v.name}__ishape"]), nodes[1]]
+                g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), f"{v.name}__zero"),
+                                      numpy_helper.from_array(np.array([1], np.int64), f"{v.name}__one")])
+        else:
+            g.initializer.append(numpy_helper.from_array(np.array(dims, dtype=np.int64), f"{v.name}__shape"))
+            nodes = []
+        nodes.append(helper.make_node("ConstantOfShape", [f"{v.name}__shape"], [v.name], value=fill))
+        for n in reversed(nodes):
+            g.node.insert(0, n)
+    if extra:
+        del g.input[1:]
+    return model
 
 
 AUTO_PAD_OPS = ("Conv", "MaxPool", "AveragePool", "LpPool")
@@ -252,7 +299,7 @@ def check_initializers(model, path: str) -> None:
                                f"({claimed:,} values) but holds {held:,}: a damaged or forged file")
 
 
-def load_onnx(path: str):
+def load_onnx(path: str, constant_inputs: dict | None = None):
     import onnx
 
     if not os.path.isfile(path):
@@ -270,7 +317,7 @@ def load_onnx(path: str):
     if not len(model.graph.input):
         raise DeepvisError(f"ONNX file {path} has no graph input")
     model = as_float32(topological(clean_graph(model), path))
-    check_single_input(model, path)
+    check_single_input(model, path, constant_inputs)
     return model
 
 
@@ -466,11 +513,11 @@ class OnnxBackend(HookBackend):
     def __init__(self, path: str, mean=None, std=None, channel_order: str | None = None,
                  labels=None, input_size=None, crop: bool = True, lr_scale=None, progress_scale: float = 1.0,
                  device: str = "cpu", layout: str | None = "auto", resize=None, name: str | None = None,
-                 until: str | None = None):
+                 until: str | None = None, constant_inputs: dict | None = None):
         from onnx2torch.onnx_graph import OnnxGraph
 
         path = os.fspath(path)
-        model = load_onnx(path)
+        model = load_onnx(path, constant_inputs)
         meta = read_metadata(model)
         layout, size, channels = input_layout(model, layout if layout not in (None, "auto") else meta.get("layout", layout))
         if input_size is None:

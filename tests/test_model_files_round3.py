@@ -103,11 +103,12 @@ def test_keras_style_auto_pad_on_a_dynamic_input(tmp_path, photos):
         assert ours.shape == theirs.shape and np.allclose(ours, theirs, atol=1e-3, rtol=1e-4), mode
 
 
-def test_a_second_input_is_named(tmp_path):
+def test_a_second_input_is_named_or_fed_a_constant(tmp_path):
     """Issue 35 item 5: "forward() missing 1 required positional argument: 'input_2'"."""
     class TwoInputs(nn.Module):
         def __init__(self):
             super().__init__()
+            torch.manual_seed(0)
             self.conv = nn.Conv2d(3, 4, 3)
 
         def forward(self, image, mask):
@@ -119,8 +120,24 @@ def test_a_second_input_is_named(tmp_path):
         torch.onnx.export(TwoInputs().eval(), (torch.zeros(1, 3, 16, 16), torch.zeros(1, 1, 14, 14)), str(path),
                           input_names=["image", "mask"], dynamo=False, opset_version=17)
     with pytest.raises(DeepvisError, match=r"has 2 inputs \('image' \[1, 3, 16, 16\], 'mask' \[1, 1, 14, 14\]\); "
-                                           r"deepvis feeds a model one image"):
+                                           r"deepvis feeds a model one image: give the others a constant value, "
+                                           r"e.g. backend.constant_inputs=\{mask: 1.0\}"):
         dv.load_backend("onnx", path=str(path))
+    with pytest.raises(DeepvisError, match="names masks, which the model's other inputs are not"):
+        dv.load_backend("onnx", path=str(path), constant_inputs={"masks": 1})
+    # the mask as a constant: the model runs on images alone, as its own forward with that mask
+    model = TwoInputs().eval()
+    path = tmp_path / "two_dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, 16, 16), torch.zeros(1, 1, 14, 14)), str(path),
+                          input_names=["image", "mask"], dynamo=False, opset_version=17,
+                          dynamic_axes={"image": {0: "n"}, "mask": {0: "n"}})
+    b = dv.load_backend("onnx", path=str(path), mean=[0] * 3, std=[1] * 3, constant_inputs={"mask": 0.5})
+    x = torch.rand(3, 3, 16, 16) * 255 - 128
+    last = b.layers[-1]
+    with torch.no_grad():
+        assert torch.allclose(b.forward(x, [last])[last], model(x, torch.full((3, 1, 14, 14), 0.5)), atol=1e-5)
 
 
 def test_a_batch_second_output_is_said_not_dropped(tmp_path):
