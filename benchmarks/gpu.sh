@@ -11,3 +11,4 @@ python "$here/bench_optimize.py" --device cuda --steps 100 --json "$out/optimize
 python "$here/bench_mine.py" --device cuda --no-memory --images 2000 --batch-size 128 --workers 8 | tee "$out/mine.txt"
 SDL_VIDEODRIVER=dummy python "$here/bench_live.py" --device cuda --seconds 8 --no-atlas | tee "$out/live.txt"
 python "$here/bench_compile.py" --device cuda --steps 50 | tee "$out/compile.txt"
+SDL_VIDEODRIVER=dummy python "$here/bench_vit.py" --device cuda --seconds 8 | tee "$out/vit.txt"
