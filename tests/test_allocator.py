@@ -28,10 +28,20 @@ def test_freed_memory_is_reused_not_faulted_in_again():
     and every page is faulted in again next round (measured: 92,064 faults, at any thread count);
     with the thresholds fixed it is reused (0). (A real backward pass was the first workload
     tried: glibc's own adaptive threshold made its count vary from 0 to 40,000 between runs.)"""
-    faults = {}
-    for mode in ("default", "fixed"):
+    def faults(mode):
         r = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-        faults[mode] = int(r.stdout.split()[-1])
-    assert faults["fixed"] * 5 < faults["default"], faults
+        return int(r.stdout.split()[-1])
 
+    # fixed: at most two of the 18 tensors' pages faulted in over the three rounds (reused, not
+    # handed back), in every run; without reuse it is all 18 (92,160 pages)
+    fixed = max(faults("fixed") for _ in range(2))
+    assert fixed <= 2 * 5120, fixed
+    # glibc's default hands the freed heap back, though not in every run: its heap's layout (where
+    # the kernel places it) decides whether the top can be trimmed; one CI run kept it (5,120 faults)
+    default = 0
+    for _ in range(3):
+        default = max(default, faults("default"))
+        if default > 5 * max(fixed, 1):
+            break
+    assert default > 5 * max(fixed, 1), {"default": default, "fixed": fixed}
