@@ -97,3 +97,16 @@ def write_video(path, image, frames: int, size: int, step: int, rate: int = 10, 
         for p in s.encode():
             out.mux(p)
     return path
+
+
+@pytest.fixture(scope="module")
+def ray_session(request):
+    """A local Ray for one test module; the module's own objectives travel to the workers by
+    value (tests/ is not importable there)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.tune")
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    ray.init(num_cpus=2, object_store_memory=100_000_000, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    yield ray
+    ray.shutdown()

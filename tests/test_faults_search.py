@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -135,17 +134,6 @@ class Failing:
             raise ValueError("blur exploded")
         report({"score": 1.0, "step": 30, "finished": True, "seconds": 0.0, "units": "[]",
                 "relative_activation": 1.0, "recognizability": 1.0})
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.tune")
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, object_store_memory=100_000_000, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
-    yield ray
-    ray.shutdown()
 
 
 def test_failed_trials_are_a_failure_not_an_interruption(ray_session, space, tmp_path):

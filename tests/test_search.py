@@ -104,20 +104,6 @@ class Synthetic:
                     "units": "[]", "relative_activation": -score, "recognizability": score})
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.tune")
-    import sys
-
-    # the synthetic objective is defined here: its workers get it by value, not by importing tests/
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, object_store_memory=100_000_000, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-
-
 def test_search_on_ray_tune_finds_a_known_optimum_and_stops_hopeless_trials(ray_session, space, tmp_path):
     from deepvis_repro.search.select import choose_best
     from deepvis_repro.search.tuning import run_search

@@ -104,9 +104,8 @@ def _row_problem(row) -> str | None:
         return f"trial is {t!r}, not a whole number"
     if not isinstance(row.get("params"), dict):
         return "params is not an object"
-    for k in ("status",):
-        if not isinstance(row.get(k), str):
-            return f"{k} is not a string"
+    if not isinstance(row.get("status"), str):
+        return "status is not a string"
     for k in ("score", *MEASURE_COLUMNS, "steps_run", "seconds"):
         v = row.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
