@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepvis_repro.backend import HookBackend
+from deepvis_repro.backend import HookBackend, check_input_size
 from deepvis_repro.errors import DeepvisError
 from deepvis_repro.files import atomic_write, file_sha256, tensors_sha256, write_text
 from deepvis_repro.images import LUMA
@@ -180,7 +180,7 @@ class CaffeBackend(HookBackend):
         self.prototxt, self.weights = prototxt, weights
         self.input_scale = float(input_scale)
         net = read_prototxt(prototxt)
-        size = tuple(int(v) for v in input_size) if input_size else input_shape(net)
+        size = check_input_size(input_size, f"prototxt {prototxt}") if input_size else input_shape(net)
         if size is None:
             raise DeepvisError(f"prototxt {prototxt} declares no input size; give backend.input_size=[H,W]")
         if not (1 <= size[0] <= MAX_SIDE and 1 <= size[1] <= MAX_SIDE):

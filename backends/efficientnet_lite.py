@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepvis_repro.backend import HookBackend
+from deepvis_repro.backend import HookBackend, check_input_size
 from deepvis_repro.errors import DeepvisError
 from deepvis_repro.labels import imagenet_labels
 
@@ -200,7 +200,7 @@ class EfficientNetLiteBackend(HookBackend):
         model = EfficientNetLite.from_state_dict(load_state_dict_file(path))
         if fuse_bn:
             model.fuse_batchnorm()
-        size = input_size or (PACKAGED[variant][2],) * 2
+        size = check_input_size(input_size, f"EfficientNet-{variant}") if input_size else (PACKAGED[variant][2],) * 2
         paths = [("stem", "_stem_act")]
         paths += [(f"blocks.{i}", f"_blocks.{i}") for i in range(len(model._blocks))]
         paths += [("head", "_head_act"), ("pool", "_avg_pooling"), ("fc", "_fc")]

@@ -19,7 +19,7 @@ import sys
 import torch
 from deepvis_repro_backends.efficientnet_lite import load_state_dict_file
 
-from deepvis_repro.backend import HookBackend, discover_layers
+from deepvis_repro.backend import HookBackend, check_input_size, discover_layers
 from deepvis_repro.errors import DeepvisError, did_you_mean
 from deepvis_repro.images import INTERPOLATIONS
 from deepvis_repro.labels import imagenet_labels, read_labels
@@ -103,7 +103,8 @@ class TimmBackend(HookBackend):
                 print(f"warning: timm {name} has random weights (neither backend.pretrained=true nor "
                       "backend.checkpoint=FILE): its labels and pictures mean nothing", file=sys.stderr)
         cfg = dict(getattr(net, "pretrained_cfg", {}) or {})
-        size = tuple(input_size) if input_size else tuple(cfg.get("input_size", (3, 224, 224))[1:])
+        size = (check_input_size(input_size, f"timm {model}") if input_size
+                else tuple(cfg.get("input_size", (3, 224, 224))[1:]))
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32) * 255.0
         std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32) * 255.0
         classes = getattr(net, "num_classes", 0)

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from deepvis_repro_backends.efficientnet_lite import load_state_dict_file
 
-from deepvis_repro.backend import HookBackend, discover_layers
+from deepvis_repro.backend import HookBackend, check_input_size, discover_layers
 from deepvis_repro.errors import DeepvisError, did_you_mean
 from deepvis_repro.labels import imagenet_labels
 
@@ -85,7 +85,7 @@ class TorchvisionBackend(HookBackend):
             size = int(tf.crop_size[0])
             labels = list(w.meta.get("categories") or labels)
         n_out = getattr(model, "num_classes", None)
-        size = tuple(input_size) if input_size else (size, size)
+        size = check_input_size(input_size, f"torchvision {arch}") if input_size else (size, size)
         model.eval()
         layer_paths = discover_layers(model, torch.zeros(1, 3, *size))
         mean255 = torch.tensor(mean) * 255.0

@@ -29,11 +29,16 @@ MAX_INPUT_SIDE = 4096
 
 
 def check_input_size(size, source: str) -> tuple[int, int]:
-    """(h, w) as ints, each in 1..MAX_INPUT_SIDE, or a DeepvisError naming the source."""
+    """(h, w) as ints, each in 1..MAX_INPUT_SIDE, or a DeepvisError naming the source. One
+    number is a square (``backend.input_size=320``, as a user writes it)."""
+    given = size
+    if isinstance(size, (int, str)) and not isinstance(size, bool):
+        size = (size, size)
     try:
         h, w = (int(v) for v in size)
     except (TypeError, ValueError):
-        raise DeepvisError(f"input size {size!r} ({source}) must be [height, width] in pixels") from None
+        raise DeepvisError(f"input size {given!r} ({source}) must be [height, width] or one number "
+                           "(a square) in pixels") from None
     if not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE):
         raise DeepvisError(f"input size {h}x{w} ({source}) is not in 1..{MAX_INPUT_SIDE} pixels a side; "
                            "give backend.input_size=[H,W] if the model accepts a smaller input")

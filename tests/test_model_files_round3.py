@@ -1,6 +1,7 @@
 """Real model files, round three (issue 35), each property in a model built here: a graph written
 out of order in float16 (onnxruntime's fp16 converter), Keras-style auto_pad on a dynamic input,
 a second input, a (T, N, C) output, and a node onnx2torch cannot convert deep in a graph."""
+import os
 import subprocess
 import warnings
 
@@ -9,6 +10,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 from torch import nn
 
 import deepvis_repro as dv
@@ -299,3 +301,115 @@ def test_receptive_fields_of_se_and_unet_layers_are_found_in_bounded_time():
     finally:
         rf._support_boxes = real
     assert max(max(c) for c in canvases) <= 448 and len(canvases) <= 2 * 9
+
+
+class WideVGG(nn.Module):
+    """Plain convolutions, ReLUs and average pooling (a max-pooling switch between equal values
+    in a photo's flat regions is decided by float rounding, which a crop's size changes), like a
+    detector's VGG trunk."""
+
+    def __init__(self, ramp: bool = False):
+        super().__init__()
+        self.ramp = ramp
+        self.c1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2))
+        self.c2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2))
+        self.c3 = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        if self.ramp:  # a position-dependent input scaling (0..1 across the image, whatever its size)
+            x = x * torch.linspace(0, 1, x.shape[-1], device=x.device)
+        return self.c3(self.c2(self.c1(x)))
+
+
+def _views(backend, n=4):
+    from deepvis_repro.atlas.corpus import demo_corpus
+    from deepvis_repro.atlas.patches import ViewCache
+
+    return dict(enumerate(ViewCache(demo_corpus().items[:n], backend.view_spec()).get_many(range(n))))
+
+
+def test_a_units_deconv_on_its_field_equals_the_whole_images():
+    """Issue 35 item 9: a wide layer's montages ran a full-image backward pass per patch (0.26
+    units/s on a 320 px VGG's 256 channels). On its receptive field, batched, the deconv of every
+    patch, borders included, is the full image's (float rounding apart)."""
+    from deepvis_repro.atlas.field_backprop import field_backprop, field_backprop_holds
+    from deepvis_repro.atlas.patches import shared_backprop
+    from deepvis_repro.atlas.receptive import layer_geometry
+
+    b = _hooked(WideVGG(), ["c3"], 160)
+    g = layer_geometry(b, "c3")
+    assert (g.size_y, g.stride_y) == (18, 4)
+    views = _views(b)
+    rng = np.random.default_rng(0)
+    pairs = [(int(i), int(c), (int(y), int(x))) for i, c, y, x in
+             zip(rng.integers(0, 4, 40), rng.integers(0, 32, 40), rng.integers(0, 40, 40), rng.integers(0, 40, 40))]
+    pairs += [(0, 3, (0, 0)), (1, 4, (39, 39)), (2, 5, (0, 39)), (3, 6, (39, 0))]
+    assert field_backprop_holds(b, pairs, "c3", g, "guided") == "field"
+    full, crop = {}, {}
+    shared_backprop(b, views, pairs, "c3", lambda k, v: full.__setitem__(k, v.copy()), "guided")
+    field_backprop(b, views, pairs, "c3", g, lambda k, v, at: crop.__setitem__(k, (v.copy(), at)), "guided",
+                   pixels=12 * 22 * 22)  # several passes, with border crops of other sizes among them
+    assert sorted(crop) == list(range(len(pairs)))
+    live = 0
+    for k, v in full.items():
+        c, (t, l) = crop[k]
+        assert c.shape[0] < 30 and c.shape[1] < 30  # a crop, not the image
+        pasted = np.zeros_like(v)
+        pasted[t:t + c.shape[0], l:l + c.shape[1]] = c
+        live += np.abs(v).max() > 0  # guided backprop: a unit that is off here has none
+        np.testing.assert_allclose(pasted, v, rtol=0, atol=1e-5 * np.abs(v).max())
+    assert live >= 10  # (18 of the 44 here)
+
+
+def test_montages_use_the_field_where_it_holds_and_say_why_not(tmp_path):
+    """The crop path is checked per layer against the full image: a position-dependent model
+    (which accepts any size) and a fixed-size one fall back to the whole image; the manifest
+    says which way each layer's deconvs were computed, and the pictures are the same."""
+    import json
+
+    from deepvis_repro.atlas import mine
+    from deepvis_repro.atlas.corpus import demo_corpus
+    from deepvis_repro.atlas.patches import render_montages
+    from deepvis_repro.atlas.store import AtlasStore
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(demo_corpus().items[:12]))
+    files = {}
+    for name, model in (("plain", WideVGG()), ("ramp", WideVGG(ramp=True))):
+        b = _hooked(model, ["c3"], 160)
+        mine(b, str(corpus), ["c3"], top_k=4, batch_size=6, atlas_dir=tmp_path / name, progress=False)
+        assert render_montages(b, tmp_path / name, units=range(6), progress=False) == {"c3": 6}
+        how = json.loads((tmp_path / name / "manifest.json").read_text())["montages"]["c3"]["backprop"]
+        assert how == ("field" if name == "plain" else
+                       "whole image: a crop's gradients differ from the full image's (position-dependent layers)")
+        files[name] = AtlasStore(tmp_path / name).unit_file("max_deconv", "c3", 2)
+        if name == "plain":  # the same units on the whole image: the same montage, within JPEG's rounding
+            first = np.asarray(Image.open(files[name])).astype(int)
+            os.remove(files[name])
+            os.remove(AtlasStore(tmp_path / name).unit_file("max_im", "c3", 2))
+            b.cache("field_backprop")[("c3", "guided")] = "whole image: asked"
+            render_montages(b, tmp_path / name, units=[2], progress=False)
+            again = np.asarray(Image.open(files[name])).astype(int)
+            assert np.abs(first - again).max() <= 2
+
+    class FixedSize(WideVGG):
+        def forward(self, x):
+            assert x.shape[-1] == 160, "this model takes 160 px only"
+            return super().forward(x)
+
+    b = _hooked(FixedSize(), ["c3"], 160)
+    from deepvis_repro.atlas.field_backprop import field_backprop_holds
+    from deepvis_repro.atlas.receptive import layer_geometry
+
+    assert field_backprop_holds(b, [(0, 1, (5, 5))], "c3", layer_geometry(b, "c3"), "guided") == \
+        "whole image: the model refused a crop (AssertionError)"
+
+
+def test_one_number_is_a_square_input_size():
+    """``backend.input_size=320`` (as a user writes it) was a TypeError from inside Hydra with
+    torchvision and timm backends: one number is a square, for every backend; nonsense is one line."""
+    assert dv.load_backend("torchvision", arch="alexnet", input_size=160).input_size == (160, 160)
+    assert dv.load_backend("timm", model="resnet18", input_size="96").input_size == (96, 96)
+    assert dv.load_backend(input_size=192).input_size == (192, 192)
+    with pytest.raises(DeepvisError, match=r"input size 'x' \(EfficientNet-lite0\) must be \[height, width\] or one"):
+        dv.load_backend(input_size="x")

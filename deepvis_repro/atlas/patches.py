@@ -32,6 +32,7 @@ from ..images import save_image
 from ..numerics import Numerics, percentile_lerp, percentile_ranks
 from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, load_items
+from .field_backprop import field_backprop, field_backprop_holds
 from ..layout import PREFIX
 from .miner import mines_prefix
 from .receptive import crop_box, layer_geometry
@@ -322,18 +323,22 @@ def _render_montages(backend, atlas_dir, layers, units, mode, tile, batch_size, 
             todo = [u for u in todo if not all(image_file_ok(store.unit_file(k, layer, u)) for s in sides
                                                for k in s[:2] if k)]
             bar = progress_bar(total=len(todo), desc=f"montages {layer}", unit="unit", enabled=progress)
+            how = None
             for start in range(0, len(todo), units_per_chunk):
                 chunk = todo[start:start + units_per_chunk]
                 for im_kind, deconv_kind, prefix in sides:
-                    _render_chunk(backend, store, cache, layer, geometry, arrays, chunk, t, mode, batch_size,
-                                  im_kind, deconv_kind, prefix, writer, numerics)
+                    how = _render_chunk(backend, store, cache, layer, geometry, arrays, chunk, t, mode, batch_size,
+                                        im_kind, deconv_kind, prefix, writer, numerics) or how
                 bar.update(len(chunk))
             writer.wait()  # the layer's files on disk before the manifest says it has montages
             bar.close()
             written[layer] = len(todo)
             manifest = store.manifest()
             manifest["layers"][layer].update(receptive_field=geometry.as_dict(), tile=t)
-            manifest.setdefault("montages", {})[layer] = {"mode": mode, "tile": t}
+            entry = manifest.setdefault("montages", {}).setdefault(layer, {})
+            entry.update(mode=mode, tile=t)
+            if how:  # how the deconvs were computed: on each unit's field, or on the whole image (and why)
+                entry["backprop"] = how
             manifest.pop("format", None)
             store.write_manifest(manifest)
     return written
@@ -380,7 +385,9 @@ class _Writer:
 
 
 def _render_chunk(backend, store, cache, layer, geometry, arrays, units, tile, mode, batch_size,
-                  im_kind, deconv_kind, prefix, writer, numerics):
+                  im_kind, deconv_kind, prefix, writer, numerics) -> str | None:
+    """One chunk of units' montages queued on the writer; returns how the deconvs were computed
+    ('field', or 'whole image: why'), None where this side has none."""
     ids = arrays[f"{prefix}image_ids"][units]        # (U, k)
     pos = arrays[f"{prefix}positions"][units]        # (U, k, 2)
     k = ids.shape[1]
@@ -399,20 +406,27 @@ def _render_chunk(backend, store, cache, layer, geometry, arrays, units, tile, m
             cut[key] = fit_tile(crop_box(v, b), tile)
         patches.append(None if v is None else mark(cut[key], marks[j]) if marks else cut[key])
     deconvs: list = [None] * len(views)
+    how = None
     if deconv_kind:
         have = [i for i, v in enumerate(views) if v is not None]
         chans = np.repeat(np.asarray(units), k)
         by_id = {int(flat_ids[i]): views[i] for i in have}
 
-        def tile_of(j, g):
+        def tile_of(j, g, at=(0, 0)):
             i = have[j]
-            back = fit_tile(render_signed(crop_box(g, boxes[i])), tile)
+            t, l, b, r = boxes[i]  # g covers the input from `at` on: the box in its pixels
+            back = fit_tile(render_signed(crop_box(g, (t - at[0], l - at[1], b - at[0], r - at[1]))), tile)
             if marks:  # a token's field is the whole image: its back image over the photo, its patch marked
                 back = mark(overlay(back, fit_tile(crop_box(views[i], boxes[i]), tile)), marks[i])
             deconvs[i] = back
 
-        shared_backprop(backend, by_id, [(int(flat_ids[i]), int(chans[i]), tuple(flat_pos[i])) for i in have],
-                        layer, tile_of, mode, images=batch_size, numerics=numerics)
+        pairs = [(int(flat_ids[i]), int(chans[i]), tuple(int(p) for p in flat_pos[i])) for i in have]
+        how = field_backprop_holds(backend, pairs, layer, geometry, mode) if pairs else None
+        if how == "field":
+            field_backprop(backend, by_id, pairs, layer, geometry, tile_of, mode, numerics,
+                           pixels=batch_size * backend.input_size[0] * backend.input_size[1])
+        elif pairs:
+            shared_backprop(backend, by_id, pairs, layer, tile_of, mode, images=batch_size, numerics=numerics)
     for u_i, u in enumerate(units):
         part = slice(u_i * k, (u_i + 1) * k)
         path = store.unit_file(im_kind, layer, u)
@@ -422,3 +436,4 @@ def _render_chunk(backend, store, cache, layer, geometry, arrays, units, tile, m
             os.makedirs(os.path.dirname(dpath), exist_ok=True)
             writer.save(dpath, montage(deconvs[part], tile))
         writer.save(path, montage(patches[part], tile))  # last: its presence means both are done
+    return how
