@@ -149,6 +149,10 @@ def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_sca
     r = optimize_into_atlas(backend, atlas_dir, units, preset=preset, seed=seed, batch_size=batch_size,
                             engine=engine, lr_scale=lr_scale)
     write_index(atlas_dir)
+    if os.path.isfile(os.path.join(atlas_dir, "site", "index.html")):  # a site made by deepvis-mine: kept current
+        from .atlas.site import write_site
+
+        write_site(atlas_dir)
     print(f"{r['written']} unit(s) optimized with {preset.name} ({preset.steps} steps), {r['skipped']} "
           f"already in the atlas; atlas: {atlas_dir}")
     if r["interrupted"]:

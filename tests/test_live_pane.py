@@ -11,12 +11,13 @@ from PIL import Image
 from deepvis_repro.atlas import mine
 from deepvis_repro.atlas.optimized import optimize_into_atlas
 from deepvis_repro.atlas.patches import render_montages
+from deepvis_repro.atlas.reading import describe, load_reading, write_readings
 from deepvis_repro.atlas.store import AtlasReader, AtlasStore
-from deepvis_repro.live.draw import CAPTION_H, STATUS_H, UNIT_PANE
+from deepvis_repro.live.draw import CAPTION_H, READING_H, STATUS_H, UNIT_PANE
 
 ENV = dict(os.environ, SDL_VIDEODRIVER="dummy", SDL_AUDIODRIVER="dummy")
 W, H = 1280, 720
-SLOT_H = (H - STATUS_H - 16) // 3 - CAPTION_H
+SLOT_H = (H - STATUS_H - 16 - READING_H) // 3 - CAPTION_H
 
 
 def slot(shot: np.ndarray, i: int, size: tuple[int, int]) -> np.ndarray:
@@ -61,6 +62,7 @@ def atlas(tmp_path_factory, lite0, photos):
     mine(lite0, str(imgs), ["blocks.4"], top_k=9, progress=False, atlas_dir=root)
     render_montages(lite0, root, units=range(6), progress=False)
     optimize_into_atlas(lite0, root, ["blocks.4:0", "blocks.4:1", "blocks.4:2"], steps=10, progress=False)
+    write_readings(lite0, root, judge=lite0, sample=24, progress=False)
     return root, imgs
 
 
@@ -74,6 +76,9 @@ def test_pane_shows_the_selected_units_three_pictures(atlas, tmp_path):
     s = json.loads(stats.read_text())
     assert (s["layer"], s["unit"]) == ("blocks.4", 2)
     assert s["pane"]["shown"] == ["regularized_opt", "max_im", "max_deconv"] and not s["pane"]["missing"]
+    # the unit's reading under its pictures (blocks.4's 67 px field: judged on its patches)
+    assert s["pane"]["reading"] == describe(load_reading(root, "blocks.4"), 2)
+    assert s["pane"]["reading"].startswith("its top patches look like: ")
     img = np.asarray(Image.open(shot)).astype(int)
     st = AtlasStore(root)
     for i, kind in enumerate(("regularized_opt", "max_im", "max_deconv")):

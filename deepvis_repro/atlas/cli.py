@@ -14,7 +14,9 @@ from .corpus import open_corpus
 from .mining import mine
 from .page import write_index
 from .patches import render_montages, resolve_mode
-from .store import layer_slug
+from .reading import write_readings
+from .site import write_site
+from .store import AtlasStore, layer_slug
 
 
 def _layers(value):
@@ -37,6 +39,9 @@ def mine_task(cfg) -> None:
         raise DeepvisError(f"top_k must be at most {MAX_TOP_K}, got {top_k}")
     negatives = flag("negatives", cfg.negatives)
     montages = flag("montages", cfg.montages)
+    reading = flag("reading", cfg.reading)
+    site = flag("site", cfg.site)
+    sample = whole("reading_sample", cfg.reading_sample, 1)
     checkpoint_seconds = number("checkpoint_seconds", cfg.checkpoint_seconds, minimum=0.0)
     Numerics(str(cfg.numerics))  # checked before any work
     batch_size = whole("batch_size", cfg.batch_size, 1)
@@ -68,5 +73,10 @@ def mine_task(cfg) -> None:
         written = render_montages(backend, atlas_dir, layers=r.layers, mode=mode, tile=tile,
                                   numerics=str(cfg.numerics))
         print(f"montages: {sum(written.values())} unit(s) written")
+    if reading:
+        with AtlasStore(atlas_dir).writer():
+            write_readings(backend, atlas_dir, sample=sample)
     write_index(atlas_dir)
+    if site:
+        print(f"site: open {write_site(atlas_dir)}")
     print(f"atlas: {atlas_dir} (open {os.path.join(atlas_dir, 'index.html')})")

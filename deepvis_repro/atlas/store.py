@@ -228,6 +228,18 @@ class AtlasReader:
     def whole_layer(self, layer: str) -> str:
         return os.path.join(self.root, "regularized_opt", self.layer_folder(layer), "whole_layer.jpg")
 
+    def reading(self, layer: str, unit: int) -> str | None:
+        """The unit's reading in one line (atlas/reading.py), or None where none is stored (the
+        original's downloads have none); each layer's file read once."""
+        if self.original:
+            return None
+        from .reading import describe, load_reading
+
+        cache = self.__dict__.setdefault("_readings", {})
+        if layer not in cache:
+            cache[layer] = load_reading(self.root, layer)
+        return describe(cache[layer], unit)
+
     def back_mode(self, layer: str) -> str:
         """What the max_deconv pictures of a layer show, in words (the original's: deconv)."""
         mode = ((self.manifest or {}).get("montages", {}).get(layer) or {}).get("mode", "deconv")

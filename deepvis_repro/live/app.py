@@ -216,7 +216,8 @@ class LiveApp:
             entry = self.pane_entry()
             od = self.on_demand
             making = od.status() if od is not None and od.current and od.current["key"] == (layer, unit) else None
-            pane = PaneView(layer, unit, entry, self.reader.top_k, self.reader.back_mode(layer), making)
+            pane = PaneView(layer, unit, entry, self.reader.top_k, self.reader.back_mode(layer), making,
+                            self.reader.reading(layer, unit))
             if s.pattern and snap is not None:
                 tile = self.painter.pattern_tile(snap.n_channels)
                 sprite = self.loader.sprite(layer, tile)
@@ -375,7 +376,8 @@ class LiveApp:
             entry = self.loader.get(layer, unit) or {}
             out["pane"] = {"atlas": self.atlas_dir, "layer": layer, "unit": unit,
                            "shown": [k for k, v in entry.items() if v is not None],
-                           "missing": [k for k, v in entry.items() if v is None], "loads": self.loader.loads}
+                           "missing": [k for k, v in entry.items() if v is None], "loads": self.loader.loads,
+                           "reading": self.reader.reading(layer, unit)}
         if self.on_demand is not None:
             out["on_demand"] = {"done": self.on_demand.done, "failed": {f"{l}:{u}": r for (l, u), r in
                                                                         self.on_demand.failed.items()},

@@ -27,6 +27,7 @@ PANE = 300
 UNIT_PANE = 220      # width of the atlas pane column
 STATUS_H = 26
 CAPTION_H = 18
+READING_H = 34       # two lines of small text under the unit pane's slots
 
 
 def surface_from(img: np.ndarray) -> pygame.Surface:
@@ -48,6 +49,30 @@ def centred(surf, box) -> tuple[int, int]:
     return box.x + (box.width - surf.get_width()) // 2, box.y + (box.height - surf.get_height()) // 2
 
 
+def wrap_words(text: str, font, width: int, lines: int) -> list[str]:
+    """Up to ``lines`` lines of the text that fit the width in the font; the last one ends in
+    '...' where the text does not fit."""
+    out, cur = [], ""
+    words = text.split()
+    for i, w in enumerate(words):
+        trial = f"{cur} {w}".strip()
+        if font.size(trial)[0] <= width or not cur:
+            cur = trial
+            continue
+        out.append(cur)
+        cur = w
+        if len(out) == lines:
+            break
+    else:
+        out.append(cur)
+        return out[:lines]
+    last = out[-1]
+    while last and font.size(last + "...")[0] > width:
+        last = last[:-1]
+    out[-1] = last.rstrip(", ") + "..."
+    return out
+
+
 @dataclass(frozen=True)
 class PaneView:
     """The unit pane's content for one frame: the selected unit, its pictures (None while they
@@ -58,6 +83,7 @@ class PaneView:
     top_k: int
     back_mode: str
     making: str | None = None
+    reading: str | None = None   # "its top patches look like: ..." (atlas/reading.py), where stored
 
 
 @dataclass(frozen=True)
@@ -97,7 +123,8 @@ class Painter:
         # the grid, its caption below it, then the status bar: nothing overlaps
         self.grid_box = pygame.Rect(2 * PANE + 24, 8, W - 2 * PANE - 32 - right, H - STATUS_H - CAPTION_H - 16)
         self.pane_box = pygame.Rect(W - UNIT_PANE - 8, 8, UNIT_PANE, H - STATUS_H - 16) if with_pane else None
-        slot_h = (self.pane_box.height // len(SLOTS) - CAPTION_H) if with_pane else 0
+        # the unit's reading gets two lines under the last slot
+        slot_h = ((self.pane_box.height - READING_H) // len(SLOTS) - CAPTION_H) if with_pane else 0
         self.slot_size = (UNIT_PANE, slot_h)
 
     def text(self, s, pos, color=FG, font=None):
@@ -278,6 +305,9 @@ class Painter:
                 making = pane.making if kind == "regularized_opt" else None
                 msg = "loading..." if entry is None else (making or "missing")
                 self.text(msg, (box.x + 8, box.y + slot_h // 2 - 8), DIM, self.small)
+        y = pb.y + len(SLOTS) * (slot_h + CAPTION_H) + 2
+        for k, line in enumerate(wrap_words(pane.reading or "no reading in this atlas", self.small, pb.width, 2)):
+            self.text(line, (pb.x, y + 16 * k), FG if pane.reading else DIM, self.small)
 
     def draw_layer_list(self, x, y, height, current):
         layers = self.layers
