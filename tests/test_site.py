@@ -1,7 +1,6 @@
 """The atlas's readings and its static site (issue 33): the embedded model over demo photos, every
 layer mined; every link and image of every page checked, and the pages opened in Debian's
 headless Chromium (Selenium with chromedriver) from file://."""
-import json
 import os
 import shutil
 from html.parser import HTMLParser

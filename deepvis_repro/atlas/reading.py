@@ -82,6 +82,7 @@ def layer_reading(backend, store: AtlasStore, layer: str, judge, cache: ViewCach
     C, k = ids.shape
     side = max(geometry.size_y, geometry.size_x)
     patches = not geometry.whole and MIN_PATCH <= side and display_box(geometry, 0, 0, (H, W)) != (0, 0, H, W)
+    rows = backend_map_rows(store, layer)
     keys = []
     for c in range(C):
         row = []
@@ -90,8 +91,7 @@ def layer_reading(backend, store: AtlasStore, layer: str, judge, cache: ViewCach
             if i < 0:
                 continue
             y, x = (int(v) for v in pos[c, j])
-            box = display_box(geometry, y, x, (H, W)) if patches and y < backend_map_rows(store, layer) \
-                else (0, 0, H, W)
+            box = display_box(geometry, y, x, (H, W)) if patches and y < rows else (0, 0, H, W)
             row.append((i, box))
         keys.append(row)
     todo = sorted({key for row in keys for key in row if key not in judged})
