@@ -10,6 +10,7 @@ from pathlib import Path
 from .atlas.cli import mine_task
 from .atlas.optimized import optimize_into_atlas
 from .atlas.page import write_index
+from .atlas.site import write_site
 from .atlas.store import layer_slug
 from .console import exit_interrupted, output_dir, resolve_device, run_app, seed_everything
 from .errors import DeepvisError
@@ -150,8 +151,6 @@ def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_sca
                             engine=engine, lr_scale=lr_scale)
     write_index(atlas_dir)
     if os.path.isfile(os.path.join(atlas_dir, "site", "index.html")):  # a site made by deepvis-mine: kept current
-        from .atlas.site import write_site
-
         write_site(atlas_dir)
     print(f"{r['written']} unit(s) optimized with {preset.name} ({preset.steps} steps), {r['skipped']} "
           f"already in the atlas; atlas: {atlas_dir}")

@@ -11,8 +11,8 @@ from PIL import Image
 from deepvis_repro.atlas import mine
 from deepvis_repro.atlas.optimized import optimize_into_atlas
 from deepvis_repro.atlas.patches import render_montages
-from deepvis_repro.atlas.reading import describe, load_reading, write_readings
-from deepvis_repro.atlas.store import AtlasReader, AtlasStore
+from deepvis_repro.atlas.reading import write_readings
+from deepvis_repro.atlas.store import AtlasReader, AtlasStore, describe, load_reading
 from deepvis_repro.live.draw import CAPTION_H, READING_H, STATUS_H, UNIT_PANE
 
 ENV = dict(os.environ, SDL_VIDEODRIVER="dummy", SDL_AUDIODRIVER="dummy")

@@ -13,9 +13,9 @@ from PIL import Image
 from deepvis_repro.atlas import mine
 from deepvis_repro.atlas.corpus import demo_corpus
 from deepvis_repro.atlas.patches import render_montages
-from deepvis_repro.atlas.reading import describe, load_reading, write_readings
+from deepvis_repro.atlas.reading import write_readings
 from deepvis_repro.atlas.site import write_site
-from deepvis_repro.atlas.store import AtlasReader, AtlasStore
+from deepvis_repro.atlas.store import AtlasReader, AtlasStore, describe, load_reading
 
 READ = ["blocks.2", "blocks.6", "fc"]  # judged here: small fields (images), patches, the whole image
 

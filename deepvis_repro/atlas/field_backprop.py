@@ -23,6 +23,7 @@ import torch
 
 from ..backprop import relu_backward
 from ..numerics import Numerics
+from .seeded_backprop import shared_backprop
 
 
 #: a crop must cover less than this share of the input for the crop path to be tried: a field
@@ -107,8 +108,6 @@ def field_backprop_holds(backend, pairs: list, layer: str, geometry, mode: str) 
     unit; equal when the relative L2 difference is under 1e-3 (measured: 1e-6 where crops line
     up, of the order of 1 where they do not). Always in float32: it checks geometry, not
     numerics."""
-    from .patches import shared_backprop
-
     H, W = backend.input_size
     if field_extent(geometry, (H, W)) is None:
         g = geometry

@@ -25,16 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..backprop import MODES, relu_backward
+from ..backprop import MODES
 from ..errors import DeepvisError
 from ..files import image_file_ok, remove_stale_partials_below
 from ..images import save_image
-from ..numerics import Numerics, percentile_lerp, percentile_ranks
+from ..numerics import percentile_lerp, percentile_ranks
 from ..progress import progress as progress_bar
 from .corpus import BatchDecoder, load_items
 from .field_backprop import field_backprop, field_backprop_holds
-from ..layout import PREFIX
-from .miner import mines_prefix
+from .seeded_backprop import shared_backprop
 from .receptive import crop_box, layer_geometry
 from .store import AtlasStore
 
@@ -66,58 +65,6 @@ class ViewCache:
         while len(self._cache) > self.size:
             self._cache.popitem(last=False)
         return out
-
-
-def shared_backprop(backend, views: dict, pairs: list, layer: str, on_grad, mode: str = "deconv",
-                    images: int = 8, numerics: str = "default") -> None:
-    """The input-space backward pass of each (image id, channel, (y, x)) pair, seeded with a
-    one-hot 1.0 at the unit (the original's max_deconv), in RGB like the views (a grey model's: grey). Each image's forward
-    pass shared by every pair that lists it: up to ``images`` distinct images go forward together,
-    then their pairs go backward in rounds over the same graph (round r seeds each image's r-th
-    pair; images are grouped by how many pairs they have, so that few seeds in a round are empty).
-    A plain backward pass per round: autograd's batched one (is_grads_batched, vmap) measured
-    slower per seed on CPU. Calls on_grad(index into pairs, (H, W, 3) float32 gradient) for each
-    pair (the caller reduces it to a tile at once: a layer's gradients would not fit in memory)."""
-    by_image: dict[int, list[int]] = {}
-    for i, (img, _, _) in enumerate(pairs):
-        by_image.setdefault(int(img), []).append(i)
-    order = sorted(by_image, key=lambda i: (-len(by_image[i]), i))
-    with torch.enable_grad(), relu_backward(backend.module, mode), Numerics(numerics).active(backend.device):
-        for start in range(0, len(order), images):
-            ids = order[start:start + images]
-            x = backend.views_to_x(torch.from_numpy(np.stack([views[i] for i in ids])))
-            x = x.detach().requires_grad_(True)
-            depth = max(len(by_image[i]) for i in ids)
-            # a position on row H of a token layer's map is prefix token x (miner.with_prefix_row)
-            prefixed = None
-            if mines_prefix(backend, layer):
-                out = backend.forward(x, [layer, layer + PREFIX])
-                a, prefixed = out[layer], out[layer + PREFIX]
-            else:
-                a = backend.forward(x, [layer])[layer]
-            a_dim4 = a.dim() == 4
-            for r in range(depth):
-                seed = torch.zeros_like(a)
-                pseed = None if prefixed is None else torch.zeros_like(prefixed)
-                filled = []
-                for m, img in enumerate(ids):
-                    if r < len(by_image[img]):
-                        k = by_image[img][r]
-                        _, c, (y, xx) = pairs[k]
-                        if a_dim4 and pseed is not None and int(y) >= a.shape[2]:
-                            pseed[m, int(c), int(xx)] = 1.0
-                        elif a_dim4:
-                            seed[m, int(c), int(y), int(xx)] = 1.0
-                        else:
-                            seed[m].view(-1)[int(c)] = 1.0
-                        filled.append((m, k))
-                outs, seeds = ((a,), (seed,)) if prefixed is None else ((a, prefixed), (seed, pseed))
-                (g,) = torch.autograd.grad(outs, x, grad_outputs=seeds, allow_unused=True, retain_graph=r + 1 < depth)
-                g = torch.zeros_like(x) if g is None else g  # None: the layer does not depend on the input
-                g = g.detach().expand(-1, 3, -1, -1) if g.shape[1] == 1 else g.detach()  # grey: shown grey
-                g = g.permute(0, 2, 3, 1).float().cpu().numpy()
-                for m, k in filled:
-                    on_grad(k, g[m])
 
 
 def has_max_pooling(module) -> bool:

@@ -27,40 +27,15 @@ from ..errors import DeepvisError
 from ..files import write_json
 from ..layout import PREFIX
 from ..progress import progress as progress_bar
+from ..registry import load_backend
 from .corpus import BatchDecoder, load_items
 from .patches import ViewCache, display_box
 from .receptive import crop_box, layer_geometry
-from .store import AtlasStore, layer_slug
+from .store import AtlasStore, load_reading, reading_path
 
 MIN_PATCH = 48
 TOP_CLASSES = 3
 BINS = 24
-
-
-def reading_path(store: AtlasStore, layer: str) -> str:
-    return store.path("reading", f"{layer_slug(layer)}.json")
-
-
-def load_reading(root, layer: str) -> dict | None:
-    """A layer's stored reading, or None (not made, or unreadable: a reading is never a reason
-    not to show the pictures)."""
-    import json
-
-    try:
-        with open(reading_path(AtlasStore(root), layer), encoding="utf-8") as f:
-            r = json.load(f)
-        return r if isinstance(r, dict) and isinstance(r.get("units"), list) else None
-    except (OSError, ValueError):
-        return None
-
-
-def describe(reading: dict | None, unit: int) -> str | None:
-    """One line: "its top patches look like: tabby cat 4/9, tiger cat 2/9"."""
-    if not reading or not 0 <= unit < len(reading["units"]) or not reading["units"][unit]:
-        return None
-    k = reading.get("k", 9)
-    what = "patches" if reading.get("basis") == "patches" else "images"
-    return f"its top {what} look like: " + ", ".join(f"{label} {n}/{k}" for label, n in reading["units"][unit])
 
 
 def _judge_classes(judge, images: list[np.ndarray], batch: int = 32) -> list[int]:
@@ -162,8 +137,6 @@ def write_readings(backend, atlas_dir, judge=None, layers=None, sample: int = 40
     mined = list(manifest["layers"])
     layers = mined if layers in (None, "all") else [backend.resolve_layer(l) for l in layers]
     if judge is None:
-        from ..registry import load_backend
-
         judge = load_backend()
     if not judge.labels:
         raise DeepvisError(f"the judge {judge.name} has no class labels: a reading names classes")

@@ -18,8 +18,7 @@ import os
 import numpy as np
 
 from ..files import write_text
-from .reading import describe, load_reading
-from .store import AtlasStore, layer_slug
+from .store import AtlasStore, describe, layer_slug, load_reading
 
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
 a{color:#1a55a0}nav{margin-bottom:1em}nav a{margin-right:1em}

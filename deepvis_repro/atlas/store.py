@@ -60,6 +60,30 @@ def backend_identity(backend) -> dict:
             **backend.view_spec()}
 
 
+def reading_path(store: AtlasStore, layer: str) -> str:
+    return store.path("reading", f"{layer_slug(layer)}.json")
+
+
+def load_reading(root, layer: str) -> dict | None:
+    """A layer's stored reading, or None (not made, or unreadable: a reading is never a reason
+    not to show the pictures)."""
+    try:
+        with open(reading_path(AtlasStore(root), layer), encoding="utf-8") as f:
+            r = json.load(f)
+        return r if isinstance(r, dict) and isinstance(r.get("units"), list) else None
+    except (OSError, ValueError):
+        return None
+
+
+def describe(reading: dict | None, unit: int) -> str | None:
+    """One line: "its top patches look like: tabby cat 4/9, tiger cat 2/9"."""
+    if not reading or not 0 <= unit < len(reading["units"]) or not reading["units"][unit]:
+        return None
+    k = reading.get("k", 9)
+    what = "patches" if reading.get("basis") == "patches" else "images"
+    return f"its top {what} look like: " + ", ".join(f"{label} {n}/{k}" for label, n in reading["units"][unit])
+
+
 class AtlasStore:
     """Paths and files of one atlas folder (ours); reading and writing, atomically."""
 
@@ -233,8 +257,6 @@ class AtlasReader:
         original's downloads have none); each layer's file read once."""
         if self.original:
             return None
-        from .reading import describe, load_reading
-
         cache = self.__dict__.setdefault("_readings", {})
         if layer not in cache:
             cache[layer] = load_reading(self.root, layer)
