@@ -336,6 +336,7 @@ def test_a_units_deconv_on_its_field_equals_the_whole_images():
     from deepvis_repro.atlas.patches import shared_backprop
     from deepvis_repro.atlas.receptive import layer_geometry
 
+    torch.manual_seed(0)
     b = _hooked(WideVGG(), ["c3"], 160)
     g = layer_geometry(b, "c3")
     assert (g.size_y, g.stride_y) == (18, 4)
@@ -375,6 +376,7 @@ def test_montages_use_the_field_where_it_holds_and_say_why_not(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(demo_corpus().items[:12]))
     files = {}
+    torch.manual_seed(0)
     for name, model in (("plain", WideVGG()), ("ramp", WideVGG(ramp=True))):
         b = _hooked(model, ["c3"], 160)
         mine(b, str(corpus), ["c3"], top_k=4, batch_size=6, atlas_dir=tmp_path / name, progress=False)
