@@ -345,7 +345,7 @@ def test_a_units_deconv_on_its_field_equals_the_whole_images():
     pairs = [(int(i), int(c), (int(y), int(x))) for i, c, y, x in
              zip(rng.integers(0, 4, 40), rng.integers(0, 32, 40), rng.integers(0, 40, 40), rng.integers(0, 40, 40))]
     pairs += [(0, 3, (0, 0)), (1, 4, (39, 39)), (2, 5, (0, 39)), (3, 6, (39, 0))]
-    assert field_backprop_holds(b, pairs, "c3", g, "guided") == "field"
+    assert field_backprop_holds(b, "c3", g, "guided") == "field"
     full, crop = {}, {}
     shared_backprop(b, views, pairs, "c3", lambda k, v: full.__setitem__(k, v.copy()), "guided")
     field_backprop(b, views, pairs, "c3", g, lambda k, v, at: crop.__setitem__(k, (v.copy(), at)), "guided",
@@ -403,7 +403,7 @@ def test_montages_use_the_field_where_it_holds_and_say_why_not(tmp_path):
     from deepvis_repro.atlas.field_backprop import field_backprop_holds
     from deepvis_repro.atlas.receptive import layer_geometry
 
-    assert field_backprop_holds(b, [(0, 1, (5, 5))], "c3", layer_geometry(b, "c3"), "guided") == \
+    assert field_backprop_holds(b, "c3", layer_geometry(b, "c3"), "guided") == \
         "whole image: the model refused a crop (AssertionError)"
 
 

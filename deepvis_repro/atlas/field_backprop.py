@@ -99,7 +99,7 @@ def field_backprop(backend, views: dict, pairs: list, layer: str, geometry, on_g
                     on_grad(k, g[m], boxes[k][:2])
 
 
-def field_backprop_holds(backend, pairs: list, layer: str, geometry, mode: str) -> str:
+def field_backprop_holds(backend, layer: str, geometry, mode: str) -> str:
     """Whether the crop path gives the full image's gradients on this layer (cached per layer and
     mode): 'field' or why not ('whole image: ...'). Checked on an image of uniform noise (a
     photo's flat regions make max-pooling switches between equal values, which float rounding

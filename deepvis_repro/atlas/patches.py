@@ -368,7 +368,7 @@ def _render_chunk(backend, store, cache, layer, geometry, arrays, units, tile, m
             deconvs[i] = back
 
         pairs = [(int(flat_ids[i]), int(chans[i]), tuple(int(p) for p in flat_pos[i])) for i in have]
-        how = field_backprop_holds(backend, pairs, layer, geometry, mode) if pairs else None
+        how = field_backprop_holds(backend, layer, geometry, mode) if pairs else None
         if how == "field":
             field_backprop(backend, by_id, pairs, layer, geometry, tile_of, mode, numerics,
                            pixels=batch_size * backend.input_size[0] * backend.input_size[1])
