@@ -19,6 +19,7 @@ from .images import load_image
 from .labels import top_classes
 from .numerics import Numerics
 from .optimize import get_preset, optimize
+from .optvis.convergence import Convergence
 from .outputs import machine, versions, write_optimization
 from .registry import instantiate_backend, instantiate_config
 from .reproduce.compare import compare, failure_table
@@ -111,6 +112,7 @@ def optimize_task(cfg) -> None:
     batch_size = whole("optimize.batch_size", o.batch_size, 1, allow_none=True)
     lr_scale = number("optimize.lr_scale", o.lr_scale, positive=True, allow_none=True)
     numerics = Numerics(str(o.get("numerics", "default"))).mode
+    fast = flag("optimize.fast", o.get("fast", False))
     preset = get_preset(OmegaConf.to_container(cfg.regularization), steps=steps, start=o.start)
     atlas_mode = cfg.atlas.dir is not None or any(is_whole_layer(u) for u in units)
     engine = None
@@ -122,9 +124,9 @@ def optimize_task(cfg) -> None:
     seed_everything(seed)
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
     if atlas_mode:
-        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine, lr_scale)
+        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine, lr_scale, fast)
     result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size, numerics=numerics,
-                      lr_scale=lr_scale)
+                      lr_scale=lr_scale, converge=Convergence() if fast else None)
     out = output_dir()
     record = write_optimization(out, backend, result)
     for r in record["results"]:
@@ -143,16 +145,17 @@ def optimize_task(cfg) -> None:
         exit_interrupted()
 
 
-def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_scale=None) -> None:
+def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_scale=None, fast=False) -> None:
     """Whole layers (or the given units) into an atlas, resumable."""
     atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
     check_output_dir(atlas_dir, "atlas.dir")
     r = optimize_into_atlas(backend, atlas_dir, units, preset=preset, seed=seed, batch_size=batch_size,
-                            engine=engine, lr_scale=lr_scale)
+                            engine=engine, lr_scale=lr_scale, fast=fast)
     write_index(atlas_dir)
     if os.path.isfile(os.path.join(atlas_dir, "site", "index.html")):  # a site made by deepvis-mine: kept current
         write_site(atlas_dir)
-    print(f"{r['written']} unit(s) optimized with {preset.name} ({preset.steps} steps), {r['skipped']} "
+    steps = f"converged or {preset.steps} steps" if fast else f"{preset.steps} steps"
+    print(f"{r['written']} unit(s) optimized with {preset.name} ({steps}), {r['skipped']} "
           f"already in the atlas; atlas: {atlas_dir}")
     if r["interrupted"]:
         print(f"interrupted: {r['written'] + r['skipped']} of {r['units']} units are in {atlas_dir}; "

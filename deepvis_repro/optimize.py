@@ -20,6 +20,7 @@ import torch
 from .errors import DeepvisError
 from .images import stretch_around_grey
 from .numerics import Numerics
+from .optvis.convergence import Convergence
 from .optvis.param import make_param
 from .optvis.presets import PRESETS, Preset, get_preset
 from .optvis.rules import make_rule
@@ -51,6 +52,7 @@ class OptimizationResult:
     progress_scale: float = 1.0
     numerics: dict = field(default_factory=lambda: {"mode": "default", "native_reductions": None})
     attribution: np.ndarray | None = None  # (N,H,W) in 0..1: MACO's transparency map (param=maco only)
+    converged: dict = field(default_factory=dict)  # unit index -> step its convergence stop came at
 
     def images_without_mean(self) -> np.ndarray:
         """x itself, centred on grey and scaled to fill 0..255 (the original's 'no mean' image)."""
@@ -87,10 +89,11 @@ class _Batch:
     stopped: dict
     interrupted: bool
     attribution: np.ndarray | None = None  # (units in the batch, H, W): MACO's, else None
+    converged: dict = field(default_factory=dict)  # unit index in the batch -> step it converged at
 
 
 def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale, on_step=None,
-               on_best=None) -> _Batch:
+               on_best=None, converge: Convergence | None = None) -> _Batch:
     n = len(units)
     layers = value_layers(backend, units)
     param = make_param(backend, p, x, seed)
@@ -103,7 +106,8 @@ def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale
     active = torch.ones(n, dtype=torch.bool, device=x.device)
     # MACO's transparency map: where the objective's gradient in image space was large, summed over steps
     attribution = torch.zeros(n, *backend.input_size, device=x.device) if p.param == "maco" else None
-    history, argmax, stopped = [], [], {}
+    history, argmax, stopped, converged, trace = [], [], {}, {}, []
+    rows = list(range(n))  # the batch rows the network sees (under a convergence stop: the active ones)
     interrupted = False
     try:
         for ii in range(p.steps):
@@ -112,21 +116,27 @@ def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale
             # 1. the image (pixels: x kept valid), and the copies the network sees
             x = param.image()
             # 2. forward only as deep as the deepest unit; the objective is each unit's value
-            #    (the mean over the transformed copies)
-            acts = backend.forward(robust(x), layers)
-            obj = gather_units(acts, units * k, backend).float()  # bf16 numerics: statistics in float32
+            #    (the mean over the transformed copies). Under a convergence stop, only the rows
+            #    still running go through the network (a converged unit costs nothing more).
+            sub = rows if len(rows) < n else None
+            xs = x if sub is None else x[sub]
+            acts = backend.forward(robust(xs), layers)
+            us = units if sub is None else [units[i] for i in sub]
+            obj = gather_units(acts, us * k, backend).float()  # bf16 numerics: statistics in float32
             if k > 1:
-                obj = obj.view(k, n).mean(0)
+                obj = obj.view(k, len(us)).mean(0)
+            if sub is not None:
+                obj = torch.full((n,), torch.nan, device=obj.device, dtype=obj.dtype).index_put(
+                    (torch.as_tensor(sub, device=obj.device),), obj)
+                seen = {i: m for m, i in enumerate(sub)}
             # 3. d obj / d leaf: each image's objective depends on that image only
             wrt = [param.leaf] + ([x] if attribution is not None else [])
             grads = torch.autograd.grad(obj, wrt, torch.ones_like(obj))  # no reduction: same bits anywhere
             g = grads[0]
             x, obj = x.detach(), obj.detach()
             with torch.no_grad():
-                argmax.append(torch.stack([
-                    acts[u.layer][i].flatten(1)[:, 0 if u.y is None else u.y * acts[u.layer].shape[-1] + u.x].argmax()
-                    if acts[u.layer].dim() == 4 else acts[u.layer][i].argmax()
-                    for i, u in enumerate(units)]).cpu())
+                argmax.append(torch.stack([_argmax(acts[u.layer], i if sub is None else seen.get(i), u)
+                                           for i, u in enumerate(units)]).cpu())
                 finite = torch.isfinite(obj) & torch.isfinite(g).flatten(1).all(1)
                 for i in torch.nonzero(active & ~finite).flatten().tolist():
                     stopped[i] = (ii, "NaN or inf in the objective or gradient")
@@ -144,6 +154,14 @@ def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale
                 if attribution is not None:
                     attribution += torch.where(active.view(-1, 1, 1), torch.nan_to_num(grads[-1]).abs().sum(1), 0.0)
                 active = active & finite & ~zero
+                if converge is not None:
+                    trace.append(best.clone())
+                    if converge.due(ii + 1) and ii >= converge.window:
+                        done = active & converge.converged(best, trace[ii - converge.window])
+                        for i in torch.nonzero(done).flatten().tolist():
+                            converged[i] = ii
+                        active = active & ~done
+                    rows = torch.nonzero(active).flatten().tolist()  # stopped units leave the batch too
                 if not bool(active.any()):
                     # every unit has stopped: the rest of the history is NaN, as for any stopped unit
                     history += [torch.full((n,), torch.nan, dtype=torch.float64)] * (p.steps - ii - 1)
@@ -169,7 +187,16 @@ def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale
     return _Batch(best_x, best.cpu().numpy(), best_step.numpy(),
                   torch.stack(history).numpy() if history else np.zeros((0, n)),
                   torch.stack(argmax).numpy() if argmax else np.zeros((0, n), dtype=np.int64),
-                  stopped, interrupted, None if attribution is None else attribution.cpu().numpy())
+                  stopped, interrupted, None if attribution is None else attribution.cpu().numpy(), converged)
+
+
+def _argmax(a: torch.Tensor, row: int | None, u: Unit) -> torch.Tensor:
+    """The argmax channel of the unit's layer at the unit's position (-1: the row did not run)."""
+    if row is None:
+        return torch.tensor(-1, device=a.device)
+    if a.dim() == 4:
+        return a[row].flatten(1)[:, 0 if u.y is None else u.y * a.shape[-1] + u.x].argmax()
+    return a[row].argmax()
 
 
 def _plain_activation(backend, units, layers, x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -196,7 +223,7 @@ def backend_lr_scale(backend) -> float:
 def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: int = 0,
              batch_size: int | None = None, progress: bool = True, lr_scale: float | None = None,
              progress_scale: float | None = None, on_step=None, numerics: str = "default",
-             on_best=None, **overrides) -> OptimizationResult:
+             on_best=None, converge: Convergence | None = None, **overrides) -> OptimizationResult:
     """Find, for each unit, the image that maximizes it under a preset's regularization.
 
     units: "layer:channel" or "layer:channel:y:x" strings (conv units default to the centre).
@@ -210,6 +237,8 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     numerics: "default" (the fastest float32 kernels), "portable" (the same bits on any x86-64 CPU
     and thread count, about 1.5x the time: deepvis_repro/numerics.py) or "bf16" (the network in
     bfloat16: faster where the hardware has it; deepvis_repro/bf16.py).
+    converge: a Convergence stops each unit once its objective has converged (the atlas's fast
+    mode; optvis/convergence.py); None runs the setting's full length, as the paper did.
     Ctrl-C stops early and returns the best images so far (result.interrupted is True).
     """
     p = get_preset(preset, steps=steps, **overrides)
@@ -232,7 +261,7 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
             try:
                 with mode.active(backend.device):
                     batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), seed, bar, lr_scale,
-                                       progress_scale, on_step, on_best)
+                                       progress_scale, on_step, on_best, converge)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -248,6 +277,7 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     best_x = torch.cat([b.best_x for b in batches]) if batches else x0[:0]
     steps_run = max((len(b.history) for b in batches), default=0)
     stopped = {chunk.start + i: v for chunk, b in parts for i, v in b.stopped.items()}
+    converged = {chunk.start + i: v for chunk, b in parts for i, v in b.converged.items()}
     return OptimizationResult(
         units=units, preset=p, images=backend.deprocess(best_x).reshape(len(units), *backend.input_size, 3),
         x=best_x, best_activation=np.concatenate([b.best for b in batches]) if batches else np.zeros(0),
@@ -257,7 +287,8 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
         argmax=np.concatenate([_pad_rows(b.argmax, steps_run, -1) for b in batches], axis=1).astype(int)
         if batches else np.zeros((0, 0), int),
         stopped=stopped, interrupted=any(b.interrupted for b in batches), lr_scale=lr_scale,
-        progress_scale=progress_scale, numerics=mode.report(), attribution=_attribution(batches))
+        progress_scale=progress_scale, numerics=mode.report(), attribution=_attribution(batches),
+        converged=converged)
 
 
 def _attribution(batches: list[_Batch]) -> np.ndarray | None:

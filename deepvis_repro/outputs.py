@@ -55,6 +55,7 @@ def write_optimization(out_dir: str, backend, result, command: str | None = None
                 "unit": str(u), "label": unit_label(backend, u),
                 "best_activation": float(result.best_activation[i]), "best_step": int(result.best_step[i]),
                 "stopped": None if stop is None else {"step": stop[0], "reason": stop[1]},
+                "converged_at": result.converged.get(i),  # optimize.fast: the step its convergence stop came at
                 "image_top5": tops[i], "image": f"{u.slug}.png", "image_without_mean": f"{u.slug}_nomean.png",
                 "objective_per_step": [float(v) for v in result.history[:, i]],
                 "argmax_per_step": [int(v) for v in result.argmax[:, i]],

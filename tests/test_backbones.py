@@ -117,6 +117,23 @@ def test_swin_stages_are_drawn_as_maps_not_rows(photo_x):
     assert d.sum((1, 2)).min() > 0  # every channel's map saw it
 
 
+def test_a_swin_stage_gets_a_whole_input_field_not_an_error(photo_x):
+    """Found this round: deepvis-mine on a Swin stage failed after mining ('cannot measure its
+    receptive field'): under windowed attention a unit sees its window and its neighbour another,
+    so no box and stride describe the layer. Such a layer is shown on the whole input, said so."""
+    from deepvis_repro.atlas.receptive import layer_geometry
+
+    # one block per stage: no shifted window joins neighbouring windows (with two, the centre
+    # units' fields happen to line up and are measured, clipped at the input)
+    b = dv.load_backend("timm", model="swin_tiny_patch4_window7_224",
+                        model_args={"depths": (1, 1, 1, 1), "embed_dim": 48, "num_heads": (3, 3, 3, 3)})
+    g = layer_geometry(b, "layers.1")
+    assert g.whole and g.method.startswith("position-dependent")
+    # a convolutional stage of the same library still gets its measured box (not the fallback)
+    c = layer_geometry(timm_backend("resnet18"), "layer1.1")
+    assert not c.whole and c.method == "probe" and c.stride_y == 4
+
+
 def test_vit_tokens_are_drawn_on_the_patch_grid(photo_x):
     """A ViT block's channel is a 14x14 map over patches: the patch a perturbation touches moves
     its own token most (the residual stream), wherever it is."""

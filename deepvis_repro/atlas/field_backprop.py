@@ -23,7 +23,7 @@ import torch
 
 from ..backprop import relu_backward
 from ..numerics import Numerics
-from .seeded_backprop import shared_backprop
+from .seeded_backprop import rgb_numpy, shared_backprop
 
 
 #: a crop must cover less than this share of the input for the crop path to be tried: a field
@@ -92,9 +92,7 @@ def field_backprop(backend, views: dict, pairs: list, layer: str, geometry, on_g
                     t, l = boxes[k][:2]
                     seed[m, int(c), int(y) - t // geometry.stride_y, int(xx) - l // geometry.stride_x] = 1.0
                 (g,) = torch.autograd.grad(a, x, grad_outputs=seed, allow_unused=True)
-                g = torch.zeros_like(x) if g is None else g
-                g = g.detach().expand(-1, 3, -1, -1) if g.shape[1] == 1 else g.detach()
-                g = g.permute(0, 2, 3, 1).float().cpu().numpy()
+                g = rgb_numpy(g, x)
                 for m, k in enumerate(part):
                     on_grad(k, g[m], boxes[k][:2])
 

@@ -25,6 +25,7 @@ from ..errors import DeepvisError
 from ..files import image_file_ok, signals_deferred, write_json
 from ..images import save_image
 from ..optimize import backend_lr_scale, get_preset, optimize
+from ..optvis.convergence import Convergence
 from ..progress import progress as progress_bar
 from ..units import Unit, expand_units, layer_shapes, parse_unit
 from .mining import make_engine
@@ -60,9 +61,8 @@ class LayerRecord:
         old = self.data.get("setting")
         if old and old != setting:
             raise DeepvisError(
-                f"{os.path.dirname(self.path)} holds images made with {old.get('name')} "
-                f"({old.get('steps')} steps, seed {old.get('seed')}); this run asks {setting.get('name')} "
-                f"({setting.get('steps')} steps, seed {setting.get('seed')}): give another atlas.dir")
+                f"{os.path.dirname(self.path)} holds images made with {_said(old)}; this run asks "
+                f"{_said(setting)}: give another atlas.dir")
         self.data["setting"] = setting
 
     def add(self, channel: int, record: dict) -> None:
@@ -76,16 +76,23 @@ class LayerRecord:
 class OptimizeWorker:
     """Optimizes a batch of units (strings); built once per process or Ray actor."""
 
-    def __init__(self, backend, preset, seed: int, lr_scale: float, progress_scale: float):
+    def __init__(self, backend, preset, seed: int, lr_scale: float, progress_scale: float,
+                 converge: Convergence | None = None):
         self.backend, self.preset, self.seed = backend, preset, int(seed)
-        self.lr_scale, self.progress_scale = lr_scale, progress_scale
+        self.lr_scale, self.progress_scale, self.converge = lr_scale, progress_scale, converge
 
     def __call__(self, units: list[str]) -> dict:
         r = optimize(self.backend, units, preset=self.preset, seed=self.seed, progress=False,
-                     lr_scale=self.lr_scale, progress_scale=self.progress_scale)
+                     lr_scale=self.lr_scale, progress_scale=self.progress_scale, converge=self.converge)
         return {"images": r.images, "best_activation": r.best_activation, "best_step": r.best_step,
                 "stopped": {int(k): v for k, v in r.stopped.items()}, "interrupted": r.interrupted,
+                "converged": {int(k): int(v) for k, v in r.converged.items()},
                 "units": [str(u) for u in r.units]}
+
+
+def _said(setting: dict) -> str:
+    mode = "fast mode" if setting.get("fast") else "exact mode"
+    return f"{setting.get('name')} ({setting.get('steps')} steps, seed {setting.get('seed')}, {mode})"
 
 
 def write_unit(backend, store: AtlasStore, unit: Unit, image: np.ndarray) -> str:
@@ -123,18 +130,22 @@ def write_sprite(store: AtlasStore, layer: str, channels: int, tile: int = SPRIT
 
 def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int | None = None, seed: int = 0,
                         batch_size: int = 8, engine="local", progress: bool = True,
-                        engine_options: dict | None = None, lr_scale: float | None = None) -> dict:
+                        engine_options: dict | None = None, lr_scale: float | None = None,
+                        fast: bool | Convergence = False) -> dict:
     """Optimize every given unit ('layer:all' for a whole layer) that the atlas lacks, in batches,
     and write its image. Returns {"written": n, "skipped": n already there, "interrupted": bool}.
-    One writer at a time (AtlasStore.writer)."""
+    fast: stop each unit once its objective has converged (optvis/convergence.py; True: the
+    default criterion, or a Convergence) instead of running the setting's full length; recorded
+    in results.json, and an atlas made in one mode (or criterion) refuses another. One writer at a time (AtlasStore.writer)."""
     with AtlasStore(atlas_dir).writer():
         return _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
-                                    engine_options, lr_scale)
+                                    engine_options, lr_scale, fast)
 
 
 def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
-                         engine_options, lr_scale=None) -> dict:
+                         engine_options, lr_scale=None, fast=False) -> dict:
     p = get_preset(preset, steps=steps)
+    converge = fast if isinstance(fast, Convergence) else Convergence() if fast else None
     units = expand_units(backend, units)
     if int(batch_size) < 1:
         raise DeepvisError(f"batch_size must be at least 1, got {batch_size}")
@@ -143,6 +154,8 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
     os.makedirs(store.root, exist_ok=True)
     store.check_model(backend)
     setting = {**asdict(p), "seed": int(seed)}
+    if converge is not None:  # absent in exact mode: the atlases of earlier releases stay valid
+        setting["fast"] = {"convergence": converge.describe()}
     records = {}
     for layer in dict.fromkeys(u.layer for u in units):
         records[layer] = LayerRecord(store, layer)
@@ -166,9 +179,10 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
     todo = [u for b in batches for u in b]
     lr_scale = backend_lr_scale(backend) if lr_scale is None else float(lr_scale)
     make_worker = functools.partial(OptimizeWorker, backend, p, seed, lr_scale,
-                                    float(getattr(backend, "progress_scale", 1.0)))
+                                    float(getattr(backend, "progress_scale", 1.0)), converge)
     bar = progress_bar(total=len(units), initial=len(units) - len(todo),
-                       desc=f"optimize {p.name}, {p.steps} steps", unit="unit", enabled=progress)
+                       desc=f"optimize {p.name}, {'converged or ' if converge else ''}{p.steps} steps", unit="unit",
+                       enabled=progress)
     written, interrupted = 0, False
     try:
         for batch, res in eng.map(make_worker, batches):
@@ -182,7 +196,7 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
                     stop = res["stopped"].get(i)
                     records[u.layer].add(u.channel, {
                         "unit": spec, "best_activation": float(res["best_activation"][i]),
-                        "best_step": int(res["best_step"][i]),
+                        "best_step": int(res["best_step"][i]), "converged_at": res["converged"].get(i),
                         "stopped": None if stop is None else {"step": stop[0], "reason": stop[1]}})
                 records[parse_unit(res["units"][0]).layer].save()
                 written += len(batch)  # counted inside: a signal held until here must not lose it

@@ -171,7 +171,7 @@ def layer_geometry(backend, layer: str) -> Geometry:
     # the centre unit and diagonal neighbours: two suffice where neighbours' fields are shifts of
     # each other; an upsampled layer (2x2 units sharing one field) needs more to see its stride
     reach = [k for k in range(1, 5) if yc + k < h and xc + k < w]
-    best, spans = None, 0
+    best, spans, unaligned = None, 0, False
     # Fields grow with depth: start where the previous layer's field fitted.
     start = backend.cache("receptive_margin").get("margin", 0)
     limit = max_canvas(H, W)
@@ -214,6 +214,7 @@ def layer_geometry(backend, layer: str) -> Geometry:
             continue
         geometry = _affine(boxes, [0] + reach, margin, yc, xc, H, W)
         if geometry is None:
+            unaligned = True
             continue  # units' fields do not line up on this canvas
         sy, sx = geometry.stride_y, geometry.stride_x
         if margin and (dy * sy != margin or dx * sx != margin):
@@ -225,6 +226,12 @@ def layer_geometry(backend, layer: str) -> Geometry:
         if inside:
             backend.cache("receptive_margin")["margin"] = margin
             break
+    if best is None and unaligned:
+        # neighbouring units see differently shaped parts of the input (Swin's windowed attention:
+        # a unit sees its window, its neighbour another): no one box and stride describes the layer.
+        # Its units are shown on the whole input, as a ViT's are, rather than failing the atlas.
+        best = Geometry(H, W, 0, 0, 0, 0, whole=True,
+                        method="position-dependent: neighbouring units' fields do not line up")
     if best is None:
         raise DeepvisError(f"layer {layer}: cannot measure its receptive field (no canvas up to {limit} px "
                            "lined its units up)")

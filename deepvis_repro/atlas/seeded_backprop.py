@@ -57,8 +57,14 @@ def shared_backprop(backend, views: dict, pairs: list, layer: str, on_grad, mode
                         filled.append((m, k))
                 outs, seeds = ((a,), (seed,)) if prefixed is None else ((a, prefixed), (seed, pseed))
                 (g,) = torch.autograd.grad(outs, x, grad_outputs=seeds, allow_unused=True, retain_graph=r + 1 < depth)
-                g = torch.zeros_like(x) if g is None else g  # None: the layer does not depend on the input
-                g = g.detach().expand(-1, 3, -1, -1) if g.shape[1] == 1 else g.detach()  # grey: shown grey
-                g = g.permute(0, 2, 3, 1).float().cpu().numpy()
+                g = rgb_numpy(g, x)
                 for m, k in filled:
                     on_grad(k, g[m])
+
+
+def rgb_numpy(g: torch.Tensor | None, x: torch.Tensor) -> np.ndarray:
+    """An input gradient (N,C,H,W) as the (N,H,W,3) float32 numpy the tiles are made from: zeros
+    where autograd returned None (the layer does not depend on the input), a grey model's shown grey."""
+    g = torch.zeros_like(x) if g is None else g.detach()
+    g = g.expand(-1, 3, -1, -1) if g.shape[1] == 1 else g
+    return g.permute(0, 2, 3, 1).float().cpu().numpy()

@@ -109,7 +109,19 @@ def _setting_words(setting: dict | None) -> str:
     name = setting.get("name")
     keys = ("decay", "blur_radius", "blur_every", "norm_pct", "contrib_pct", "steps", "lr")
     rest = ", ".join(f"{k} {setting[k]}" for k in keys if setting.get(k) is not None)
+    fast = (setting.get("fast") or {}).get("convergence")
+    if fast:  # optimize.fast=true: each unit stopped once converged (optvis/convergence.py)
+        rest += (f"; fast mode: stopped once the last {fast.get('window')} steps gained under "
+                 f"{100 * float(fast.get('rel_tol', 0)):g}%")
     return (f"{name}: " if name else "") + rest
+
+
+def _ended(record: dict) -> str:
+    """Why the unit's run ended early, if it did: a convergence stop or the optimizer's own stop."""
+    if record.get("converged_at") is not None:
+        return f"; converged, stopped after step {record['converged_at']}"
+    stop = record.get("stopped")
+    return f"; stopped at step {stop.get('step')}: {stop.get('reason')}" if isinstance(stop, dict) else ""
 
 
 def write_site(atlas_dir) -> str:
@@ -127,14 +139,14 @@ def write_site(atlas_dir) -> str:
     name = str(mining.get("backend", {}).get("name") or m.get("backend", {}).get("name") or "?")
     k = int(m.get("top_k") or 9)
     rows = []
+    per_layer = {l: (_optimized(store, l), load_reading(store.root, l)) for l in layers}  # read once
     for l in layers:
         info = m["layers"][l]
         rf = info.get("receptive_field") or {}
         field = ("whole input" if rf.get("whole") else f"{rf.get('size_y')}x{rf.get('size_x')} px, stride "
                  f"{rf.get('stride_y')}") if rf else "?"
         mont = m.get("montages", {}).get(l, {})
-        opt = _optimized(store, l)
-        reading = load_reading(store.root, l)
+        opt, reading = per_layer[l]
         rows.append(f"<tr><td><a href='{e(layer_slug(l))}/index.html'>{e(l)}</a></td><td>{info.get('channels')}</td>"
                     f"<td>{e(str(tuple(info.get('shape') or ())))}</td><td>{e(field)}"
                     f"{' (' + e(str(rf.get('method'))) + ')' if rf.get('method') else ''}</td>"
@@ -153,7 +165,7 @@ def write_site(atlas_dir) -> str:
             "<th>optimized</th><th>reading</th></tr>", *rows, "</table>"]
     write_text(os.path.join(site, "index.html"), _page(f"unit atlas: {name}", body, 0))
     for li, l in enumerate(layers):
-        _write_layer(store, m, layers, li, k)
+        _write_layer(store, m, layers, li, k, *per_layer[l])
     return os.path.join(site, "index.html")
 
 
@@ -167,7 +179,8 @@ def _layer_nav(layers, li) -> list[str]:
     return nav
 
 
-def _write_layer(store: AtlasStore, m: dict, layers: list[str], li: int, k: int) -> None:
+def _write_layer(store: AtlasStore, m: dict, layers: list[str], li: int, k: int, opt: dict,
+                 reading: dict | None) -> None:
     e = html.escape
     l = layers[li]
     slug = layer_slug(l)
@@ -179,8 +192,6 @@ def _write_layer(store: AtlasStore, m: dict, layers: list[str], li: int, k: int)
         values = arrays["values"]
     except Exception:  # a layer without mined arrays still gets its pages (optimized images only)
         values = None
-    reading = load_reading(store.root, l)
-    opt = _optimized(store, l)
     mode = (m.get("montages", {}).get(l) or {}).get("mode", "deconv")
     mode_words = {"guided": "guided backprop", "gradient": "gradient"}.get(mode, "deconv")
     dist = (reading or {}).get("distribution")
@@ -228,7 +239,8 @@ def _write_unit(store, folder, layers, li, u, n, k, rel, values, reading, dist, 
         note = ""
         if kind == "regularized_opt" and record:
             note = (f"<p class='note'>{e(_setting_words(opt.get('setting')))}; activation "
-                    f"{record.get('best_activation', float('nan')):.3g} at step {record.get('best_step')}</p>")
+                    f"{record.get('best_activation', float('nan')):.3g} at step {record.get('best_step')}"
+                    f"{_ended(record)}</p>")
         img = (f"<img loading='lazy' src='{e(p)}' alt='{e(words)}'>" if p else
                f"<div class='missing'>{'not made yet (deepvis-optimize)' if kind == 'regularized_opt' else 'missing'}</div>")
         panels.append(f"<div class='panel' data-kind='{kind}'><h3>{e(words)}</h3>{img}{note}</div>")

@@ -1,0 +1,158 @@
+"""Issue 33, step 2: the atlas's fast mode (`deepvis-optimize ... optimize.fast=true`: each unit
+stops once its objective has converged, optvis/convergence.py) against the exact mode (paper_3's
+full 1,000 steps), side by side in one run on the same units, with the harness's statistics.
+
+    python benchmarks/bench_atlas_fast.py [--fc 12] [--hidden 6] [--layers blocks.4,blocks.10,blocks.15]
+                                          [--out docs/atlas_fast_vs_exact.jpg] [--dead] [--device cuda]
+
+For each layer, its first units (fc: classes spread over the 1,000) run as the atlas runs them
+(batches of 8, the worker's call to ``optimize``) in both modes; printed per layer: the time of
+each mode, the fast mode's mean stopping step, and for all units together the paired
+comparison (Wilcoxon, bootstrap 95% CI of the median difference: reproduce/stats.py) of the
+activation reached and, for fc's class units, the rank of the class under the harness's judge
+(EfficientNet-Lite1, a second network). --dead counts each layer's units whose gradient is
+exactly zero at the start image (both modes stop those at step 0: they cost nothing). --out
+writes the pictures, exact above fast, as the atlas crops them. --engines N instead times the
+fast atlas command on fc's first N units in one process and on Ray with one single-threaded
+actor per core (the "more processes" lever).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+import deepvis_repro as dv
+from deepvis_repro.atlas.optimized import optimize_into_atlas, unit_image
+from deepvis_repro.images import save_image
+from deepvis_repro.optimize import optimize, start_images
+from deepvis_repro.optvis.convergence import Convergence
+from deepvis_repro.reproduce.metrics import class_ranks, ssim
+from deepvis_repro.reproduce.stats import bootstrap_ci, paired
+from deepvis_repro.units import gather_units, layer_shapes, resolve_units
+
+BATCH = 8  # the atlas's default batch (optimize.batch_size)
+
+
+def run(backend, units, converge):
+    t = time.perf_counter()
+    r = optimize(backend, units, "paper_3", batch_size=BATCH, progress=False, converge=converge)
+    return r, time.perf_counter() - t
+
+
+def dead_units(backend, layer) -> int:
+    """Units of the layer with an exactly zero gradient at the start image (the optimizer stops them)."""
+    channels = layer_shapes(backend, [layer])[layer][0]
+    zero = 0
+    for s in range(0, channels, 64):
+        units = resolve_units(backend, [f"{layer}:{c}" for c in range(s, min(channels, s + 64))])
+        x = start_images(backend, len(units), "mean_plus_rand", 0).requires_grad_(True)
+        (g,) = torch.autograd.grad(gather_units(backend.forward(x, [layer]), units, backend).sum(), x)
+        zero += int((g.flatten(1) == 0).all(1).sum())
+    return zero
+
+
+def engines(backend, n: int) -> None:
+    """The fast mode's atlas command on fc's first n units in one process (torch's threads on
+    every core) and in one Ray actor per core with one thread each, timed side by side."""
+    import tempfile
+
+    units = [f"fc:{c}" for c in range(n)]
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        times = {}
+        for name, engine, options in (("local", "local", None),
+                                      (f"ray, {cores} actors x 1 thread", "ray",
+                                       {"actors": cores, "num_cpus": 1, "threads": 1})):
+            t = time.perf_counter()
+            optimize_into_atlas(backend, os.path.join(tmp, engine), units, batch_size=BATCH, progress=False,
+                                fast=True, engine=engine, engine_options=options)
+            times[name] = time.perf_counter() - t
+            print(f"  fast atlas of fc:0..{n - 1}, {name}: {times[name]:.0f} s ({n / times[name]:.3f} units/s)",
+                  flush=True)
+
+
+def tile(backend, unit, image, size=96):
+    from PIL import Image
+    return np.asarray(Image.fromarray(unit_image(backend, unit, image)).resize((size, size), Image.BILINEAR))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fc", type=int, default=12, help="fc class units, spread over the classes")
+    ap.add_argument("--hidden", type=int, default=6, help="units per hidden layer")
+    ap.add_argument("--layers", default="blocks.4,blocks.10,blocks.15")
+    ap.add_argument("--out", default=None, help="a picture of every unit, exact above fast")
+    ap.add_argument("--dead", action="store_true", help="count zero-gradient units of every layer")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--engines", type=int, default=0, metavar="N",
+                    help="also time the fast atlas of fc's first N units locally and on Ray, one actor per core")
+    args = ap.parse_args()
+    backend = dv.load_backend().to(args.device)
+    judge = dv.load_backend("efficientnet_lite1").to(args.device)  # the harness's judge (conf/reproduce.yaml)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    conv = Convergence()
+    if args.device.startswith("cuda"):
+        cpu = torch.cuda.get_device_name()
+    print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}; paper_3 (1,000 steps) exact vs fast "
+          f"({conv.describe()}), batches of {BATCH}", flush=True)
+    if args.dead:
+        for layer in [l for l in backend.layers if l != "prob"]:
+            print(f"  {layer}: {dead_units(backend, layer)} of {layer_shapes(backend, [layer])[layer][0]} units "
+                  "have a zero gradient at the start image", flush=True)
+    if args.engines:
+        engines(backend, args.engines)
+        return
+    groups = [("fc", [int(c) for c in np.linspace(0, 999, args.fc).round()])]
+    groups += [(l, list(range(args.hidden))) for l in args.layers.split(",") if l]
+    rows, tiles = [], ([], [])
+    total = {"exact": 0.0, "fast": 0.0}
+    for layer, channels in groups:
+        units = [f"{layer}:{c}" for c in channels]
+        exact, t_exact = run(backend, units, None)
+        fast, t_fast = run(backend, units, conv)
+        total["exact"] += t_exact
+        total["fast"] += t_fast
+        stops = [fast.converged.get(i, 999) + 1 for i in range(len(units))]
+        classes = channels if layer == backend.output_layer else [None] * len(units)
+        rank_e = class_ranks(judge, exact.images, classes)
+        rank_f = class_ranks(judge, fast.images, classes)
+        for i, u in enumerate(exact.units):
+            rows.append({"layer": layer, "unit": str(u), "act_exact": float(exact.best_activation[i]),
+                         "act_fast": float(fast.best_activation[i]), "rank_exact": rank_e[i], "rank_fast": rank_f[i],
+                         "ssim": ssim(unit_image(backend, u, fast.images[i]), unit_image(backend, u, exact.images[i]))})
+            if args.out:
+                tiles[0].append(tile(backend, u, exact.images[i]))
+                tiles[1].append(tile(backend, u, fast.images[i]))
+        print(f"{layer:<10} {len(units):3d} units: exact {t_exact:7.1f} s, fast {t_fast:6.1f} s "
+              f"({t_exact / t_fast:.2f}x); steps run, fast: mean {np.mean(stops):.0f} (min {min(stops)}, "
+              f"max {max(stops)}); activation reached, fast / exact: mean "
+              f"{np.mean([r['act_fast'] / r['act_exact'] for r in rows if r['layer'] == layer]):.2f}", flush=True)
+    print(f"all: exact {total['exact']:.0f} s, fast {total['fast']:.0f} s: {total['exact'] / total['fast']:.2f}x")
+    for measure in ("act", "rank"):
+        e = [r[f"{measure}_exact"] for r in rows]
+        f = [r[f"{measure}_fast"] for r in rows]
+        p = paired("fast", f, "exact", e, measure)
+        if p is None:
+            continue
+        stat = np.median if measure == "rank" else np.mean
+        ce = bootstrap_ci([v for v in e if v is not None], stat)
+        cf = bootstrap_ci([v for v in f if v is not None], stat)
+        name = "judge rank of the class (median; 1 = top)" if measure == "rank" else "activation (mean)"
+        print(f"{name}: exact {ce.estimate:.1f} [{ce.low:.1f}, {ce.high:.1f}], fast {cf.estimate:.1f} "
+              f"[{cf.low:.1f}, {cf.high:.1f}]; paired difference fast - exact over {p.n} units: median "
+              f"{p.median_difference:+.2f} [{p.low:+.2f}, {p.high:+.2f}], p = "
+              f"{p.p_value if p.p_value is None else format(p.p_value, '.2g')}")
+    s = [r["ssim"] for r in rows]
+    print(f"SSIM of each unit's fast picture to its exact one (as the atlas crops them): median {np.median(s):.2f}, "
+          f"min {min(s):.2f}")
+    if args.out:
+        save_image(args.out, np.concatenate([np.concatenate(t, 1) for t in tiles], 0), quality=90)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Issue 33, the atlas's fast mode: each unit stops once its objective has converged
+(optvis/convergence.py), the rest of its batch goes on without it, and the atlas says which mode
+made its images."""
+import json
+
+import numpy as np
+import pytest
+
+from deepvis_repro.atlas.optimized import optimize_into_atlas
+from deepvis_repro.errors import DeepvisError
+from deepvis_repro.optimize import optimize
+from deepvis_repro.optvis.convergence import Convergence
+
+#: short enough for a test: checks every 5 steps from step 20, over the last 10 steps
+SHORT = Convergence(window=10, rel_tol=0.05, min_steps=20, every=5)
+
+
+def _best_so_far(history: np.ndarray) -> np.ndarray:
+    return np.fmax.accumulate(np.nan_to_num(history, nan=-np.inf), axis=0)
+
+
+def test_a_converged_unit_stops_where_the_criterion_says_and_keeps_the_exact_runs_image(lite0):
+    units = [f"blocks.3:{c}" for c in range(4)]
+    exact = optimize(lite0, units, "paper_3", steps=120, progress=False)
+    fast = optimize(lite0, units, "paper_3", steps=120, progress=False, converge=SHORT)
+    assert exact.converged == {} and not np.isnan(exact.history).any()  # the paper's fixed length
+    assert fast.converged, "no unit of blocks.3 converged in 120 steps under a 5% / 10-step criterion"
+    best = _best_so_far(exact.history)
+    for i in range(len(units)):
+        stop = fast.converged.get(i)
+        # the criterion, read off the exact run's own curve: the first due check where the last
+        # 10 steps gained less than 5% is where the fast run stopped (and none before)
+        due = [s for s in range(1, 121) if SHORT.due(s) and s - 1 >= SHORT.window]
+        hits = [s - 1 for s in due if best[s - 1, i] - best[s - 1 - SHORT.window, i] < 0.05 * abs(best[s - 1, i])]
+        assert stop == (hits[0] if hits else None), (i, stop, hits)
+        if stop is None:
+            continue
+        assert np.isnan(fast.history[stop + 1:, i]).all() and np.isfinite(fast.history[:stop + 1, i]).all()
+        # until its stop the unit ran exactly as in the full run (the batch going on without the
+        # converged rows rounds alike): the image kept is the full run's best of those steps
+        assert fast.best_activation[i] == pytest.approx(best[stop, i], rel=1e-4)
+        assert fast.best_activation[i] < exact.best_activation[i] * 1.0001
+    # the units that went on did what they would have done in the full run
+    going = [i for i in range(len(units)) if i not in fast.converged]
+    for i in going:
+        assert fast.best_activation[i] == pytest.approx(exact.best_activation[i], rel=1e-3)
+
+
+def test_bad_criteria_are_one_line():
+    with pytest.raises(DeepvisError, match="min_steps >= window"):
+        Convergence(window=50, min_steps=10)
+    with pytest.raises(DeepvisError, match="rel_tol must be in"):
+        Convergence(rel_tol=-0.1)
+
+
+def test_fast_atlas_records_its_mode_resumes_alike_and_refuses_the_exact_mode(lite0, tmp_path):
+    units = [f"blocks.1:{c}" for c in range(4)]
+    r = optimize_into_atlas(lite0, tmp_path, units, steps=60, batch_size=4, progress=False, fast=SHORT)
+    assert r["written"] == 4
+    rec = json.loads((tmp_path / "regularized_opt" / "blocks.1" / "results.json").read_text())
+    assert rec["setting"]["fast"]["convergence"] == SHORT.describe()
+    stops = {c: rec["units"][str(c)]["converged_at"] for c in range(4)}
+    assert any(s is not None and 20 <= s < 59 for s in stops.values()), stops
+    # resumable: a unit lost is made again with the batch it belongs to, to the same picture
+    lost = next(c for c, s in stops.items() if s is not None)
+    img = tmp_path / "regularized_opt" / "blocks.1" / f"blocks.1_{lost:04d}.jpg"
+    before = img.read_bytes()
+    img.unlink()
+    again = optimize_into_atlas(lite0, tmp_path, units, steps=60, batch_size=4, progress=False, fast=SHORT)
+    assert again["written"] == 4 and img.read_bytes() == before
+    with pytest.raises(DeepvisError, match=r"made with paper_3 \(60 steps, seed 0, fast mode\); this run asks "
+                                           r"paper_3 \(60 steps, seed 0, exact mode\)"):
+        optimize_into_atlas(lite0, tmp_path, units, steps=60, batch_size=4, progress=False)
+
+
+def test_the_site_says_which_mode_made_a_units_picture_and_where_it_stopped(lite0, tmp_path, photos):
+    from PIL import Image
+
+    from deepvis_repro.atlas.mining import mine
+    from deepvis_repro.atlas.site import write_site
+
+    paths = []
+    for name in ("coffee", "chelsea"):
+        Image.fromarray(photos[name]).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    atlas = tmp_path / "A"
+    mine(lite0, paths, ["blocks.1"], top_k=2, atlas_dir=atlas, progress=False)
+    optimize_into_atlas(lite0, atlas, ["blocks.1:0", "blocks.1:1"], steps=40, batch_size=2, progress=False, fast=SHORT)
+    rec = json.loads((atlas / "regularized_opt" / "blocks.1" / "results.json").read_text())
+    write_site(atlas)
+    for c in (0, 1):
+        page = (atlas / "site" / "blocks.1" / f"{c:04d}.html").read_text()
+        assert "fast mode: stopped once the last 10 steps gained under 5%" in page
+        stop = rec["units"][str(c)]["converged_at"]
+        assert (f"converged, stopped after step {stop}" in page) == (stop is not None)
