@@ -53,6 +53,7 @@ class OptimizationResult:
     numerics: dict = field(default_factory=lambda: {"mode": "default", "native_reductions": None})
     attribution: np.ndarray | None = None  # (N,H,W) in 0..1: MACO's transparency map (param=maco only)
     converged: dict = field(default_factory=dict)  # unit index -> step its convergence stop came at
+    convergence: dict | None = None  # the stop's criterion (Convergence.describe()); None: the full length
 
     def images_without_mean(self) -> np.ndarray:
         """x itself, centred on grey and scaled to fill 0..255 (the original's 'no mean' image)."""
@@ -288,7 +289,7 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
         if batches else np.zeros((0, 0), int),
         stopped=stopped, interrupted=any(b.interrupted for b in batches), lr_scale=lr_scale,
         progress_scale=progress_scale, numerics=mode.report(), attribution=_attribution(batches),
-        converged=converged)
+        converged=converged, convergence=None if converge is None else converge.describe())
 
 
 def _attribution(batches: list[_Batch]) -> np.ndarray | None:

@@ -67,6 +67,7 @@ def write_optimization(out_dir: str, backend, result, command: str | None = None
         record = {
             "backend": backend.name, "preset": asdict(result.preset), "lr_scale": result.lr_scale,
             "progress_scale": result.progress_scale, "numerics": result.numerics,
+            "convergence": result.convergence,  # optimize.fast: the stop's criterion; null: the full length
             "interrupted": result.interrupted, "command": command or " ".join(sys.argv),
             "versions": versions(), "results": records,
         }

@@ -93,3 +93,18 @@ def test_the_site_says_which_mode_made_a_units_picture_and_where_it_stopped(lite
         assert "fast mode: stopped once the last 10 steps gained under 5%" in page
         stop = rec["units"][str(c)]["converged_at"]
         assert (f"converged, stopped after step {stop}" in page) == (stop is not None)
+
+
+def test_the_command_records_the_criterion_and_where_each_unit_stopped(tmp_path):
+    import subprocess
+
+    r = subprocess.run(["deepvis-optimize", "units=[blocks.3:0,blocks.3:1]", "optimize.steps=220", "optimize.fast=true",
+                        f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "results.json").read_text())
+    assert rec["convergence"] == Convergence().describe()
+    for u in rec["results"]:
+        stop = u["converged_at"]
+        steps_run = sum(v is not None for v in u["objective_per_step"])
+        # stopped on the criterion's grid (from step 150, every 25), or ran the full 220
+        assert (stop is None and steps_run == 220) or (stop in (149, 174, 199) and steps_run == stop + 1), (stop, steps_run)
