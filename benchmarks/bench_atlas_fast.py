@@ -14,7 +14,8 @@ activation reached and, for fc's class units, the rank of the class under the ha
 exactly zero at the start image (both modes stop those at step 0: they cost nothing). --out
 writes the pictures, exact above fast, as the atlas crops them. --engines N instead times the
 fast atlas command on fc's first N units in one process and on Ray with one single-threaded
-actor per core (the "more processes" lever).
+actor per core (the "more processes" lever); --batches fc,blocks.3 the cost per unit-step at
+batches of 8, 16 and 32 (the "batching" lever).
 """
 from __future__ import annotations
 
@@ -75,6 +76,24 @@ def engines(backend, n: int) -> None:
                   flush=True)
 
 
+def batch_sizes(backend, layers, sizes=(8, 16, 32)) -> None:
+    """Milliseconds per unit-step of paper_3 at each batch size: 13 steps minus 3 steps of a fresh
+    optimize call (the start-up cancels), after one warm-up call."""
+    for layer in layers:
+        row = []
+        for n in sizes:
+            units = [f"{layer}:{c}" for c in range(n)]
+            optimize(backend, units, "paper_3", steps=3, progress=False)
+            t = time.perf_counter()
+            optimize(backend, units, "paper_3", steps=13, progress=False)
+            long = time.perf_counter() - t
+            t = time.perf_counter()
+            optimize(backend, units, "paper_3", steps=3, progress=False)
+            short = time.perf_counter() - t
+            row.append(f"{(long - short) / 10 / n * 1000:.1f} at {n}")
+        print(f"  {layer}: ms per unit-step " + ", ".join(row), flush=True)
+
+
 def tile(backend, unit, image, size=96):
     from PIL import Image
     return np.asarray(Image.fromarray(unit_image(backend, unit, image)).resize((size, size), Image.BILINEAR))
@@ -90,6 +109,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--engines", type=int, default=0, metavar="N",
                     help="also time the fast atlas of fc's first N units locally and on Ray, one actor per core")
+    ap.add_argument("--batches", default=None, metavar="LAYERS",
+                    help="instead: ms per unit-step at batches of 8, 16 and 32 on these layers (comma-separated)")
     args = ap.parse_args()
     backend = dv.load_backend().to(args.device)
     judge = dv.load_backend("efficientnet_lite1").to(args.device)  # the harness's judge (conf/reproduce.yaml)
@@ -105,6 +126,9 @@ def main():
                   "have a zero gradient at the start image", flush=True)
     if args.engines:
         engines(backend, args.engines)
+        return
+    if args.batches:
+        batch_sizes(backend, args.batches.split(","))
         return
     groups = [("fc", [int(c) for c in np.linspace(0, 999, args.fc).round()])]
     groups += [(l, list(range(args.hidden))) for l in args.layers.split(",") if l]
