@@ -13,8 +13,9 @@ activation reached and, for fc's class units, the rank of the class under the ha
 (EfficientNet-Lite1, a second network). --dead counts each layer's units whose gradient is
 exactly zero at the start image (both modes stop those at step 0: they cost nothing). --out
 writes the pictures, exact above fast, as the atlas crops them. --engines N instead times the
-fast atlas command on fc's first N units in one process and on Ray with one single-threaded
-actor per core (the "more processes" lever); --batches fc,blocks.3 the cost per unit-step at
+fast atlas command on fc's first N units, each arm a fresh process with its tree's peak memory:
+in one process and on Ray with one single-threaded actor per core (the "more processes" lever;
+--steps S: S steps of every unit instead, the steady throughput; --rounds R: interleaved); --batches fc,blocks.3 the cost per unit-step at
 batches of 8, 16 and 32 (the "batching" lever).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 import deepvis_repro as dv
-from deepvis_repro.atlas.optimized import optimize_into_atlas, unit_image
+from deepvis_repro.atlas.optimized import unit_image
 from deepvis_repro.images import save_image
 from deepvis_repro.optimize import optimize, start_images
 from deepvis_repro.optvis.convergence import Convergence
@@ -56,24 +57,77 @@ def dead_units(backend, layer) -> int:
     return zero
 
 
-def engines(backend, n: int) -> None:
-    """The fast mode's atlas command on fc's first n units in one process (torch's threads on
-    every core) and in one Ray actor per core with one thread each, timed side by side."""
+def tree_pss_mb(pid: int) -> float:
+    """Proportional set size of a process and its descendants, MB (shared pages counted once)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(l.split()[1]) for l in f if l.startswith("Pss:")) / 1024
+            for t in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            continue  # a process that ended meanwhile
+    return total
+
+
+def timed_command(args: list[str]) -> tuple[float, float]:
+    """Run a command; (seconds, peak PSS in GB of its process tree, sampled every 0.5 s)."""
+    import subprocess
+
+    t = time.perf_counter()
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0.0
+    while p.poll() is None:
+        peak = max(peak, tree_pss_mb(p.pid))
+        time.sleep(0.5)
+    took = time.perf_counter() - t
+    if p.returncode:
+        raise SystemExit(f"{' '.join(args)} failed: {p.stderr.read()[-2000:]}")
+    return took, peak / 1024
+
+
+def engines(n: int, steps: int | None = None, rounds: int = 1) -> None:
+    """The fast mode's atlas command on fc's first n units, each arm a fresh process timed from
+    its start: in one process (torch's threads on every core) and in one Ray actor per core with
+    one thread each; with each
+    arm's peak memory (PSS of its process tree: shared pages counted once) and the activations'
+    paired difference to the one-process arm (other threads round the convolutions differently:
+    not the same bits, the same pictures statistically). steps: instead of the fast mode, that
+    many steps of every unit (the steady throughput, without the fast mode's uneven batches,
+    which leave one actor idle at the end of a short run); rounds: the arms interleaved."""
+    import json
     import tempfile
 
-    units = [f"fc:{c}" for c in range(n)]
+    units = "units=[" + ",".join(f"fc:{c}" for c in range(n)) + "]"
     cores = os.cpu_count() or 1
+    arms = [("local, 1 process", []),
+            (f"ray, {cores} actors x 1 thread", ["engine=ray", f"engine.actors={cores}", "engine.num_cpus=1",
+                                                 "engine.threads=1"])]
+    mode = [f"optimize.steps={steps}"] if steps else ["optimize.fast=true"]
+    what = f"{steps} steps of each unit" if steps else "fast atlas"
     with tempfile.TemporaryDirectory() as tmp:
-        times = {}
-        for name, engine, options in (("local", "local", None),
-                                      (f"ray, {cores} actors x 1 thread", "ray",
-                                       {"actors": cores, "num_cpus": 1, "threads": 1})):
-            t = time.perf_counter()
-            optimize_into_atlas(backend, os.path.join(tmp, engine), units, batch_size=BATCH, progress=False,
-                                fast=True, engine=engine, engine_options=options)
-            times[name] = time.perf_counter() - t
-            print(f"  fast atlas of fc:0..{n - 1}, {name}: {times[name]:.0f} s ({n / times[name]:.3f} units/s)",
-                  flush=True)
+        acts = {}
+        for r in range(rounds):
+            for k, (name, options) in enumerate(arms):
+                folder = os.path.join(tmp, f"{r}-{k}")
+                took, peak = timed_command(["deepvis-optimize", units, *mode, f"optimize.batch_size={BATCH}",
+                                            f"atlas.dir={folder}", *options])
+                with open(os.path.join(folder, "regularized_opt", "fc", "results.json")) as f:
+                    rec = json.load(f)["units"]
+                acts[name] = [rec[str(c)]["best_activation"] for c in range(n)]
+                base = arms[0][0]
+                same = "" if name == base or r else "; activation vs one process: " + describe_paired(
+                    paired(name, acts[name], base, acts[base], "act"))
+                print(f"  {what}, fc:0..{n - 1}, {name}: {took:.0f} s ({n / took:.3f} units/s), "
+                      f"peak PSS {peak:.2f} GB{same}", flush=True)
+
+
+def describe_paired(p) -> str:
+    return (f"paired difference over {p.n} units: median {p.median_difference:+.2f} "
+            f"[{p.low:+.2f}, {p.high:+.2f}], p = {p.p_value if p.p_value is None else format(p.p_value, '.2g')}")
 
 
 def batch_sizes(backend, layers, sizes=(8, 16, 32)) -> None:
@@ -108,7 +162,10 @@ def main():
     ap.add_argument("--dead", action="store_true", help="count zero-gradient units of every layer")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--engines", type=int, default=0, metavar="N",
-                    help="also time the fast atlas of fc's first N units locally and on Ray, one actor per core")
+                    help="instead: time the fast atlas of fc's first N units in one process and on Ray, "
+                         "one single-threaded actor per core")
+    ap.add_argument("--steps", type=int, default=None, help="--engines: this many steps per unit, not the fast mode")
+    ap.add_argument("--rounds", type=int, default=1, help="--engines: the arms this many times, interleaved")
     ap.add_argument("--batches", default=None, metavar="LAYERS",
                     help="instead: ms per unit-step at batches of 8, 16 and 32 on these layers (comma-separated)")
     args = ap.parse_args()
@@ -125,7 +182,7 @@ def main():
             print(f"  {layer}: {dead_units(backend, layer)} of {layer_shapes(backend, [layer])[layer][0]} units "
                   "have a zero gradient at the start image", flush=True)
     if args.engines:
-        engines(backend, args.engines)
+        engines(args.engines, steps=args.steps, rounds=args.rounds)
         return
     if args.batches:
         batch_sizes(backend, args.batches.split(","))
