@@ -15,8 +15,8 @@ exactly zero at the start image (both modes stop those at step 0: they cost noth
 writes the pictures, exact above fast, as the atlas crops them. --engines N instead times the
 fast atlas command on fc's first N units, each arm a fresh process with its tree's peak memory:
 in one process and on Ray with one single-threaded actor per core (the "more processes" lever;
---steps S: S steps of every unit instead, the steady throughput; --rounds R: interleaved); --batches fc,blocks.3 the cost per unit-step at
-batches of 8, 16 and 32 (the "batching" lever).
+--steps S: S steps of every unit instead, the steady throughput; --rounds R: interleaved);
+--batches fc,blocks.3 the cost per unit-step at batches of 8, 16 and 32 (the "batching" lever).
 """
 from __future__ import annotations
 
@@ -92,9 +92,8 @@ def timed_command(args: list[str]) -> tuple[float, float]:
 def engines(n: int, steps: int | None = None, rounds: int = 1) -> None:
     """The fast mode's atlas command on fc's first n units, each arm a fresh process timed from
     its start: in one process (torch's threads on every core) and in one Ray actor per core with
-    one thread each; with each
-    arm's peak memory (PSS of its process tree: shared pages counted once) and the activations'
-    paired difference to the one-process arm (other threads round the convolutions differently:
+    one thread each; with each arm's peak memory (PSS of its process tree: shared pages counted
+    once) and the activations' paired difference to the one-process arm (other threads round the convolutions differently:
     not the same bits, the same pictures statistically). steps: instead of the fast mode, that
     many steps of every unit (the steady throughput, without the fast mode's uneven batches,
     which leave one actor idle at the end of a short run); rounds: the arms interleaved."""
@@ -125,8 +124,8 @@ def engines(n: int, steps: int | None = None, rounds: int = 1) -> None:
                       f"peak PSS {peak:.2f} GB{same}", flush=True)
 
 
-def describe_paired(p) -> str:
-    return (f"paired difference over {p.n} units: median {p.median_difference:+.2f} "
+def describe_paired(p, what: str = "") -> str:
+    return (f"paired difference {what + ' ' if what else ''}over {p.n} units: median {p.median_difference:+.2f} "
             f"[{p.low:+.2f}, {p.high:+.2f}], p = {p.p_value if p.p_value is None else format(p.p_value, '.2g')}")
 
 
@@ -170,7 +169,6 @@ def main():
                     help="instead: ms per unit-step at batches of 8, 16 and 32 on these layers (comma-separated)")
     args = ap.parse_args()
     backend = dv.load_backend().to(args.device)
-    judge = dv.load_backend("efficientnet_lite1").to(args.device)  # the harness's judge (conf/reproduce.yaml)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     conv = Convergence()
     if args.device.startswith("cuda"):
@@ -187,6 +185,7 @@ def main():
     if args.batches:
         batch_sizes(backend, args.batches.split(","))
         return
+    judge = dv.load_backend("efficientnet_lite1").to(args.device)  # the harness's judge (conf/reproduce.yaml)
     groups = [("fc", [int(c) for c in np.linspace(0, 999, args.fc).round()])]
     groups += [(l, list(range(args.hidden))) for l in args.layers.split(",") if l]
     rows, tiles = [], ([], [])
@@ -229,9 +228,7 @@ def main():
         cf = bootstrap_ci([v for v in f if v is not None], stat)
         name = "judge rank of the class (median; 1 = top)" if measure == "rank" else "activation (mean)"
         print(f"{name}: exact {ce.estimate:.1f} [{ce.low:.1f}, {ce.high:.1f}], fast {cf.estimate:.1f} "
-              f"[{cf.low:.1f}, {cf.high:.1f}]; paired difference fast - exact over {p.n} units: median "
-              f"{p.median_difference:+.2f} [{p.low:+.2f}, {p.high:+.2f}], p = "
-              f"{p.p_value if p.p_value is None else format(p.p_value, '.2g')}")
+              f"[{cf.low:.1f}, {cf.high:.1f}]; {describe_paired(p, 'fast - exact')}")
     s = [r["ssim"] for r in rows]
     print(f"SSIM of each unit's fast picture to its exact one (as the atlas crops them): median {np.median(s):.2f}, "
           f"min {min(s):.2f}")
