@@ -100,6 +100,15 @@ class Backend:
         raise DeepvisError(f"unknown layer '{name}' for backend {self.name}; "
                            + did_you_mean(name, list(self.layers) + list(self.aliases)))
 
+    def layer_module(self, name: str):
+        """The module whose output is the layer's value, or None where the backend does not say
+        (a plugin; a synthetic layer). The optimizer's pre_activation option reads it."""
+        return None
+
+    def module_path(self, module) -> str | None:
+        """The dotted path of ``module`` inside this backend's module (None if it is not in it)."""
+        return next((p for p, m in self.module.named_modules() if m is module), None)
+
     def layer_layout(self, name: str):
         """The layer's Layout (deepvis_repro/layout.py). A backend that does not trace its layers
         (a plugin) is read as the contract has always said: (N, C) vectors and (N, C, H, W) maps."""
@@ -313,6 +322,10 @@ class HookBackend(Backend):
         self._synthetic_prob = self._synthetic_prob and "prob" in self.layers
         if name not in (output, "prob"):
             self.labels = None
+
+    def layer_module(self, name: str):
+        name = self.resolve_layer(name)
+        return self._submodules.get(self._paths[name]) if name in self._paths else None
 
     def layer_layout(self, name: str):
         if name.endswith(PREFIX) and self.resolve_layer(name[:-len(PREFIX)]):

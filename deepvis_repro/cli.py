@@ -113,6 +113,7 @@ def optimize_task(cfg) -> None:
     lr_scale = number("optimize.lr_scale", o.lr_scale, positive=True, allow_none=True)
     numerics = Numerics(str(o.get("numerics", "default"))).mode
     fast = flag("optimize.fast", o.get("fast", False))
+    pre = flag("optimize.pre_activation", o.get("pre_activation", False))
     preset = get_preset(OmegaConf.to_container(cfg.regularization), steps=steps, start=o.start)
     atlas_mode = cfg.atlas.dir is not None or any(is_whole_layer(u) for u in units)
     engine = None
@@ -124,9 +125,9 @@ def optimize_task(cfg) -> None:
     seed_everything(seed)
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
     if atlas_mode:
-        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine, lr_scale, fast)
+        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine, lr_scale, fast, pre)
     result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size, numerics=numerics,
-                      lr_scale=lr_scale, converge=Convergence() if fast else None)
+                      lr_scale=lr_scale, converge=Convergence() if fast else None, pre_activation=pre)
     out = output_dir()
     record = write_optimization(out, backend, result)
     for r in record["results"]:
@@ -145,12 +146,13 @@ def optimize_task(cfg) -> None:
         exit_interrupted()
 
 
-def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_scale=None, fast=False) -> None:
+def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_scale=None, fast=False,
+                   pre_activation=False) -> None:
     """Whole layers (or the given units) into an atlas, resumable."""
     atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
     check_output_dir(atlas_dir, "atlas.dir")
     r = optimize_into_atlas(backend, atlas_dir, units, preset=preset, seed=seed, batch_size=batch_size,
-                            engine=engine, lr_scale=lr_scale, fast=fast)
+                            engine=engine, lr_scale=lr_scale, fast=fast, pre_activation=pre_activation)
     write_index(atlas_dir)
     if os.path.isfile(os.path.join(atlas_dir, "site", "index.html")):  # a site made by deepvis-mine: kept current
         write_site(atlas_dir)

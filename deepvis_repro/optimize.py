@@ -11,6 +11,7 @@ batch of N gives the images of N single runs.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from .images import stretch_around_grey
 from .numerics import Numerics
 from .optvis.convergence import Convergence
 from .optvis.param import make_param
+from .optvis.preactivation import layer_clamp, unclamped
 from .optvis.presets import PRESETS, Preset, get_preset
 from .optvis.rules import make_rule
 from .optvis.transforms import Robustness
@@ -54,6 +56,8 @@ class OptimizationResult:
     attribution: np.ndarray | None = None  # (N,H,W) in 0..1: MACO's transparency map (param=maco only)
     converged: dict = field(default_factory=dict)  # unit index -> step its convergence stop came at
     convergence: dict | None = None  # the stop's criterion (Convergence.describe()); None: the full length
+    # pre_activation: {layer: the clamp taken off (its module path), or None where it ends in none}
+    pre_activation: dict | None = None
 
     def images_without_mean(self) -> np.ndarray:
         """x itself, centred on grey and scaled to fill 0..255 (the original's 'no mean' image)."""
@@ -224,7 +228,8 @@ def backend_lr_scale(backend) -> float:
 def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: int = 0,
              batch_size: int | None = None, progress: bool = True, lr_scale: float | None = None,
              progress_scale: float | None = None, on_step=None, numerics: str = "default",
-             on_best=None, converge: Convergence | None = None, **overrides) -> OptimizationResult:
+             on_best=None, converge: Convergence | None = None, pre_activation: bool = False,
+             **overrides) -> OptimizationResult:
     """Find, for each unit, the image that maximizes it under a preset's regularization.
 
     units: "layer:channel" or "layer:channel:y:x" strings (conv units default to the centre).
@@ -240,6 +245,8 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     bfloat16: faster where the hardware has it; deepvis_repro/bf16.py).
     converge: a Convergence stops each unit once its objective has converged (the atlas's fast
     mode; optvis/convergence.py); None runs the setting's full length, as the paper did.
+    pre_activation: a unit of a layer that ends in a clamp (ReLU, ReLU6) is optimized before it
+    (optvis/preactivation.py); batches then hold one layer each. Off: the paper's values.
     Ctrl-C stops early and returns the best images so far (result.interrupted is True).
     """
     p = get_preset(preset, steps=steps, **overrides)
@@ -258,9 +265,13 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
                       leave=False) as bar:
         start = 0
         while start < n:
-            chunk = slice(start, min(n, start + size))
+            stop = min(n, start + size)
+            if pre_activation:  # a clamp taken off for one layer would change a deeper layer's values
+                stop = next((i for i in range(start + 1, stop) if units[i].layer != units[start].layer), stop)
+            chunk = slice(start, stop)
             try:
-                with mode.active(backend.device):
+                with mode.active(backend.device), (unclamped(backend, [units[start].layer]) if pre_activation
+                                                   else contextlib.nullcontext()):
                     batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), seed, bar, lr_scale,
                                        progress_scale, on_step, on_best, converge)
             except torch.cuda.OutOfMemoryError:
@@ -289,7 +300,8 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
         if batches else np.zeros((0, 0), int),
         stopped=stopped, interrupted=any(b.interrupted for b in batches), lr_scale=lr_scale,
         progress_scale=progress_scale, numerics=mode.report(), attribution=_attribution(batches),
-        converged=converged, convergence=None if converge is None else converge.describe())
+        converged=converged, convergence=None if converge is None else converge.describe(),
+        pre_activation={u.layer: layer_clamp(backend, u.layer) for u in units} if pre_activation else None)
 
 
 def _attribution(batches: list[_Batch]) -> np.ndarray | None:

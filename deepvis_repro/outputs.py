@@ -68,6 +68,8 @@ def write_optimization(out_dir: str, backend, result, command: str | None = None
             "backend": backend.name, "preset": asdict(result.preset), "lr_scale": result.lr_scale,
             "progress_scale": result.progress_scale, "numerics": result.numerics,
             "convergence": result.convergence,  # optimize.fast: the stop's criterion; null: the full length
+            # optimize.pre_activation: {layer: the clamp optimized before, or null}; null: the values
+            "pre_activation": result.pre_activation,
             "interrupted": result.interrupted, "command": command or " ".join(sys.argv),
             "versions": versions(), "results": records,
         }

@@ -38,6 +38,7 @@ def test_writes_images_grid_and_record(tmp_path):
     (["regularization.small_norm_pct=150"], "small_norm_pct must be a percentile in [0, 100]"),
     (["regularization.decay=-0.5"], "decay must be in [0, 1]"),
     (["optimize.fast=maybe"], "optimize.fast must be true or false, got 'maybe'"),
+    (["optimize.pre_activation=sometimes"], "optimize.pre_activation must be true or false, got 'sometimes'"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, msg):
     r = run(*args, "optimize.steps=2", f"hydra.run.dir={tmp_path}")

@@ -26,6 +26,7 @@ from ..files import image_file_ok, signals_deferred, write_json
 from ..images import save_image
 from ..optimize import backend_lr_scale, get_preset, optimize
 from ..optvis.convergence import Convergence
+from ..optvis.preactivation import layer_clamp
 from ..progress import progress as progress_bar
 from ..units import Unit, expand_units, layer_shapes, parse_unit
 from .mining import make_engine
@@ -77,13 +78,15 @@ class OptimizeWorker:
     """Optimizes a batch of units (strings); built once per process or Ray actor."""
 
     def __init__(self, backend, preset, seed: int, lr_scale: float, progress_scale: float,
-                 converge: Convergence | None = None):
+                 converge: Convergence | None = None, pre_activation: bool = False):
         self.backend, self.preset, self.seed = backend, preset, int(seed)
         self.lr_scale, self.progress_scale, self.converge = lr_scale, progress_scale, converge
+        self.pre_activation = bool(pre_activation)
 
     def __call__(self, units: list[str]) -> dict:
         r = optimize(self.backend, units, preset=self.preset, seed=self.seed, progress=False,
-                     lr_scale=self.lr_scale, progress_scale=self.progress_scale, converge=self.converge)
+                     lr_scale=self.lr_scale, progress_scale=self.progress_scale, converge=self.converge,
+                     pre_activation=self.pre_activation)
         return {"images": r.images, "best_activation": r.best_activation, "best_step": r.best_step,
                 "stopped": {int(k): v for k, v in r.stopped.items()}, "interrupted": r.interrupted,
                 "converged": {int(k): int(v) for k, v in r.converged.items()},
@@ -92,7 +95,8 @@ class OptimizeWorker:
 
 def _said(setting: dict) -> str:
     mode = "fast mode" if setting.get("fast") else "exact mode"
-    return f"{setting.get('name')} ({setting.get('steps')} steps, seed {setting.get('seed')}, {mode})"
+    pre = f", optimized before {setting['pre_activation']}" if setting.get("pre_activation") else ""
+    return f"{setting.get('name')} ({setting.get('steps')} steps, seed {setting.get('seed')}, {mode}{pre})"
 
 
 def write_unit(backend, store: AtlasStore, unit: Unit, image: np.ndarray) -> str:
@@ -131,19 +135,22 @@ def write_sprite(store: AtlasStore, layer: str, channels: int, tile: int = SPRIT
 def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int | None = None, seed: int = 0,
                         batch_size: int = 8, engine="local", progress: bool = True,
                         engine_options: dict | None = None, lr_scale: float | None = None,
-                        fast: bool | Convergence = False) -> dict:
+                        fast: bool | Convergence = False, pre_activation: bool = False) -> dict:
     """Optimize every given unit ('layer:all' for a whole layer) that the atlas lacks, in batches,
     and write its image. Returns {"written": n, "skipped": n already there, "interrupted": bool}.
     fast: stop each unit once its objective has converged (optvis/convergence.py; True: the
     default criterion, or a Convergence) instead of running the setting's full length; recorded
-    in results.json, and an atlas made in one mode (or criterion) refuses another. One writer at a time (AtlasStore.writer)."""
+    in results.json, and an atlas made in one mode (or criterion) refuses another.
+    pre_activation: a layer ending in a clamp (ReLU6: stem, head, pool) is optimized before it
+    (optvis/preactivation.py); recorded for those layers only (the others' images are the same).
+    One writer at a time (AtlasStore.writer)."""
     with AtlasStore(atlas_dir).writer():
         return _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
-                                    engine_options, lr_scale, fast)
+                                    engine_options, lr_scale, fast, pre_activation)
 
 
 def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
-                         engine_options, lr_scale=None, fast=False) -> dict:
+                         engine_options, lr_scale=None, fast=False, pre_activation=False) -> dict:
     p = get_preset(preset, steps=steps)
     converge = fast if isinstance(fast, Convergence) else Convergence() if fast else None
     units = expand_units(backend, units)
@@ -159,7 +166,9 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
     records = {}
     for layer in dict.fromkeys(u.layer for u in units):
         records[layer] = LayerRecord(store, layer)
-        records[layer].check_setting(setting)
+        clamp = layer_clamp(backend, layer) if pre_activation else None
+        # absent where nothing is taken off: those layers' images are the paper's either way
+        records[layer].check_setting({**setting, "pre_activation": clamp} if clamp else setting)
     def done(u: Unit) -> bool:
         """Image and record both on the disk (a death between the two leaves the unit to do
         again), and not a short on-demand image from the live view."""
@@ -179,7 +188,7 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
     todo = [u for b in batches for u in b]
     lr_scale = backend_lr_scale(backend) if lr_scale is None else float(lr_scale)
     make_worker = functools.partial(OptimizeWorker, backend, p, seed, lr_scale,
-                                    float(getattr(backend, "progress_scale", 1.0)), converge)
+                                    float(getattr(backend, "progress_scale", 1.0)), converge, pre_activation)
     bar = progress_bar(total=len(units), initial=len(units) - len(todo),
                        desc=f"optimize {p.name}, {'converged or ' if converge else ''}{p.steps} steps", unit="unit",
                        enabled=progress)

@@ -113,6 +113,8 @@ def _setting_words(setting: dict | None) -> str:
     if fast:  # optimize.fast=true: each unit stopped once converged (optvis/convergence.py)
         rest += (f"; fast mode: stopped once the last {fast.get('window')} steps gained under "
                  f"{100 * float(fast.get('rel_tol', 0)):g}%")
+    if setting.get("pre_activation"):  # optimize.pre_activation=true (optvis/preactivation.py)
+        rest += f"; the value before {setting['pre_activation']} (its ReLU) was maximized"
     return (f"{name}: " if name else "") + rest
 
 

@@ -1,0 +1,88 @@
+"""Issue 33, every unit's picture: a unit whose value is a ReLU6's output (the embedded model's
+stem, head, and pool, head's average) is stuck at the start image or at the clamp's top under
+the paper's objective; optimize.pre_activation=true optimizes it before the clamp
+(optvis/preactivation.py)."""
+import json
+
+import pytest
+import torch
+
+from deepvis_repro.atlas.optimized import optimize_into_atlas
+from deepvis_repro.errors import DeepvisError
+from deepvis_repro.optimize import optimize, start_images
+from deepvis_repro.optvis.preactivation import layer_clamp
+from deepvis_repro.units import gather_units, resolve_units
+
+#: head's first channels: the clamp is off at the start image for all but head:2 (measured)
+HEAD = [f"head:{c}" for c in range(4)]
+
+
+def test_the_clamp_is_found_on_the_layer_or_under_its_average_pool(lite0):
+    assert layer_clamp(lite0, "head") == "_head_act"  # the layer's own module is the ReLU6
+    assert layer_clamp(lite0, "pool") == "_head_act"  # the average pool reads head's ReLU6 directly
+    assert layer_clamp(lite0, "stem") == "_stem_act"
+    # a block's output is its linear bottleneck, fc a linear layer: nothing to take off
+    assert layer_clamp(lite0, "blocks.3") is None and layer_clamp(lite0, "fc") is None
+
+
+def test_head_units_stuck_under_the_papers_objective_get_a_picture_before_the_clamp(lite0):
+    paper = optimize(lite0, HEAD, "paper_3", steps=40, progress=False)
+    # the paper's objective: every unit stops within a step or two (zero gradient: the clamp is
+    # off, or the first step overshoots it) and keeps an image at the start noise's distance
+    assert set(paper.stopped) == set(range(4)) and max(s for s, _ in paper.stopped.values()) <= 2
+    pre = optimize(lite0, HEAD, "paper_3", steps=40, progress=False, pre_activation=True)
+    assert pre.stopped == {} and pre.pre_activation == {"head": "_head_act"}
+    start = start_images(lite0, 4, "mean_plus_rand", 0)
+    moved = lambda r: (r.x - start).flatten(1).pow(2).mean(1).sqrt()  # RMS change from the start, 0..255
+    assert (moved(pre) > 4 * moved(paper)).all(), (moved(pre), moved(paper))
+    # the pre-activation climbed from below zero (the clamp off) for the whole run (blur's 4-step
+    # saw-tooth aside), and the picture turns the unit itself on
+    assert (pre.history[0][[0, 1, 3]] < 0).all() and (pre.best_step >= 25).all()
+    assert (pre.best_activation - pre.history[0] > 5).all(), (pre.history[0], pre.best_activation)
+    with torch.no_grad():
+        units = resolve_units(lite0, HEAD)
+        value = gather_units(lite0.forward(pre.x, ["head"]), units, lite0)
+        before = gather_units(lite0.forward(start, ["head"]), units, lite0)
+    assert (value > before).all() and (value > 1.0).all(), (value, before)
+    # the module's own forward is back after the run: head's values are clamped again
+    assert float(value.max()) <= 6.0
+
+
+def test_layers_without_a_clamp_and_mixed_batches_keep_the_papers_images(lite0):
+    pre = optimize(lite0, ["fc:1", "head:0", "blocks.3:2"], "paper_3", steps=15, progress=False,
+                   pre_activation=True, batch_size=3)
+    # one batch per layer: head's clamp taken off never reaches fc's values
+    assert pre.pre_activation == {"fc": None, "head": "_head_act", "blocks.3": None}
+    alone = [optimize(lite0, [u], "paper_3", steps=15, progress=False) for u in ("fc:1", "blocks.3:2")]
+    assert torch.equal(pre.x[0], alone[0].x[0]) and torch.equal(pre.x[2], alone[1].x[0])
+    assert pre.best_activation[0] == alone[0].best_activation[0]
+
+
+def test_the_atlas_records_it_for_clamped_layers_only_and_refuses_a_mix(lite0, tmp_path):
+    r = optimize_into_atlas(lite0, tmp_path, ["head:0", "head:1", "blocks.1:0"], steps=10, batch_size=2,
+                            progress=False, pre_activation=True)
+    assert r["written"] == 3
+    head = json.loads((tmp_path / "regularized_opt" / "head" / "results.json").read_text())
+    block = json.loads((tmp_path / "regularized_opt" / "blocks.1" / "results.json").read_text())
+    assert head["setting"]["pre_activation"] == "_head_act" and "pre_activation" not in block["setting"]
+    assert all(u["stopped"] is None and u["best_activation"] > 0 for u in head["units"].values())
+    # blocks.1's images are the paper's either way: the same atlas takes it without the option
+    again = optimize_into_atlas(lite0, tmp_path, ["blocks.1:0"], steps=10, batch_size=2, progress=False)
+    assert again["skipped"] == 1
+    with pytest.raises(DeepvisError, match=r"optimized before _head_act\); this run asks paper_3 \(10 steps, "
+                                           r"seed 0, exact mode\)"):
+        optimize_into_atlas(lite0, tmp_path, ["head:2"], steps=10, batch_size=2, progress=False)
+
+
+def test_the_command_records_what_was_optimized(tmp_path):
+    import subprocess
+
+    r = subprocess.run(["deepvis-optimize", "units=[pool:0,fc:3]", "optimize.steps=12", "optimize.pre_activation=true",
+                        f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "results.json").read_text())
+    assert rec["pre_activation"] == {"pool": "_head_act", "fc": None}
+    pool = rec["results"][0]
+    # pool:0's clamp is off at the start image: the paper's objective has no gradient there,
+    # its pre-activation (the average of head's) climbs
+    assert pool["stopped"] is None and pool["objective_per_step"][-1] > pool["objective_per_step"][0]
