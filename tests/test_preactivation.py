@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from deepvis_repro.atlas.optimized import optimize_into_atlas
+from deepvis_repro.backend import HookBackend
 from deepvis_repro.errors import DeepvisError
 from deepvis_repro.optimize import optimize, start_images
 from deepvis_repro.optvis.preactivation import layer_clamp
@@ -86,3 +88,28 @@ def test_the_command_records_what_was_optimized(tmp_path):
     # pool:0's clamp is off at the start image: the paper's objective has no gradient there,
     # its pre-activation (the average of head's) climbs
     assert pool["stopped"] is None and pool["objective_per_step"][-1] > pool["objective_per_step"][0]
+
+
+class _SharedReLU(nn.Module):
+    """One ReLU6 module called twice (as torchvision's Bottleneck calls its ReLU), the second time
+    before an average pool; and one called once before another pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1)
+        self.shared, self.last = nn.ReLU6(), nn.ReLU6()
+        self.pool1, self.pool2 = nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        h = self.pool1(self.shared(self.c2(self.shared(self.c1(x)))))
+        return self.pool2(self.last(self.c3(h))).flatten(1)
+
+
+def test_a_clamp_used_twice_on_the_way_is_never_taken_off():
+    b = HookBackend(_SharedReLU().eval(), [("shared", "shared"), ("pool1", "pool1"), ("pool2", "pool2")],
+                    to_input=lambda x: x / 255, mean=[128.0] * 3, input_size=(16, 16))
+    # a layer that is a reused module is its first call (the forward stops there): that one call
+    assert layer_clamp(b, "shared") == "shared"
+    # pool1 reads the second call: taking the module off would change the first one too
+    assert layer_clamp(b, "pool1") is None
+    assert layer_clamp(b, "pool2") == "last"

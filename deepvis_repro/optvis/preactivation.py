@@ -35,28 +35,28 @@ def layer_clamp(backend, layer: str) -> str | None:
     """The module path of the clamp at the end of ``layer`` (its own module, or the one an average
     pool reads), or None where the layer ends in none (then the option changes nothing there)."""
     cache = backend.cache("clamps")
-    if layer in cache:
-        return cache[layer]
-    mod = backend.layer_module(layer)
-    found = None
-    if isinstance(mod, CLAMPS):
-        found = backend.module_path(mod)
-    elif isinstance(mod, THROUGH):
-        found = _clamp_feeding(backend, layer, mod)
-    cache[layer] = found
-    return found
+    if layer not in cache:
+        mod = backend.layer_module(layer)
+        cache[layer] = _probe(backend, layer, mod) if isinstance(mod, CLAMPS + THROUGH) else None
+    return cache[layer]
 
 
-def _clamp_feeding(backend, layer: str, mod: nn.Module) -> str | None:
-    """The clamp whose output tensor is the input of ``mod``, seen on a probe forward pass."""
+def _probe(backend, layer: str, mod: nn.Module) -> str | None:
+    """On a probe forward pass up to ``layer``: ``mod`` itself if it is a clamp, or the clamp whose
+    output tensor is ``mod``'s input. A clamp module called more than once on the way (a ReLU
+    reused inside a block) is not taken off: that would change its other uses too."""
     backend.layer_layout(layer)  # a backend's first pass traces its layouts: not this probe's
     outputs: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
     seen: list[torch.Tensor] = []
-    handles = []
-    for path, m in backend.module.named_modules():
-        if isinstance(m, CLAMPS):
-            handles.append(m.register_forward_hook(
-                lambda _m, _i, out, path=path: outputs.__setitem__(path, out)))
+
+    def record(path):
+        def hook(_m, _i, out):
+            outputs[path], calls[path] = out, calls.get(path, 0) + 1
+        return hook
+
+    handles = [m.register_forward_hook(record(path)) for path, m in backend.module.named_modules()
+               if isinstance(m, CLAMPS)]
     handles.append(mod.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0] if inp else None)))
     try:
         h, w = backend.input_size
@@ -65,9 +65,11 @@ def _clamp_feeding(backend, layer: str, mod: nn.Module) -> str | None:
     finally:
         for handle in handles:
             handle.remove()
-    if not seen:
-        return None
-    return next((path for path, out in outputs.items() if out is seen[-1]), None)
+    if isinstance(mod, CLAMPS):
+        found = backend.module_path(mod)
+    else:
+        found = next((p for p, out in outputs.items() if seen and out is seen[-1]), None)
+    return found if found is not None and calls.get(found) == 1 else None
 
 
 @contextlib.contextmanager
