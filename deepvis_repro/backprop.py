@@ -103,18 +103,27 @@ def relu_backward(module: nn.Module, mode: str):
         return
     if mode not in ("deconv", "guided"):
         raise ValueError(f"unknown back mode {mode!r}")
-    patched = [m for m in module.modules() if isinstance(m, RELU_TYPES) or type(m).__name__ in SMOOTH_TYPES]
-    for m in patched:
-        # an instance attribute shadows the class's forward; deleting it restores the class's
+    forwards = {}
+    for m in module.modules():
         if isinstance(m, RELU_TYPES):
             hi = 6.0 if isinstance(m, nn.ReLU6) else None
-            m.forward = functools.partial(_moded_relu, hi=hi, mode=mode)
-        else:
-            m.forward = functools.partial(_moded_smooth, forward=type(m).forward.__get__(m), mode=mode)
+            forwards[m] = functools.partial(_moded_relu, hi=hi, mode=mode)
+        elif type(m).__name__ in SMOOTH_TYPES:
+            forwards[m] = functools.partial(_moded_smooth, forward=type(m).forward.__get__(m), mode=mode)
+    with forwards_replaced(forwards):
+        yield
+
+
+@contextlib.contextmanager
+def forwards_replaced(forwards: dict):
+    """Within the block, each module in ``forwards`` runs the function given for it instead of its
+    forward (its hooks still run): the back modes here, the optimizer's pre_activation option."""
+    for m, f in forwards.items():
+        m.forward = f  # an instance attribute shadows the class's forward; deleting it restores the class's
     try:
         yield
     finally:
-        for m in patched:
+        for m in forwards:
             m.__dict__.pop("forward", None)
 
 

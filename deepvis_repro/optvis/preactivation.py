@@ -23,6 +23,8 @@ import contextlib
 import torch
 from torch import nn
 
+from ..backprop import forwards_replaced
+
 #: Activations with a flat region where the gradient is exactly zero (ReLU6 is a Hardtanh).
 CLAMPS = (nn.ReLU, nn.Hardtanh)
 #: Modules that pass a clamp's output on without mixing channels nonlinearly: a layer made of one
@@ -80,14 +82,8 @@ def unclamped(backend, layers):
     view never asks for it)."""
     paths = sorted({p for p in (layer_clamp(backend, layer) for layer in layers) if p is not None})
     modules = dict(backend.module.named_modules())
-    for p in paths:
-        # an instance attribute shadows the class's forward; deleting it restores the class's
-        modules[p].forward = _identity
-    try:
+    with forwards_replaced({modules[p]: _identity for p in paths}):
         yield paths
-    finally:
-        for p in paths:
-            modules[p].__dict__.pop("forward", None)
 
 
 def _identity(x):
