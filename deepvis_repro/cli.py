@@ -125,7 +125,8 @@ def optimize_task(cfg) -> None:
     seed_everything(seed)
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
     if atlas_mode:
-        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine, lr_scale, fast, pre)
+        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine, lr_scale, fast, pre,
+                              numerics)
     result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size, numerics=numerics,
                       lr_scale=lr_scale, converge=Convergence() if fast else None, pre_activation=pre)
     out = output_dir()
@@ -147,16 +148,18 @@ def optimize_task(cfg) -> None:
 
 
 def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_scale=None, fast=False,
-                   pre_activation=False) -> None:
+                   pre_activation=False, numerics="default") -> None:
     """Whole layers (or the given units) into an atlas, resumable."""
     atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
     check_output_dir(atlas_dir, "atlas.dir")
     r = optimize_into_atlas(backend, atlas_dir, units, preset=preset, seed=seed, batch_size=batch_size,
-                            engine=engine, lr_scale=lr_scale, fast=fast, pre_activation=pre_activation)
+                            engine=engine, lr_scale=lr_scale, fast=fast, pre_activation=pre_activation,
+                            numerics=numerics)
     write_index(atlas_dir)
     if os.path.isfile(os.path.join(atlas_dir, "site", "index.html")):  # a site made by deepvis-mine: kept current
         write_site(atlas_dir)
     steps = f"converged or {preset.steps} steps" if fast else f"{preset.steps} steps"
+    steps += f", numerics {r['numerics']}" if r["numerics"] != "default" else ""
     print(f"{r['written']} unit(s) optimized with {preset.name} ({steps}), {r['skipped']} "
           f"already in the atlas; atlas: {atlas_dir}")
     if r["interrupted"]:

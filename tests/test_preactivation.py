@@ -4,6 +4,8 @@ the paper's objective; optimize.pre_activation=true optimizes it before the clam
 (optvis/preactivation.py)."""
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -113,3 +115,82 @@ def test_a_clamp_used_twice_on_the_way_is_never_taken_off():
     # pool1 reads the second call: taking the module off would change the first one too
     assert layer_clamp(b, "pool1") is None
     assert layer_clamp(b, "pool2") == "last"
+
+
+class _Loader:
+    def invalidate(self, layer, unit):
+        pass
+
+
+def _on_demand_image(lite0, root, pre_activation):
+    """The live view's background job, run to the end on head:0 (as when the cursor rests on it)."""
+    import time
+
+    from PIL import Image
+
+    from deepvis_repro.atlas.store import AtlasStore
+    from deepvis_repro.live.ondemand import OnDemand
+
+    od = OnDemand(lite0, str(root), _Loader(), steps=30, rest_seconds=0, pre_activation=pre_activation)
+    od.start()
+    od.request("head", 0)
+    deadline = time.time() + 300
+    while not od.done and not od.failed and time.time() < deadline:
+        time.sleep(0.1)
+    od.stop.set()
+    od.join(10)
+    assert od.done and not od.failed, od.failed
+    rec = json.loads((root / "regularized_opt" / "head" / "results.json").read_text())["on_demand"]["0"]
+    path = AtlasStore(root).unit_file("regularized_opt", "head", 0)
+    return np.asarray(Image.open(path)).astype(float), rec
+
+
+def test_the_live_views_on_demand_image_of_a_head_unit_is_made_before_the_clamp(lite0, tmp_path):
+    x = start_images(lite0, 1, "mean_plus_rand", 0)
+    with torch.no_grad():
+        before = lite0.forward(x, ["head"])["head"]
+    paper, rec_paper = _on_demand_image(lite0, tmp_path / "paper", pre_activation=False)
+    pre, rec_pre = _on_demand_image(lite0, tmp_path / "pre", pre_activation=True)
+    assert rec_pre["pre_activation"] == "_head_act" and "pre_activation" not in rec_paper
+    # head:0's clamp is off at the start: the paper's objective leaves the start noise, the value
+    # before the clamp climbs, so the two pictures differ (RMS over pixels, 0..255)
+    assert np.sqrt(((pre - paper) ** 2).mean()) > 5
+    assert rec_pre["best_activation"] > rec_paper["best_activation"]
+    # the clamp came off the job's own copy of the model only: the view's network is untouched
+    with torch.no_grad():
+        assert torch.equal(lite0.forward(x, ["head"])["head"], before)
+    assert before.max() <= 6
+
+
+def test_an_atlas_records_bf16_numerics_and_refuses_to_mix_them_with_float32(lite0, tmp_path):
+    from deepvis_repro.bf16 import runs_bf16
+
+    if not runs_bf16("cpu"):
+        pytest.skip("this CPU has no native bfloat16: numerics=bf16 runs float32 and records none")
+    r = optimize_into_atlas(lite0, tmp_path, ["blocks.2:0", "blocks.2:1"], steps=8, batch_size=2,
+                            progress=False, numerics="bf16", fast=True)
+    assert r["written"] == 2 and r["numerics"] == "bf16"
+    rec = json.loads((tmp_path / "regularized_opt" / "blocks.2" / "results.json").read_text())
+    assert rec["setting"]["numerics"] == "bf16"
+    # the images are bfloat16's: the float32 run of the same batch differs in its rounding
+    f32 = optimize(lite0, ["blocks.2:0", "blocks.2:1"], "paper_3", steps=8, progress=False)
+    assert rec["units"]["0"]["best_activation"] != float(f32.best_activation[0])
+    with pytest.raises(DeepvisError, match=r"fast mode, numerics bf16\); this run asks paper_3 \(8 steps, "
+                                           r"seed 0, fast mode\)"):
+        optimize_into_atlas(lite0, tmp_path, ["blocks.2:2"], steps=8, batch_size=2, progress=False, fast=True)
+
+
+def test_an_atlas_asked_for_bf16_on_a_cpu_without_it_records_the_float32_it_ran(lite0, tmp_path, monkeypatch):
+    import deepvis_repro.atlas.optimized as atlas_optimized
+    import deepvis_repro.numerics as numerics
+
+    # as on a CPU without native bfloat16: the optimizer computes in float32 (numerics.Numerics)
+    monkeypatch.setattr(atlas_optimized, "runs_bf16", lambda kind: False)
+    monkeypatch.setattr(numerics, "runs_bf16", lambda kind: False)
+    r = optimize_into_atlas(lite0, tmp_path, ["blocks.2:0"], steps=4, batch_size=1, progress=False,
+                            numerics="bf16")
+    assert r["numerics"] == "default"
+    rec = json.loads((tmp_path / "regularized_opt" / "blocks.2" / "results.json").read_text())
+    assert "numerics" not in rec["setting"]
+    f32 = optimize(lite0, ["blocks.2:0"], "paper_3", steps=4, progress=False)
+    assert rec["units"]["0"]["best_activation"] == float(f32.best_activation[0])

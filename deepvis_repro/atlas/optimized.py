@@ -23,7 +23,9 @@ import numpy as np
 
 from ..errors import DeepvisError
 from ..files import image_file_ok, signals_deferred, write_json
+from ..bf16 import runs_bf16
 from ..images import save_image
+from ..numerics import Numerics
 from ..optimize import backend_lr_scale, get_preset, optimize
 from ..optvis.convergence import Convergence
 from ..optvis.preactivation import layer_clamp
@@ -78,15 +80,15 @@ class OptimizeWorker:
     """Optimizes a batch of units (strings); built once per process or Ray actor."""
 
     def __init__(self, backend, preset, seed: int, lr_scale: float, progress_scale: float,
-                 converge: Convergence | None = None, pre_activation: bool = False):
+                 converge: Convergence | None = None, pre_activation: bool = False, numerics: str = "default"):
         self.backend, self.preset, self.seed = backend, preset, int(seed)
         self.lr_scale, self.progress_scale, self.converge = lr_scale, progress_scale, converge
-        self.pre_activation = bool(pre_activation)
+        self.pre_activation, self.numerics = bool(pre_activation), str(numerics)
 
     def __call__(self, units: list[str]) -> dict:
         r = optimize(self.backend, units, preset=self.preset, seed=self.seed, progress=False,
                      lr_scale=self.lr_scale, progress_scale=self.progress_scale, converge=self.converge,
-                     pre_activation=self.pre_activation)
+                     pre_activation=self.pre_activation, numerics=self.numerics)
         return {"images": r.images, "best_activation": r.best_activation, "best_step": r.best_step,
                 "stopped": {int(k): v for k, v in r.stopped.items()}, "interrupted": r.interrupted,
                 "converged": {int(k): int(v) for k, v in r.converged.items()},
@@ -96,7 +98,17 @@ class OptimizeWorker:
 def _said(setting: dict) -> str:
     mode = "fast mode" if setting.get("fast") else "exact mode"
     pre = f", optimized before {setting['pre_activation']}" if setting.get("pre_activation") else ""
-    return f"{setting.get('name')} ({setting.get('steps')} steps, seed {setting.get('seed')}, {mode}{pre})"
+    num = f", numerics {setting['numerics']}" if setting.get("numerics") else ""
+    return f"{setting.get('name')} ({setting.get('steps')} steps, seed {setting.get('seed')}, {mode}{pre}{num})"
+
+
+def numerics_ran(backend, numerics: str) -> str:
+    """The numerics the images are made in: bf16 asked where the device has no bfloat16 of its own
+    runs float32 (bf16.runs_bf16, said once by the optimizer), and its images are float32's."""
+    mode = Numerics(str(numerics)).mode
+    if mode == "bf16" and not runs_bf16(backend.device.type):
+        return "default"
+    return mode
 
 
 def write_unit(backend, store: AtlasStore, unit: Unit, image: np.ndarray) -> str:
@@ -135,22 +147,27 @@ def write_sprite(store: AtlasStore, layer: str, channels: int, tile: int = SPRIT
 def optimize_into_atlas(backend, atlas_dir, units, preset="paper_3", steps: int | None = None, seed: int = 0,
                         batch_size: int = 8, engine="local", progress: bool = True,
                         engine_options: dict | None = None, lr_scale: float | None = None,
-                        fast: bool | Convergence = False, pre_activation: bool = False) -> dict:
+                        fast: bool | Convergence = False, pre_activation: bool = False,
+                        numerics: str = "default") -> dict:
     """Optimize every given unit ('layer:all' for a whole layer) that the atlas lacks, in batches,
-    and write its image. Returns {"written": n, "skipped": n already there, "interrupted": bool}.
+    and write its image. Returns {"written": n, "skipped": n already there, "interrupted": bool,
+    "units": n asked, "numerics": what the images were made in}.
     fast: stop each unit once its objective has converged (optvis/convergence.py; True: the
     default criterion, or a Convergence) instead of running the setting's full length; recorded
     in results.json, and an atlas made in one mode (or criterion) refuses another.
     pre_activation: a layer ending in a clamp (ReLU6: stem, head, pool) is optimized before it
     (optvis/preactivation.py); recorded for those layers only (the others' images are the same).
+    numerics: "default", "bf16" or "portable" (deepvis_repro/numerics.py); recorded unless default,
+    so an atlas refuses to mix float32 and bfloat16 images in a layer.
     One writer at a time (AtlasStore.writer)."""
     with AtlasStore(atlas_dir).writer():
         return _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
-                                    engine_options, lr_scale, fast, pre_activation)
+                                    engine_options, lr_scale, fast, pre_activation, numerics)
 
 
 def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_size, engine, progress,
-                         engine_options, lr_scale=None, fast=False, pre_activation=False) -> dict:
+                         engine_options, lr_scale=None, fast=False, pre_activation=False,
+                         numerics="default") -> dict:
     p = get_preset(preset, steps=steps)
     converge = fast if isinstance(fast, Convergence) else Convergence() if fast else None
     units = expand_units(backend, units)
@@ -163,6 +180,9 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
     setting = {**asdict(p), "seed": int(seed)}
     if converge is not None:  # absent in exact mode: the atlases of earlier releases stay valid
         setting["fast"] = {"convergence": converge.describe()}
+    numerics = numerics_ran(backend, numerics)
+    if numerics != "default":  # likewise absent for float32, as every earlier atlas was made
+        setting["numerics"] = numerics
     records = {}
     for layer in dict.fromkeys(u.layer for u in units):
         records[layer] = LayerRecord(store, layer)
@@ -188,7 +208,8 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
     todo = [u for b in batches for u in b]
     lr_scale = backend_lr_scale(backend) if lr_scale is None else float(lr_scale)
     make_worker = functools.partial(OptimizeWorker, backend, p, seed, lr_scale,
-                                    float(getattr(backend, "progress_scale", 1.0)), converge, pre_activation)
+                                    float(getattr(backend, "progress_scale", 1.0)), converge, pre_activation,
+                                    numerics)
     bar = progress_bar(total=len(units), initial=len(units) - len(todo),
                        desc=f"optimize {p.name}, {'converged or ' if converge else ''}{p.steps} steps", unit="unit",
                        enabled=progress)
@@ -218,4 +239,4 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
         for layer in records:
             write_sprite(store, layer, layer_shapes(backend, [layer])[layer][0])
     return {"written": written, "skipped": len(units) - len(todo), "interrupted": interrupted,
-            "units": len(units)}
+            "units": len(units), "numerics": numerics}

@@ -115,6 +115,8 @@ def _setting_words(setting: dict | None) -> str:
                  f"{100 * float(fast.get('rel_tol', 0)):g}%")
     if setting.get("pre_activation"):  # optimize.pre_activation=true (optvis/preactivation.py)
         rest += f"; the value before {setting['pre_activation']} (its ReLU) was maximized"
+    if setting.get("numerics"):  # optimize.numerics=bf16 or portable; float32 is not recorded
+        rest += f"; numerics {setting['numerics']}"
     return (f"{name}: " if name else "") + rest
 
 

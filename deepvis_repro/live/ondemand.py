@@ -6,6 +6,11 @@ The live view's own work comes first: the job runs on its own copy of the model 
 with the network), with one torch thread (PyTorch's OpenMP thread count is per calling thread)
 and a lower scheduling priority (nice +10 on its Linux thread); it pauses while the user is moving
 the cursor and for a moment after, and it never runs for a unit the user has left before it began.
+
+A layer that ends in a ReLU6 (the embedded model's stem, head and pool) is optimized before its
+clamp by default (``pre_activation``, optvis/preactivation.py): under the paper's objective those
+units stop within a few steps and the picture is the start noise. The clamp is taken off the job's
+own copy of the model only, so the view's passes still see it.
 """
 from __future__ import annotations
 
@@ -32,12 +37,13 @@ class OnDemand(threading.Thread):
 
     def __init__(self, backend, atlas_dir: str, loader, preset: str = "paper_3", steps: int = 80,
                  seed: int = 0, threads: int = 1, nice: int = 10, rest_seconds: float = 0.3,
-                 user_active=lambda: False):
+                 user_active=lambda: False, pre_activation: bool = True):
         super().__init__(daemon=True, name="on-demand")
         self.backend = copy.deepcopy(backend)  # its own module and lock: the network never waits
         self.lr_scale = backend_lr_scale(self.backend)
         self.preset = get_preset(preset, steps=steps)
         self.seed, self.threads, self.nice = int(seed), int(threads), int(nice)
+        self.pre_activation = bool(pre_activation)
         self.store, self.loader = AtlasStore(atlas_dir), loader
         self.rest_seconds, self.user_active = rest_seconds, user_active
         self.cond = threading.Condition()
@@ -113,14 +119,16 @@ class OnDemand(threading.Thread):
                         "started": t0, "requested": self._requested_at}
         try:
             r = optimize(self.backend, [unit], preset=self.preset, seed=self.seed, progress=False,
-                         lr_scale=self.lr_scale, on_step=self._on_step)
+                         lr_scale=self.lr_scale, on_step=self._on_step, pre_activation=self.pre_activation)
             if r.interrupted:
                 return
             path = write_unit(self.backend, self.store, unit, r.images[0])
             rec = LayerRecord(self.store, unit.layer)
+            clamp = (r.pre_activation or {}).get(unit.layer)
             rec.data.setdefault("on_demand", {})[str(unit.channel)] = {
                 "setting": self.preset.name, "steps": self.preset.steps, "seed": self.seed,
-                "best_activation": float(r.best_activation[0])}
+                "best_activation": float(r.best_activation[0]),
+                **({"pre_activation": clamp} if clamp else {})}
             rec.save()
             self.made.add((layer, channel))
             self.loader.invalidate(layer, channel)
