@@ -89,14 +89,15 @@ def timed_command(args: list[str]) -> tuple[float, float]:
     return took, peak / 1024
 
 
-def engines(n: int, steps: int | None = None, rounds: int = 1) -> None:
+def engines(n: int, steps: int | None = None, rounds: int = 1, overrides: tuple[str, ...] = ()) -> None:
     """The fast mode's atlas command on fc's first n units, each arm a fresh process timed from
     its start: in one process (torch's threads on every core) and in one Ray actor per core with
     one thread each; with each arm's peak memory (PSS of its process tree: shared pages counted
     once) and the activations' paired difference to the one-process arm (other threads round the convolutions differently:
     not the same bits, the same pictures statistically). steps: instead of the fast mode, that
     many steps of every unit (the steady throughput, without the fast mode's uneven batches,
-    which leave one actor idle at the end of a short run); rounds: the arms interleaved."""
+    which leave one actor idle at the end of a short run); rounds: the arms interleaved; overrides:
+    more overrides for both arms (optimize.numerics=bf16)."""
     import json
     import tempfile
 
@@ -106,14 +107,14 @@ def engines(n: int, steps: int | None = None, rounds: int = 1) -> None:
             (f"ray, {cores} actors x 1 thread", ["engine=ray", f"engine.actors={cores}", "engine.num_cpus=1",
                                                  "engine.threads=1"])]
     mode = [f"optimize.steps={steps}"] if steps else ["optimize.fast=true"]
-    what = f"{steps} steps of each unit" if steps else "fast atlas"
+    what = (f"{steps} steps of each unit" if steps else "fast atlas") + "".join(f", {o}" for o in overrides)
     with tempfile.TemporaryDirectory() as tmp:
         acts = {}
         for r in range(rounds):
             for k, (name, options) in enumerate(arms):
                 folder = os.path.join(tmp, f"{r}-{k}")
                 took, peak = timed_command(["deepvis-optimize", units, *mode, f"optimize.batch_size={BATCH}",
-                                            f"atlas.dir={folder}", *options])
+                                            f"atlas.dir={folder}", *options, *overrides])
                 with open(os.path.join(folder, "regularized_opt", "fc", "results.json")) as f:
                     rec = json.load(f)["units"]
                 acts[name] = [rec[str(c)]["best_activation"] for c in range(n)]
@@ -165,6 +166,8 @@ def main():
                          "one single-threaded actor per core")
     ap.add_argument("--steps", type=int, default=None, help="--engines: this many steps per unit, not the fast mode")
     ap.add_argument("--rounds", type=int, default=1, help="--engines: the arms this many times, interleaved")
+    ap.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="--engines: more overrides for both arms, e.g. optimize.numerics=bf16")
     ap.add_argument("--batches", default=None, metavar="LAYERS",
                     help="instead: ms per unit-step at batches of 8, 16 and 32 on these layers (comma-separated)")
     args = ap.parse_args()
@@ -180,7 +183,7 @@ def main():
             print(f"  {layer}: {dead_units(backend, layer)} of {layer_shapes(backend, [layer])[layer][0]} units "
                   "have a zero gradient at the start image", flush=True)
     if args.engines:
-        engines(args.engines, steps=args.steps, rounds=args.rounds)
+        engines(args.engines, steps=args.steps, rounds=args.rounds, overrides=tuple(args.options))
         return
     if args.batches:
         batch_sizes(backend, args.batches.split(","))

@@ -35,6 +35,9 @@ def atlas(lite0, tmp_path_factory):
     from deepvis_repro.atlas.optimized import optimize_into_atlas
 
     optimize_into_atlas(lite0, A, ["fc:1"], preset="paper_3", steps=20, batch_size=1, progress=False)
+    # asked in bfloat16: made in it where the CPU has it, in float32 (and recorded so) where not
+    optimize_into_atlas(lite0, A, ["blocks.2:0"], preset="paper_3", steps=10, batch_size=1, progress=False,
+                        numerics="bf16")
     return A, write_site(A)
 
 
@@ -84,6 +87,16 @@ class _Refs(HTMLParser):
         if tag in ("script", "link") and (a.get("src") or a.get("href")):
             self.scripts.append(a.get("src") or a.get("href"))
 
+
+def test_the_model_page_says_which_numerics_made_each_layers_pictures(atlas):
+    from deepvis_repro.bf16 import runs_bf16
+
+    A, index = atlas
+    with open(index, encoding="utf-8") as f:
+        rows = {r.split("</a>")[0].rsplit(">", 1)[-1]: r for r in f.read().split("<tr>")[1:]}
+    assert "paper_3: " in rows["blocks.2"] and "paper_3: " in rows["fc"]
+    assert ("numerics bf16" in rows["blocks.2"]) == runs_bf16("cpu")
+    assert "numerics" not in rows["fc"]  # float32, as every earlier atlas: not recorded
 
 def test_every_link_and_image_of_every_page_resolves(lite0, atlas):
     A, index = atlas
