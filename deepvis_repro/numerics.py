@@ -385,7 +385,7 @@ class Numerics:
             return
         if self.mode == "bf16":
             kind = torch.device(device).type
-            self.fell_back = not runs_bf16(kind)  # float32 where bfloat16 would only be emulated
+            self.fell_back = self.runs_as(kind) != "bf16"
             with autocast_bf16(kind):
                 yield self
             return
@@ -399,6 +399,13 @@ class Numerics:
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
             self.native |= m.native
+
+    def runs_as(self, device="cpu") -> str:
+        """The mode that computes on this device: bf16 runs float32 ('default') where bfloat16 would
+        only be emulated (bf16.runs_bf16); the other modes run as asked."""
+        if self.mode == "bf16" and not runs_bf16(torch.device(device).type):
+            return "default"
+        return self.mode
 
     def report(self) -> dict:
         """What ran: a bf16 run that fell back to float32 (bf16.runs_bf16) says default, asked bf16."""

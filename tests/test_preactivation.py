@@ -181,11 +181,9 @@ def test_an_atlas_records_bf16_numerics_and_refuses_to_mix_them_with_float32(lit
 
 
 def test_an_atlas_asked_for_bf16_on_a_cpu_without_it_records_the_float32_it_ran(lite0, tmp_path, monkeypatch):
-    import deepvis_repro.atlas.optimized as atlas_optimized
     import deepvis_repro.numerics as numerics
 
     # as on a CPU without native bfloat16: the optimizer computes in float32 (numerics.Numerics)
-    monkeypatch.setattr(atlas_optimized, "runs_bf16", lambda kind: False)
     monkeypatch.setattr(numerics, "runs_bf16", lambda kind: False)
     r = optimize_into_atlas(lite0, tmp_path, ["blocks.2:0"], steps=4, batch_size=1, progress=False,
                             numerics="bf16")

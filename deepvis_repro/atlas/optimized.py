@@ -23,7 +23,6 @@ import numpy as np
 
 from ..errors import DeepvisError
 from ..files import image_file_ok, signals_deferred, write_json
-from ..bf16 import runs_bf16
 from ..images import save_image
 from ..numerics import Numerics
 from ..optimize import backend_lr_scale, get_preset, optimize
@@ -102,15 +101,6 @@ def _said(setting: dict) -> str:
     return f"{setting.get('name')} ({setting.get('steps')} steps, seed {setting.get('seed')}, {mode}{pre}{num})"
 
 
-def numerics_ran(backend, numerics: str) -> str:
-    """The numerics the images are made in: bf16 asked where the device has no bfloat16 of its own
-    runs float32 (bf16.runs_bf16, said once by the optimizer), and its images are float32's."""
-    mode = Numerics(str(numerics)).mode
-    if mode == "bf16" and not runs_bf16(backend.device.type):
-        return "default"
-    return mode
-
-
 def write_unit(backend, store: AtlasStore, unit: Unit, image: np.ndarray) -> str:
     path = store.unit_file("regularized_opt", unit.layer, unit.channel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -180,7 +170,9 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
     setting = {**asdict(p), "seed": int(seed)}
     if converge is not None:  # absent in exact mode: the atlases of earlier releases stay valid
         setting["fast"] = {"convergence": converge.describe()}
-    numerics = numerics_ran(backend, numerics)
+    # what the images are made in: bf16 asked where it would only be emulated runs float32 (the
+    # optimizer says so once) and is recorded as float32
+    numerics = Numerics(str(numerics)).runs_as(backend.device)
     if numerics != "default":  # likewise absent for float32, as every earlier atlas was made
         setting["numerics"] = numerics
     records = {}

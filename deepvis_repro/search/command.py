@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import ListConfig, OmegaConf
 
-from ..bf16 import fallback_note, runs_bf16
+from ..bf16 import fallback_note
 from ..console import output_dir, resolve_device, seed_everything
 from ..errors import DeepvisError
 from ..files import check_output_dir, folder_lock, write_json
@@ -80,7 +80,7 @@ def _search(cfg, s, e, *, trials, validating, steps, seed, report_every, units, 
             numerics, folder) -> None:
     seed_everything(seed)
     device = resolve_device(cfg.device)
-    if numerics == "bf16" and not runs_bf16(torch_device_type(device)):
+    if Numerics(numerics).runs_as(torch_device_type(device)) != numerics:
         # said here, where it is seen (a trial's own warning is lost inside its Ray worker)
         print(f"deepvis: {fallback_note(torch_device_type(device))}", file=sys.stderr, flush=True)
         numerics = "default"
