@@ -17,7 +17,7 @@ import torch
 
 import deepvis_repro as dv
 from deepvis_repro.allocator import keep_freed_memory
-from deepvis_repro.outputs import machine
+from bench_optimize import device_name
 
 
 def step_fn(module):
@@ -50,8 +50,7 @@ def main():
     args = ap.parse_args()
     keep_freed_memory()  # what every deepvis command does first (deepvis_repro/allocator.py)
     b = dv.load_backend().to(args.device)
-    m = machine()
-    print(f"device {args.device} ({m.get('cpu')}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device {args.device} ({device_name(args.device)}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     eager = step_fn(b.module)
     compiled_module = torch.compile(b.module)
     compiled = step_fn(compiled_module)

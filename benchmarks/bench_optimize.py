@@ -2,7 +2,7 @@
 side by side in one run with Lucent's render_vis (PyPI torch-lucent): same size, same units,
 pixel parametrization and no transforms, at 1 and 8 units, in float32 and bfloat16.
 
-    pip install torch-lucent kornia kornia-rs --no-deps && python benchmarks/bench_optimize.py [--steps 30]
+    pip install torch-lucent kornia kornia-rs decorator --no-deps && python benchmarks/bench_optimize.py [--steps 30]
     python benchmarks/bench_optimize.py --device cuda      # on a GPU
 
 Columns: deepvis-repro in float32 (numerics=default) and bf16 (numerics=bf16); Lucent given the
@@ -16,6 +16,7 @@ ever slows a run down).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 
@@ -79,10 +80,10 @@ def main():
     plain = dv.load_backend(device=args.device, fuse_bn=False, channels_last=False)
     dev = torch.device(args.device).type
     try:
-        import lucent  # noqa: F401
+        importlib.import_module("lucent.optvis.objectives")  # what the runs import (decorator too)
     except ImportError as e:  # no figures without the peer: say which package is missing
         raise SystemExit(f"bench_optimize: Lucent cannot be imported ({e.name or e}); install it with:\n"
-                         "  pip install torch-lucent kornia kornia-rs --no-deps\n"
+                         "  pip install torch-lucent kornia kornia-rs decorator --no-deps\n"
                          "(torch-lucent pins an old kornia; the benchmark needs neither its pins nor its other "
                          "dependencies)") from None
 

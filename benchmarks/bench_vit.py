@@ -3,7 +3,7 @@ and gradient) and the optimizer's unit-steps per second against Lucent's render_
 module, side by side in one run. timm's vit_tiny_patch16_224 at full depth (12 blocks, 5.7 M
 parameters, 224 px) with random weights (no hub here; speed does not depend on the weights).
 
-    pip install torch-lucent kornia kornia-rs --no-deps && python benchmarks/bench_vit.py [--seconds 10]
+    pip install torch-lucent kornia kornia-rs decorator --no-deps && python benchmarks/bench_vit.py [--seconds 10]
     python benchmarks/bench_vit.py --device cuda
 
 Live: headless (SDL dummy driver), a video source so every pass has a new frame, layer blocks.6.
@@ -14,6 +14,7 @@ early), pixels and no transforms on Lucent's side (its Adam on sigmoid pixels), 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -88,10 +89,10 @@ def main():
             print(f"live, back {mode:<8} layer blocks.6: network {s['net_fps']:.1f} passes/s "
                   f"({s['net_ms_per_pass']:.0f} ms per pass), display {s['display_fps']:.1f} fps", flush=True)
     try:
-        import lucent  # noqa: F401
+        importlib.import_module("lucent.optvis.objectives")  # what the runs import (decorator too)
     except ImportError as e:
         raise SystemExit(f"bench_vit: Lucent cannot be imported ({e.name or e}); "
-                         "pip install torch-lucent kornia kornia-rs --no-deps") from None
+                         "pip install torch-lucent kornia kornia-rs decorator --no-deps") from None
     model = Normalized(backend).to(args.device).eval().requires_grad_(False)
     size = backend.input_size[0]
     for n in (1, 8):

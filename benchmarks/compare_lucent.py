@@ -6,7 +6,7 @@ class units, for the same number of steps. Both sets of images are judged by the
 paired Wilcoxon test between them, the units' activations, and the speed of each, side by side in
 one run.
 
-    pip install torch-lucent kornia kornia-rs --no-deps && python benchmarks/compare_lucent.py [--steps 512]
+    pip install torch-lucent kornia kornia-rs decorator --no-deps && python benchmarks/compare_lucent.py [--steps 512]
 
 What differs by design: Lucent's colour matrix is ImageNet's, ours is measured on scikit-image's
 photos (deepvis_repro/optvis/natural.py); Lucent draws its transforms from numpy's global state and
@@ -16,6 +16,7 @@ resamples each transformed copy back to 224 px; Lucent returns the last step's i
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 
@@ -81,10 +82,10 @@ def main():
     ap.add_argument("--out", default=None, help="write the two rows of images and the figures (json) here")
     args = ap.parse_args()
     try:
-        import lucent  # noqa: F401
+        importlib.import_module("lucent.optvis.objectives")  # what the runs import (decorator too)
     except ImportError as e:
         raise SystemExit(f"compare_lucent: Lucent cannot be imported ({e.name or e}); install it with:\n"
-                         "  pip install torch-lucent kornia kornia-rs --no-deps") from None
+                         "  pip install torch-lucent kornia kornia-rs decorator --no-deps") from None
     backend = dv.load_backend(device=args.device)
     judge = dv.load_backend("efficientnet_lite1", device=args.device)
     run_ours(backend, CLASSES[:2], 3, args.seed)  # warm up both (allocator, oneDNN primitives)

@@ -140,8 +140,7 @@ def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale
             g = grads[0]
             x, obj = x.detach(), obj.detach()
             with torch.no_grad():
-                argmax.append(torch.stack([_argmax(acts[u.layer], i if sub is None else seen.get(i), u)
-                                           for i, u in enumerate(units)]).cpu())
+                argmax.append(_argmax_channels(acts, units, None if sub is None else seen).cpu())
                 finite = torch.isfinite(obj) & torch.isfinite(g).flatten(1).all(1)
                 for i in torch.nonzero(active & ~finite).flatten().tolist():
                     stopped[i] = (ii, "NaN or inf in the objective or gradient")
@@ -195,13 +194,26 @@ def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale
                   stopped, interrupted, None if attribution is None else attribution.cpu().numpy(), converged)
 
 
-def _argmax(a: torch.Tensor, row: int | None, u: Unit) -> torch.Tensor:
-    """The argmax channel of the unit's layer at the unit's position (-1: the row did not run)."""
-    if row is None:
-        return torch.tensor(-1, device=a.device)
-    if a.dim() == 4:
-        return a[row].flatten(1)[:, 0 if u.y is None else u.y * a.shape[-1] + u.x].argmax()
-    return a[row].argmax()
+def _argmax_channels(acts: dict, units: list[Unit], seen: dict | None) -> torch.Tensor:
+    """(N,): the argmax channel of each unit's layer at the unit's position, in the unit's row
+    (seen: batch index -> row, for the rows still running; -1 for a unit whose row did not run).
+    One op per layer, not per unit (units.gather_units says why)."""
+    out = torch.full((len(units),), -1, dtype=torch.long, device=next(iter(acts.values())).device)
+    by_layer: dict[str, list[int]] = {}
+    for i, u in enumerate(units):
+        if seen is None or i in seen:
+            by_layer.setdefault(u.layer, []).append(i)
+    for layer, idx in by_layer.items():
+        a = acts[layer]
+        rows = torch.as_tensor([i if seen is None else seen[i] for i in idx], device=a.device)
+        if a.dim() == 4:  # (rows, C) at each unit's position (a unit without one: the first)
+            pos = torch.as_tensor([0 if units[i].y is None else units[i].y * a.shape[-1] + units[i].x
+                                   for i in idx], device=a.device)
+            vals = a.flatten(2)[rows, :, pos]
+        else:
+            vals = a[rows].flatten(1)
+        out[torch.as_tensor(idx, device=out.device)] = vals.argmax(1)
+    return out
 
 
 def _plain_activation(backend, units, layers, x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
