@@ -416,7 +416,7 @@ def test_the_lucent_benchmark_names_what_is_missing():
             f"runpy.run_path({str(HERE.parent / 'benchmarks' / 'bench_optimize.py')!r}, run_name='__main__')")
     r = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "nan" not in r.stdout
-    assert "Lucent cannot be imported" in r.stderr and "pip install torch-lucent kornia kornia-rs --no-deps" in r.stderr
+    assert "Lucent cannot be imported" in r.stderr and "pip install torch-lucent kornia kornia-rs decorator --no-deps" in r.stderr
 
 
 def test_redirected_logs_hold_no_escape_codes(tmp_path):
