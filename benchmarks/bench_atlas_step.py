@@ -3,8 +3,10 @@
 
     python benchmarks/bench_atlas_step.py [--layers fc,head,blocks.10] [--units 8,64] [--device cuda]
 
-The whole atlas on an H200 (2026-12-04, batches of 256) ran ~100 ms per step whatever the
-batch (64 units as slow as 256): the step was launch-bound. Counted here on a CPU, the objective's
+The whole atlas on an H200 (2026-12-04, batches of 256) ran 124-137 ms per step at the deep
+layers whatever the batch (64 units as slow as 256), against 6.5 ms for a plain forward and
+backward of the model: not the arithmetic (the rest of the cause is not established; README, "On
+a GPU"). Counted here on a CPU, the objective's
 per-unit select chain and the per-unit argmax record added ~47 ops per conv unit and ~18 per fc
 unit to every step (~12,000 at 256 units); both are now one op per layer. Each figure is the
 difference between a run of --steps and one of --steps // 2 steps (what a step adds, without

@@ -1,6 +1,6 @@
 """A batch of units is read with one op per layer, not one per unit: on a GPU every op is a kernel
-launch, and the per-unit select chains made a step of 256 units launch-bound (README, "The whole
-atlas on a GPU"). Each unit must still read, and send its gradient to, its own image only."""
+launch, and the per-unit select chains added ~12,000 of them to a step of 256 units (README, "On a
+GPU"). Each unit must still read, and send its gradient to, its own image only."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from deepvis_repro.layout import PREFIX
 from deepvis_repro.optimize import _argmax_channels, optimize
-from deepvis_repro.units import gather_units, resolve_units
+from deepvis_repro.units import Unit, gather_units, resolve_units
 
 
 def _photo_batch(lite0, photos, n):
@@ -47,7 +47,6 @@ def test_prefix_token_units_read_the_named_token():
     grid = torch.randn(3, 5, 4, 4)
     tokens = torch.randn(3, 5, 2)
     acts = {"blocks.2": grid, "blocks.2" + PREFIX: tokens}
-    from deepvis_repro.units import Unit
     units = [Unit("blocks.2", 1, token="dist"), Unit("blocks.2", 3, 1, 2), Unit("blocks.2", 4, token="cls")]
     got = gather_units(acts, units, backend)
     assert torch.equal(got, torch.stack([tokens[0, 1, 1], grid[1, 3, 1, 2], tokens[2, 4, 0]]))
