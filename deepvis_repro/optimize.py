@@ -6,8 +6,9 @@ an exact, batched port of the original toolbox's gradient optimizer (Yosinski et
 ../shared/PAPER.md states the rule).
 
 Everything runs in the backend contract's space: mean-subtracted RGB pixels on a 0..255 scale.
-All units run as one batch; each image's regularization (percentiles included) is its own, so a
-batch of N gives the images of N single runs.
+Units run in batches of rows; each image's regularization (percentiles included) is its own, so a
+batch of N gives the images of N single runs. Under a convergence stop a converged unit's row goes
+to the next unit at once (``_Cohort``, ``_drive``): the network keeps seeing full batches.
 """
 from __future__ import annotations
 
@@ -97,109 +98,189 @@ class _Batch:
     converged: dict = field(default_factory=dict)  # unit index in the batch -> step it converged at
 
 
-def _run_batch(backend, units, p: Preset, x, seed, bar, lr_scale, progress_scale, on_step=None,
-               on_best=None, converge: Convergence | None = None) -> _Batch:
-    n = len(units)
-    layers = value_layers(backend, units)
-    param = make_param(backend, p, x, seed)
-    rule = make_rule(p, param, lr_scale, progress_scale)
-    robust = Robustness(p, backend.input_size, seed)
-    k = robust.copies
-    best_x = x.clone()
-    best = torch.full((n,), -math.inf, device=x.device, dtype=torch.float64)
-    best_step = torch.full((n,), -1, dtype=torch.long)
-    active = torch.ones(n, dtype=torch.bool, device=x.device)
-    # MACO's transparency map: where the objective's gradient in image space was large, summed over steps
-    attribution = torch.zeros(n, *backend.input_size, device=x.device) if p.param == "maco" else None
-    # The per-step records, one row a step, written in place: a small tensor kept from every step
-    # pins the allocator's heap between the step's large blocks, and a run's peak memory grew with
-    # its steps (blocks.2's 24 units, bf16, 200 steps: 1.9 GB with lists of tensors, 1.3 GB so)
-    history = np.full((p.steps, n), np.nan)
-    argmax = np.full((p.steps, n), -1, dtype=np.int64)
-    recorded = [0, 0]  # rows of history and argmax written
-    # the best value after each step, for the convergence stop's look back
-    trace = torch.empty((p.steps, n), dtype=torch.float64, device=x.device) if converge is not None else None
-    stopped, converged = {}, {}
-    rows = list(range(n))  # the batch rows the network sees (under a convergence stop: the active ones)
-    interrupted = False
-    try:
-        for ii in range(p.steps):
-            if on_step is not None:
-                on_step(ii, p.steps)  # may wait (a paused background job) or raise to cancel
-            # 1. the image (pixels: x kept valid), and the copies the network sees
-            x = param.image()
-            # 2. forward only as deep as the deepest unit; the objective is each unit's value
-            #    (the mean over the transformed copies). Under a convergence stop, only the rows
-            #    still running go through the network (a converged unit costs nothing more).
-            sub = rows if len(rows) < n else None
-            xs = x if sub is None else x[sub]
-            acts = backend.forward(robust(xs), layers)
-            us = units if sub is None else [units[i] for i in sub]
-            obj = gather_units(acts, us * k, backend).float()  # bf16 numerics: statistics in float32
-            if k > 1:
-                obj = obj.view(k, len(us)).mean(0)
-            if sub is not None:
-                obj = torch.full((n,), torch.nan, device=obj.device, dtype=obj.dtype).index_put(
-                    (torch.as_tensor(sub, device=obj.device),), obj)
-                seen = {i: m for m, i in enumerate(sub)}
-            # 3. d obj / d leaf: each image's objective depends on that image only
-            wrt = [param.leaf] + ([x] if attribution is not None else [])
-            grads = torch.autograd.grad(obj, wrt, torch.ones_like(obj))  # no reduction: same bits anywhere
-            g = grads[0]
-            x, obj = x.detach(), obj.detach()
-            with torch.no_grad():
-                argmax[ii] = _argmax_channels(acts, units, None if sub is None else seen).cpu().numpy()
-                recorded[1] = ii + 1
-                finite = torch.isfinite(obj) & torch.isfinite(g).flatten(1).all(1)
-                for i in torch.nonzero(active & ~finite).flatten().tolist():
-                    stopped[i] = (ii, "NaN or inf in the objective or gradient")
-                zero = (g.flatten(1) == 0).all(1)
-                for i in torch.nonzero(active & finite & zero).flatten().tolist():
-                    stopped[i] = (ii, "gradient is exactly zero")
-                objd = obj.double()
-                # under random transforms each step's objective is a noisy estimate: the image kept
-                # is the latest one, as Lucid and MACO return (the best draw would be a lucky one)
-                improved = active & finite & ((objd > best) | robust.random)
-                best = torch.where(improved, objd, best)
-                best_x[improved] = x[improved]
-                best_step[improved.cpu()] = ii
-                history[ii] = torch.where(active & finite, objd, torch.nan).cpu().numpy()
-                recorded[0] = ii + 1
-                if attribution is not None:
-                    attribution += torch.where(active.view(-1, 1, 1), torch.nan_to_num(grads[-1]).abs().sum(1), 0.0)
-                active = active & finite & ~zero
-                if converge is not None:
-                    trace[ii] = best
-                    if converge.due(ii + 1) and ii >= converge.window:
-                        done = active & converge.converged(best, trace[ii - converge.window])
-                        for i in torch.nonzero(done).flatten().tolist():
-                            converged[i] = ii
-                        active = active & ~done
-                    rows = torch.nonzero(active).flatten().tolist()  # stopped units leave the batch too
-                if not bool(active.any()):
-                    # every unit has stopped: the rest of the history is NaN (argmax -1), as for any
-                    # stopped unit; the buffers hold that already
-                    recorded[:] = [p.steps, p.steps]
-                    bar.update((p.steps - ii) * n)
-                    break
-            # 4.-5. step (and the paper's regularizers), except on the last iteration
-            if ii < p.steps - 1:
-                rule.update(param, g, obj, active, ii)
-            bar.update(n)
-            if on_best is not None:
-                on_best(ii, best_x, best)  # may raise to stop (a search's early stopping)
-    except KeyboardInterrupt:
-        interrupted = True
+class _Cohort:
+    """Units that started together and step together: one step counter, one parametrization, one
+    step rule and one set of transforms, as a batch of single runs. Under a convergence stop a
+    stopped unit leaves the rows the network sees, and the driver (``_drive``) fills its place with
+    the next units, as a cohort of their own; without one, every row stays to the end."""
+
+    def __init__(self, backend, units, p: Preset, x, seed, lr_scale, progress_scale, converge, offset: int):
+        n = self.n = len(units)
+        self.units, self.p, self.converge, self.offset, self.backend = units, p, converge, offset, backend
+        self.layers = value_layers(backend, units)
+        self.param = make_param(backend, p, x, seed)
+        self.rule = make_rule(p, self.param, lr_scale, progress_scale)
+        self.robust = Robustness(p, backend.input_size, seed)
+        self.best_x = x.clone()
+        self.best = torch.full((n,), -math.inf, device=x.device, dtype=torch.float64)
+        self.best_step = torch.full((n,), -1, dtype=torch.long)
+        self.active = torch.ones(n, dtype=torch.bool, device=x.device)
+        # MACO's transparency map: where the objective's gradient in image space was large, summed over steps
+        self.attribution = torch.zeros(n, *backend.input_size, device=x.device) if p.param == "maco" else None
+        # The per-step records, one row a step, written in place: a small tensor kept from every step
+        # pins the allocator's heap between the step's large blocks, and a run's peak memory grew with
+        # its steps (blocks.2's 24 units, bf16, 200 steps: 1.9 GB with lists of tensors, 1.3 GB so)
+        self.history = np.full((p.steps, n), np.nan)
+        self.argmax = np.full((p.steps, n), -1, dtype=np.int64)
+        self.recorded = [0, 0]  # rows of history and argmax written
+        # the best value after each step, for the convergence stop's look back
+        self.trace = torch.empty((p.steps, n), dtype=torch.float64, device=x.device) if converge is not None else None
+        self.stopped, self.converged = {}, {}
+        self.rows = list(range(n))  # the rows the network sees (under a convergence stop: the active ones)
+        self.step = 0  # this cohort's own step counter (the preset's schedule, blur every 4th, ...)
+        self.done = self.all_stopped = False
+        self.interrupted = False
+
+    @property
+    def running(self) -> int:
+        """Rows this cohort sends through the network in its next step."""
+        return 0 if self.done else len(self.rows)
+
+    def inputs(self) -> torch.Tensor:
+        """1. the image (pixels: x kept valid), and the copies the network sees. Under a
+        convergence stop only the rows still running go through the network."""
+        self.x = self.param.image()
+        self.sub = self.rows if len(self.rows) < self.n else None
+        return self.robust(self.x if self.sub is None else self.x[self.sub])
+
+    def wrt(self) -> list[torch.Tensor]:
+        return [self.param.leaf] + ([self.x] if self.attribution is not None else [])
+
+    def objective(self, acts: dict) -> torch.Tensor:
+        """2. each unit's value in this cohort's rows of ``acts`` (the mean over the transformed
+        copies); NaN for a row that did not run."""
+        self.acts = acts
+        us = self.units if self.sub is None else [self.units[i] for i in self.sub]
+        obj = gather_units(acts, us * self.robust.copies, self.backend).float()  # bf16: statistics in float32
+        if self.robust.copies > 1:
+            obj = obj.view(self.robust.copies, len(us)).mean(0)
+        if self.sub is not None:
+            obj = torch.full((self.n,), torch.nan, device=obj.device, dtype=obj.dtype).index_put(
+                (torch.as_tensor(self.sub, device=obj.device),), obj)
+        self.obj = obj
+        return obj
+
+    def after(self, grads: list[torch.Tensor], bar) -> None:
+        """3.-5. the step's records and stops, then the step itself (and the paper's regularizers)."""
+        ii, n, p, converge = self.step, self.n, self.p, self.converge
+        g = grads[0]
+        x, obj = self.x.detach(), self.obj.detach()
+        acts, self.acts, self.x, self.obj = self.acts, None, None, None
+        with torch.no_grad():
+            seen = None if self.sub is None else {i: m for m, i in enumerate(self.sub)}
+            self.argmax[ii] = _argmax_channels(acts, self.units, seen).cpu().numpy()
+            self.recorded[1] = ii + 1
+            active = self.active
+            finite = torch.isfinite(obj) & torch.isfinite(g).flatten(1).all(1)
+            for i in torch.nonzero(active & ~finite).flatten().tolist():
+                self.stopped[i] = (ii, "NaN or inf in the objective or gradient")
+            zero = (g.flatten(1) == 0).all(1)
+            for i in torch.nonzero(active & finite & zero).flatten().tolist():
+                self.stopped[i] = (ii, "gradient is exactly zero")
+            objd = obj.double()
+            # under random transforms each step's objective is a noisy estimate: the image kept
+            # is the latest one, as Lucid and MACO return (the best draw would be a lucky one)
+            improved = active & finite & ((objd > self.best) | self.robust.random)
+            self.best = torch.where(improved, objd, self.best)
+            self.best_x[improved] = x[improved]
+            self.best_step[improved.cpu()] = ii
+            self.history[ii] = torch.where(active & finite, objd, torch.nan).cpu().numpy()
+            self.recorded[0] = ii + 1
+            if self.attribution is not None:
+                self.attribution += torch.where(active.view(-1, 1, 1), torch.nan_to_num(grads[-1]).abs().sum(1), 0.0)
+            active = active & finite & ~zero
+            if converge is not None:
+                self.trace[ii] = self.best
+                if converge.due(ii + 1) and ii >= converge.window:
+                    done = active & converge.converged(self.best, self.trace[ii - converge.window])
+                    for i in torch.nonzero(done).flatten().tolist():
+                        self.converged[i] = ii
+                    active = active & ~done
+                self.rows = torch.nonzero(active).flatten().tolist()  # stopped units leave the batch too
+            self.active = active
+            if not bool(active.any()):
+                # every unit has stopped: the rest of the history is NaN (argmax -1), as for any
+                # stopped unit; the buffers hold that already
+                self.recorded[:] = [p.steps, p.steps]
+                bar.update((p.steps - ii) * n)
+                self.done = self.all_stopped = True
+                return
+        if ii < p.steps - 1:
+            self.rule.update(self.param, g, obj, active, ii)
+        bar.update(n)
+        self.step += 1
+        self.done = self.step >= p.steps
+
+    def result(self) -> "_Batch":
+        best = self.best
+        if self.robust.random:
+            try:
+                best = _plain_activation(self.backend, self.units, self.layers, self.best_x, best)
+            except KeyboardInterrupt:  # a second Ctrl-C: the objective's values stand in
+                self.interrupted = True
         # A signal between a step's two records leaves one a row longer: a step's record is whole
-        # or absent (best_x / best are updated together, after both records' values exist), below.
-    if robust.random:
-        try:
-            best = _plain_activation(backend, units, layers, best_x, best)
-        except KeyboardInterrupt:  # a second Ctrl-C: the objective's values stand in
-            interrupted = True
-    return _Batch(best_x, best.cpu().numpy(), best_step.numpy(),
-                  history[:min(recorded)], argmax[:min(recorded)],
-                  stopped, interrupted, None if attribution is None else attribution.cpu().numpy(), converged)
+        # or absent (best_x / best are updated together, after both records' values exist)
+        rows = min(self.recorded)
+        return _Batch(self.best_x, best.cpu().numpy(), self.best_step.numpy(), self.history[:rows],
+                      self.argmax[:rows], self.stopped, self.interrupted,
+                      None if self.attribution is None else self.attribution.cpu().numpy(), self.converged)
+
+
+def _drive(backend, units, p: Preset, x0, seed, bar, lr_scale, progress_scale, width: int, on_step=None,
+           on_best=None, converge: Convergence | None = None) -> list[tuple[slice, "_Batch"]]:
+    """Every unit's run, at most ``width`` rows through the network at once: each step, the live
+    cohorts' rows go through the network as one batch, and when rows have left (units stopped
+    under a convergence stop) the next units start in their place, as a new cohort. A unit's run
+    is its single run's whatever cohort it is in (to the rounding of batched arithmetic); the
+    schedule, and so each image's bits, depend only on the units and the width. Without a
+    convergence stop rows never leave a cohort early, and this is plain batches of ``width``.
+    Returns (slice of units, outcome) per cohort; a Ctrl-C returns what was started."""
+    n, live, parts, nxt, tick = len(units), [], [], 0, 0
+
+    def admit():
+        nonlocal nxt
+        free = width - sum(c.running for c in live)
+        if free > 0 and nxt < n:
+            stop = min(n, nxt + free)
+            live.append(_Cohort(backend, units[nxt:stop], p, x0[nxt:stop].clone(), seed, lr_scale,
+                                progress_scale, converge, nxt))
+            nxt = stop
+
+    admit()
+    try:
+        while live:
+            if on_step is not None:
+                on_step(tick, p.steps)  # may wait (a paused background job) or raise to cancel
+            ins = [c.inputs() for c in live]
+            # 2. forward only as deep as the deepest unit; the objective is each unit's value
+            layers = live[0].layers if len(live) == 1 else value_layers(backend, [u for c in live for u in c.units])
+            acts = backend.forward(ins[0] if len(ins) == 1 else torch.cat(ins), layers)
+            objs, at = [], 0
+            for c, t in zip(live, ins):
+                part = acts if len(live) == 1 else {k: v[at:at + len(t)] for k, v in acts.items()}
+                objs.append(c.objective(part))
+                at += len(t)
+            # 3. d obj / d leaf: each image's objective depends on that image only
+            wrt = [c.wrt() for c in live]
+            grads = torch.autograd.grad(objs, [w for ws in wrt for w in ws],
+                                        [torch.ones_like(o) for o in objs])  # no reduction: same bits anywhere
+            del acts, ins
+            at = 0
+            for c, ws in zip(live, wrt):
+                c.after(list(grads[at:at + len(ws)]), bar)
+                at += len(ws)
+                if on_best is not None and not c.all_stopped:
+                    on_best(c.step - 1, c.best_x, c.best)  # may raise to stop (a search's early stopping)
+            for c in [c for c in live if c.done]:
+                parts.append((slice(c.offset, c.offset + c.n), c.result()))
+                live.remove(c)
+            admit()
+            tick += 1
+    except KeyboardInterrupt:
+        for c in live:
+            c.interrupted = True
+            parts.append((slice(c.offset, c.offset + c.n), c.result()))
+    return sorted(parts, key=lambda part: part[0].start)
 
 
 def _argmax_channels(acts: dict, units: list[Unit], seen: dict | None) -> torch.Tensor:
@@ -256,7 +337,8 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     preset: a name in PRESETS, a Preset or a dict; keyword overrides change single fields.
     lr_scale: multiplies the preset's learning rates (lr, max_lr); default the backend's own.
     progress_scale: multiplies the progress policies' desired progress; default the backend's own.
-    batch_size: units per batch (all at once by default; halved automatically on CUDA OOM).
+    batch_size: rows through the network at once (all units by default; halved automatically on
+    CUDA OOM). Under ``converge`` a unit that stops leaves its row to the next unit (``_drive``).
     on_step: called as on_step(step, steps) before each step (it may sleep, or raise to stop).
     on_best: called as on_best(step, best_x, best_activation) after each step, with the batch's
     best x so far (a search scores the images on the way, to stop hopeless settings early).
@@ -285,24 +367,26 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
                       leave=False) as bar:
         start = 0
         while start < n:
-            stop = min(n, start + size)
-            if pre_activation:  # a clamp taken off for one layer would change a deeper layer's values
-                stop = next((i for i in range(start + 1, stop) if units[i].layer != units[start].layer), stop)
+            # a segment: the units run together (pre_activation: one layer's, since a clamp taken
+            # off for one layer would change a deeper layer's values)
+            stop = n
+            if pre_activation:
+                stop = next((i for i in range(start + 1, n) if units[i].layer != units[start].layer), n)
             chunk = slice(start, stop)
             try:
                 with mode.active(backend.device), (unclamped(backend, [units[start].layer]) if pre_activation
                                                    else contextlib.nullcontext()):
-                    batch = _run_batch(backend, units[chunk], p, x0[chunk].clone(), seed, bar, lr_scale,
-                                       progress_scale, on_step, on_best, converge)
+                    done = _drive(backend, units[chunk], p, x0[chunk], seed, bar, lr_scale, progress_scale,
+                                  size, on_step, on_best, converge)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
-                size = max(1, size // 2)
+                size = max(1, size // 2)  # the segment again, at half the width
                 torch.cuda.empty_cache()
                 continue
-            parts.append((chunk, batch))
-            start = chunk.stop
-            if batch.interrupted:
+            parts += [(slice(start + s.start, start + s.stop), b) for s, b in done]
+            start = parts[-1][0].stop if done else stop
+            if any(b.interrupted for _, b in done):
                 break
     batches = [b for _, b in parts]
     units = units[:parts[-1][0].stop if parts else 0]

@@ -53,9 +53,10 @@ def test_bad_criteria_are_one_line():
         Convergence(rel_tol=-0.1)
 
 
-def test_fast_atlas_records_its_mode_resumes_alike_and_refuses_the_exact_mode(lite0, tmp_path):
+@pytest.mark.parametrize("width", [4, 2])  # 2: rows freed by converged units go to the next ones
+def test_fast_atlas_records_its_mode_resumes_alike_and_refuses_the_exact_mode(lite0, tmp_path, width):
     units = [f"blocks.1:{c}" for c in range(4)]
-    r = optimize_into_atlas(lite0, tmp_path, units, steps=60, batch_size=4, progress=False, fast=SHORT)
+    r = optimize_into_atlas(lite0, tmp_path, units, steps=60, batch_size=width, progress=False, fast=SHORT)
     assert r["written"] == 4
     rec = json.loads((tmp_path / "regularized_opt" / "blocks.1" / "results.json").read_text())
     assert rec["setting"]["fast"]["convergence"] == SHORT.describe()
@@ -66,7 +67,7 @@ def test_fast_atlas_records_its_mode_resumes_alike_and_refuses_the_exact_mode(li
     img = tmp_path / "regularized_opt" / "blocks.1" / f"blocks.1_{lost:04d}.jpg"
     before = img.read_bytes()
     img.unlink()
-    again = optimize_into_atlas(lite0, tmp_path, units, steps=60, batch_size=4, progress=False, fast=SHORT)
+    again = optimize_into_atlas(lite0, tmp_path, units, steps=60, batch_size=width, progress=False, fast=SHORT)
     assert again["written"] == 4 and img.read_bytes() == before
     with pytest.raises(DeepvisError, match=r"made with paper_3 \(60 steps, seed 0, fast mode\); this run asks "
                                            r"paper_3 \(60 steps, seed 0, exact mode\)"):
@@ -108,3 +109,50 @@ def test_the_command_records_the_criterion_and_where_each_unit_stopped(tmp_path)
         steps_run = sum(v is not None for v in u["objective_per_step"])
         # stopped on the criterion's grid (from step 150, every 25), or ran the full 220
         assert (stop is None and steps_run == 220) or (stop in (149, 174, 199) and steps_run == stop + 1), (stop, steps_run)
+
+
+def test_a_converged_units_row_goes_to_the_next_unit_and_each_unit_runs_as_alone(lite0):
+    """optimize._drive: at most batch_size rows through the network at once; when a unit
+    converges the next one starts in its row (a cohort of its own, with its own step count), and
+    every unit's run is the one it has in a batch of its own (to batched rounding)."""
+    units = [f"blocks.3:{c}" for c in range(6)]
+    alone = optimize(lite0, units, "paper_3", steps=90, progress=False, converge=SHORT)  # one batch of 6
+    rows_seen = []
+    forward = lite0.forward
+
+    def counting(x, layers):
+        rows_seen.append(len(x))
+        return forward(x, layers)
+
+    lite0.forward = counting
+    try:
+        refilled = optimize(lite0, units, "paper_3", steps=90, progress=False, converge=SHORT, batch_size=2)
+    finally:
+        del lite0.forward  # the class's own again
+    assert max(rows_seen) == 2
+    assert alone.converged, "no unit of blocks.3 converged in 90 steps under a 5% / 10-step criterion"
+    assert refilled.converged == alone.converged  # each unit stopped where it stops alone
+    np.testing.assert_allclose(refilled.best_activation, alone.best_activation, rtol=1e-3)
+    for i in range(len(units)):  # and its record is its own run's, from its own step 0
+        steps_run = int(np.isfinite(refilled.history[:, i]).sum())
+        assert steps_run == (alone.converged[i] + 1 if i in alone.converged else 90)
+        assert np.isfinite(refilled.history[:steps_run, i]).all()
+    # fixed batches of 2 would run each pair to its longer unit's stop: a freed row went on at once
+    fixed = sum(max(int(np.isfinite(alone.history[:, j]).sum()) for j in (i, i + 1)) for i in (0, 2, 4))
+    assert len(rows_seen) < fixed, (len(rows_seen), fixed)
+    assert sum(rows_seen) == sum(int(np.isfinite(alone.history[:, i]).sum()) for i in range(6))
+
+
+def test_a_ctrl_c_among_cohorts_keeps_the_units_started(lite0):
+    units = [f"blocks.1:{c}" for c in range(6)]
+    calls = []
+
+    def on_step(step, steps):
+        calls.append(step)
+        if len(calls) == 50:
+            raise KeyboardInterrupt
+
+    r = optimize(lite0, units, "paper_3", steps=60, progress=False, converge=SHORT, batch_size=2, on_step=on_step)
+    assert r.interrupted
+    assert 2 <= len(r.units) <= 6 and [u.channel for u in r.units] == list(range(len(r.units)))  # a prefix
+    assert len(r.images) == len(r.units) and np.isfinite(r.best_activation).all()

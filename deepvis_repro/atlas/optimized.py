@@ -37,6 +37,11 @@ from .store import AtlasStore, layer_slug
 
 
 SPRITE_TILE = 64
+#: in the fast mode a batch (the atlas's unit of work, recomputed whole on a resume) holds this many
+#: times batch_size units, run batch_size rows at a time: a unit that converges leaves its row to the
+#: next unit (optimize._drive), and a longer batch keeps the rows full for longer before its last
+#: units run alone (README, "The whole atlas in the fast mode": measured per layer)
+FAST_BATCHES_PER_CHUNK = 8
 
 
 def unit_image(backend, unit: Unit, image: np.ndarray) -> np.ndarray:
@@ -79,13 +84,14 @@ class OptimizeWorker:
     """Optimizes a batch of units (strings); built once per process or Ray actor."""
 
     def __init__(self, backend, preset, seed: int, lr_scale: float, progress_scale: float,
-                 converge: Convergence | None = None, pre_activation: bool = False, numerics: str = "default"):
-        self.backend, self.preset, self.seed = backend, preset, int(seed)
+                 converge: Convergence | None = None, pre_activation: bool = False, numerics: str = "default",
+                 width: int | None = None):
+        self.backend, self.preset, self.seed, self.width = backend, preset, int(seed), width
         self.lr_scale, self.progress_scale, self.converge = lr_scale, progress_scale, converge
         self.pre_activation, self.numerics = bool(pre_activation), str(numerics)
 
     def __call__(self, units: list[str]) -> dict:
-        r = optimize(self.backend, units, preset=self.preset, seed=self.seed, progress=False,
+        r = optimize(self.backend, units, preset=self.preset, seed=self.seed, progress=False, batch_size=self.width,
                      lr_scale=self.lr_scale, progress_scale=self.progress_scale, converge=self.converge,
                      pre_activation=self.pre_activation, numerics=self.numerics)
         return {"images": r.images, "best_activation": r.best_activation, "best_step": r.best_step,
@@ -194,14 +200,16 @@ def _optimize_into_atlas(backend, atlas_dir, units, preset, steps, seed, batch_s
     by_layer: dict[str, list[Unit]] = {}
     for u in units:
         by_layer.setdefault(u.layer, []).append(u)
-    batches = [[str(u) for u in us[i:i + int(batch_size)]] for us in by_layer.values()
-               for i in range(0, len(us), int(batch_size))
-               if not all(done(u) for u in us[i:i + int(batch_size)])]
+    # In the fast mode a batch is FAST_BATCHES_PER_CHUNK times longer, run batch_size rows at a time.
+    chunk = int(batch_size) * (FAST_BATCHES_PER_CHUNK if converge is not None else 1)
+    batches = [[str(u) for u in us[i:i + chunk]] for us in by_layer.values()
+               for i in range(0, len(us), chunk)
+               if not all(done(u) for u in us[i:i + chunk])]
     todo = [u for b in batches for u in b]
     lr_scale = backend_lr_scale(backend) if lr_scale is None else float(lr_scale)
     make_worker = functools.partial(OptimizeWorker, backend, p, seed, lr_scale,
                                     float(getattr(backend, "progress_scale", 1.0)), converge, pre_activation,
-                                    numerics)
+                                    numerics, int(batch_size))
     bar = progress_bar(total=len(units), initial=len(units) - len(todo),
                        desc=f"optimize {p.name}, {'converged or ' if converge else ''}{p.steps} steps", unit="unit",
                        enabled=progress)
