@@ -130,6 +130,7 @@ class _Cohort:
         self.step = 0  # this cohort's own step counter (the preset's schedule, blur every 4th, ...)
         self.done = self.all_stopped = False
         self.interrupted = False
+        self.counted = 0  # unit-steps this cohort added to the progress bar (taken back if it is rerun)
 
     @property
     def running(self) -> int:
@@ -203,11 +204,13 @@ class _Cohort:
                 # stopped unit; the buffers hold that already
                 self.recorded[:] = [p.steps, p.steps]
                 bar.update((p.steps - ii) * n)
+                self.counted += (p.steps - ii) * n
                 self.done = self.all_stopped = True
                 return
         if ii < p.steps - 1:
             self.rule.update(self.param, g, obj, active, ii)
         bar.update(n)
+        self.counted += n
         self.step += 1
         self.done = self.step >= p.steps
 
@@ -234,8 +237,11 @@ def _drive(backend, units, p: Preset, x0, seed, bar, lr_scale, progress_scale, w
     is its single run's whatever cohort it is in (to the rounding of batched arithmetic); the
     schedule, and so each image's bits, depend only on the units and the width. Without a
     convergence stop rows never leave a cohort early, and this is plain batches of ``width``.
-    Returns (slice of units, outcome) per cohort; a Ctrl-C returns what was started."""
+    Returns (slice of units, outcome) per cohort; a Ctrl-C returns what was started; a CUDA OOM
+    raises _OutOfMemory with the cohorts finished before it, from the first unit on."""
     n, live, parts, nxt, tick = len(units), [], [], 0, 0
+    counted = {}  # a finished cohort's first unit -> the unit-steps it added to the progress bar
+    cached = [None, None]  # the live cohorts (their first units) and the layers their units read
 
     def admit():
         nonlocal nxt
@@ -253,7 +259,11 @@ def _drive(backend, units, p: Preset, x0, seed, bar, lr_scale, progress_scale, w
                 on_step(tick, p.steps)  # may wait (a paused background job) or raise to cancel
             ins = [c.inputs() for c in live]
             # 2. forward only as deep as the deepest unit; the objective is each unit's value
-            layers = live[0].layers if len(live) == 1 else value_layers(backend, [u for c in live for u in c.units])
+            key = [c.offset for c in live]
+            if key != cached[0]:  # the cohorts changed (each starts at its own unit): their layers anew
+                cached[:] = [key, live[0].layers if len(live) == 1
+                             else value_layers(backend, [u for c in live for u in c.units])]
+            layers = cached[1]
             acts = backend.forward(ins[0] if len(ins) == 1 else torch.cat(ins), layers)
             objs, at = [], 0
             for c, t in zip(live, ins):
@@ -273,6 +283,7 @@ def _drive(backend, units, p: Preset, x0, seed, bar, lr_scale, progress_scale, w
                     on_best(c.step - 1, c.best_x, c.best)  # may raise to stop (a search's early stopping)
             for c in [c for c in live if c.done]:
                 parts.append((slice(c.offset, c.offset + c.n), c.result()))
+                counted[c.offset] = c.counted
                 live.remove(c)
             admit()
             tick += 1
@@ -280,7 +291,27 @@ def _drive(backend, units, p: Preset, x0, seed, bar, lr_scale, progress_scale, w
         for c in live:
             c.interrupted = True
             parts.append((slice(c.offset, c.offset + c.n), c.result()))
+    except torch.cuda.OutOfMemoryError as e:
+        # the cohorts finished so far from the segment's start are kept; the rest is run again
+        parts.sort(key=lambda part: part[0].start)
+        kept = []
+        for part in parts:
+            if part[0].start != (kept[-1][0].stop if kept else 0):
+                break
+            kept.append(part)
+        bar.update(-sum(c.counted for c in live) - sum(counted[s.start] for s, _ in parts[len(kept):]))
+        raise _OutOfMemory(e, kept) from e
     return sorted(parts, key=lambda part: part[0].start)
+
+
+class _OutOfMemory(Exception):
+    """A CUDA out-of-memory error in ``_drive``, with the cohorts that finished before it that
+    make a contiguous prefix of its units: ``optimize`` keeps them and runs the rest at half the
+    width (a late OOM in a long segment does not redo finished work)."""
+
+    def __init__(self, error: Exception, kept: list):
+        super().__init__(str(error))
+        self.error, self.kept = error, kept
 
 
 def _argmax_channels(acts: dict, units: list[Unit], seen: dict | None) -> torch.Tensor:
@@ -337,8 +368,8 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
     preset: a name in PRESETS, a Preset or a dict; keyword overrides change single fields.
     lr_scale: multiplies the preset's learning rates (lr, max_lr); default the backend's own.
     progress_scale: multiplies the progress policies' desired progress; default the backend's own.
-    batch_size: rows through the network at once (all units by default; halved automatically on
-    CUDA OOM). Under ``converge`` a unit that stops leaves its row to the next unit (``_drive``).
+    batch_size: rows through the network at once (all units by default; halved automatically on a
+    CUDA OOM, for the units not finished before it). Under ``converge`` a unit that stops leaves its row to the next unit (``_drive``).
     on_step: called as on_step(step, steps) before each step (it may sleep, or raise to stop).
     on_best: called as on_best(step, best_x, best_activation) after each step, with the batch's
     best x so far (a search scores the images on the way, to stop hopeless settings early).
@@ -378,10 +409,17 @@ def optimize(backend, units, preset="paper_3", steps: int | None = None, seed: i
                                                    else contextlib.nullcontext()):
                     done = _drive(backend, units[chunk], p, x0[chunk], seed, bar, lr_scale, progress_scale,
                                   size, on_step, on_best, converge)
-            except torch.cuda.OutOfMemoryError:
+            except _OutOfMemory as oom:
                 if size == 1:
-                    raise
-                size = max(1, size // 2)  # the segment again, at half the width
+                    raise oom.error from None
+                kept = oom.kept
+            else:
+                kept = None
+            if kept is not None:  # out of the except clause: its traceback held the failed step's tensors
+                # the units finished before it stand; the rest of the segment again, at half the width
+                parts += [(slice(start + s.start, start + s.stop), b) for s, b in kept]
+                start += kept[-1][0].stop if kept else 0
+                size = max(1, size // 2)
                 torch.cuda.empty_cache()
                 continue
             parts += [(slice(start + s.start, start + s.stop), b) for s, b in done]

@@ -156,3 +156,47 @@ def test_a_ctrl_c_among_cohorts_keeps_the_units_started(lite0):
     assert r.interrupted
     assert 2 <= len(r.units) <= 6 and [u.channel for u in r.units] == list(range(len(r.units)))  # a prefix
     assert len(r.images) == len(r.units) and np.isfinite(r.best_activation).all()
+
+
+def test_a_cuda_out_of_memory_keeps_the_finished_units_and_reruns_the_rest_at_half_width(lite0, monkeypatch):
+    """A CUDA OOM late in a segment (here raised by the network when a step after the first batch
+    has more than 2 rows) costs only the units not finished: those finished stand, bit for bit,
+    the rest run at half the width, and the progress bar does not count the lost work twice."""
+    import importlib
+
+    import torch
+
+    from deepvis_repro.progress import LineProgress
+
+    optimize_module = importlib.import_module("deepvis_repro.optimize")  # the package's name is the function
+
+    units = [f"blocks.1:{c}" for c in range(8)]
+    wide = optimize(lite0, units, "paper_3", steps=3, progress=False, batch_size=4)
+    narrow = optimize(lite0, units, "paper_3", steps=3, progress=False, batch_size=2)
+    rows_seen, bars = [], []
+    forward = lite0.forward
+
+    def tight(x, layers):
+        if len(x) > 2 and len(rows_seen) >= 3:  # the first batch of 4 fits, the second does not
+            rows_seen.append(-len(x))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        rows_seen.append(len(x))
+        return forward(x, layers)
+
+    def bar(**kw):
+        bars.append(LineProgress(**kw, every=1e9, file=open("/dev/null", "w")))
+        return bars[-1]
+
+    monkeypatch.setattr(optimize_module, "progress_bar", bar)
+    lite0.forward = tight
+    try:
+        r = optimize(lite0, units, "paper_3", steps=3, progress=True, batch_size=4)
+    finally:
+        del lite0.forward
+    # 3 steps of units 0-3, the failed step of 4-7, then 4-5 and 6-7 at 2 rows: 0-3 not run again
+    assert rows_seen == [4, 4, 4, -4, 2, 2, 2, 2, 2, 2]
+    assert [u.channel for u in r.units] == list(range(8))
+    np.testing.assert_array_equal(r.best_activation[:4], wide.best_activation[:4])
+    np.testing.assert_array_equal(r.best_activation[4:], narrow.best_activation[4:])
+    torch.testing.assert_close(r.x, torch.cat([wide.x[:4], narrow.x[4:]]), rtol=0, atol=0)
+    assert bars[0].n == bars[0].total == 3 * 8
