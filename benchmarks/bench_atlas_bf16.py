@@ -77,6 +77,7 @@ def main():
     ap.add_argument("--layers", default="blocks.4,blocks.10,blocks.15,head,pool,fc")
     ap.add_argument("--exact-steps", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--exact-only", action="store_true", help="only step 1: the exact mode's float32 cost per layer")
     args = ap.parse_args()
     backend = dv.load_backend()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
@@ -95,6 +96,8 @@ def main():
         exact_h[layer] = ms / 1000 * 1000 * channels / BATCH / 3600
         print(f"  {layer:<10} {channels:5d} units: {ms:6.0f} ms -> {exact_h[layer]:5.2f} h", flush=True)
     print(f"  every layer: {sum(exact_h.values()):.1f} h", flush=True)
+    if args.exact_only:
+        return
 
     judge = dv.load_backend("efficientnet_lite1")
     conv = Convergence()

@@ -4,6 +4,7 @@ the other rows idle. Side by side in one run, fast mode, ``pre_activation``, bf1
 has it, else float32), the atlas's width of 8 rows:
 
     python benchmarks/bench_atlas_refill.py [--layers blocks.15,head,pool,fc] [--units 16] [--rounds 2]
+    python benchmarks/bench_atlas_refill.py --project [--criterion 50,0.05,100]
 
 Per layer, the same units (spread over its channels) run by both arms, interleaved, their order
 alternating by round: "fixed" (batches of 8, as before this release) and "refill". Prints
@@ -32,9 +33,12 @@ from bench_atlas_fast import BATCH, describe_paired  # noqa: E402
 from bench_atlas_bf16 import GROUPS  # noqa: E402
 
 
+CRITERION = Convergence()  # --criterion: another (bench_convergence.py says what each saves and costs)
+
+
 def run(backend, units, arm):
     """(seconds, best activations, steps run per unit) of one arm on these units."""
-    kw = dict(progress=False, pre_activation=True, numerics="bf16", converge=Convergence())
+    kw = dict(progress=False, pre_activation=True, numerics="bf16", converge=CRITERION)
     t = time.perf_counter()
     if arm == "refill":
         parts = [optimize(backend, units, batch_size=BATCH, **kw)]
@@ -54,13 +58,19 @@ def main():
     ap.add_argument("--project", action="store_true",
                     help="instead: the refilled arm alone on each representative layer (blocks.4, blocks.10, "
                          "blocks.15, head, pool, fc), and the complete atlas projected from it")
+    ap.add_argument("--criterion", metavar="WINDOW,REL_TOL,MIN_STEPS",
+                    help="the fast mode's stop (optimize.convergence.*; every 25 steps); default 50,0.02,150")
     args = ap.parse_args()
+    if args.criterion:
+        global CRITERION
+        window, rel_tol, min_steps = args.criterion.split(",")
+        CRITERION = Convergence(window=int(window), rel_tol=float(rel_tol), min_steps=int(min_steps))
     keep_freed_memory()
     torch.manual_seed(0)
     b = dv.load_backend(device="cpu")
     numerics = "bf16" if runs_bf16("cpu") else "float32 (no native bf16 here)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fast mode, pre_activation, {numerics}, "
-          f"width {BATCH}; {args.units} units per layer" + ("" if args.project else
+          f"width {BATCH}; {args.units} units per layer; criterion {CRITERION.describe()}" + ("" if args.project else
                                                            f", {args.rounds} rounds, arms interleaved"), flush=True)
     if args.project:
         return project(b, args.units)

@@ -113,6 +113,7 @@ def optimize_task(cfg) -> None:
     lr_scale = number("optimize.lr_scale", o.lr_scale, positive=True, allow_none=True)
     numerics = Numerics(str(o.get("numerics", "default"))).mode
     fast = flag("optimize.fast", o.get("fast", False))
+    converge = convergence_option(o.get("convergence"), fast)
     pre = flag("optimize.pre_activation", o.get("pre_activation", False))
     preset = get_preset(OmegaConf.to_container(cfg.regularization), steps=steps, start=o.start)
     atlas_mode = cfg.atlas.dir is not None or any(is_whole_layer(u) for u in units)
@@ -125,10 +126,10 @@ def optimize_task(cfg) -> None:
     seed_everything(seed)
     backend = instantiate_backend(cfg.backend).to(resolve_device(cfg.device))
     if atlas_mode:
-        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine, lr_scale, fast, pre,
+        return optimize_atlas(cfg, backend, units, preset, seed, batch_size or 8, engine, lr_scale, converge, pre,
                               numerics)
     result = optimize(backend, units, preset=preset, seed=seed, batch_size=batch_size, numerics=numerics,
-                      lr_scale=lr_scale, converge=Convergence() if fast else None, pre_activation=pre)
+                      lr_scale=lr_scale, converge=converge, pre_activation=pre)
     out = output_dir()
     record = write_optimization(out, backend, result)
     for r in record["results"]:
@@ -147,9 +148,34 @@ def optimize_task(cfg) -> None:
         exit_interrupted()
 
 
-def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_scale=None, fast=False,
+def convergence_option(value, fast: bool) -> Convergence | None:
+    """optimize.convergence (window, rel_tol, min_steps, every) -> the fast mode's criterion; None
+    when the fast mode is off, where a changed criterion would do nothing and is a mistake."""
+    from omegaconf import OmegaConf
+
+    given = OmegaConf.to_container(value) if OmegaConf.is_config(value) else (value or {})
+    if not isinstance(given, dict):
+        raise DeepvisError(f"optimize.convergence must hold window, rel_tol, min_steps and every, got {given!r}")
+    default = Convergence().describe()
+    unknown = sorted(set(given) - set(default))
+    if unknown:
+        raise DeepvisError(f"optimize.convergence has no {', '.join(unknown)}; it holds {', '.join(default)}")
+    if not fast:
+        changed = sorted(k for k, v in given.items() if v != default[k])
+        if changed:
+            raise DeepvisError(f"optimize.convergence.{changed[0]} is the fast mode's stop: add optimize.fast=true")
+        return None
+    return Convergence(window=whole("optimize.convergence.window", given.get("window", default["window"]), 1),
+                       rel_tol=number("optimize.convergence.rel_tol", given.get("rel_tol", default["rel_tol"]),
+                                      minimum=0, maximum=1),
+                       min_steps=whole("optimize.convergence.min_steps", given.get("min_steps", default["min_steps"]), 1),
+                       every=whole("optimize.convergence.every", given.get("every", default["every"]), 1))
+
+
+def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_scale=None, fast=None,
                    pre_activation=False, numerics="default") -> None:
-    """Whole layers (or the given units) into an atlas, resumable."""
+    """Whole layers (or the given units) into an atlas, resumable. fast: the fast mode's
+    criterion (a Convergence), or None for the setting's full length."""
     atlas_dir = cfg.atlas.dir or os.path.join("atlas", layer_slug(backend.name))
     check_output_dir(atlas_dir, "atlas.dir")
     r = optimize_into_atlas(backend, atlas_dir, units, preset=preset, seed=seed, batch_size=batch_size,
@@ -158,7 +184,11 @@ def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_sca
     write_index(atlas_dir)
     if os.path.isfile(os.path.join(atlas_dir, "site", "index.html")):  # a site made by deepvis-mine: kept current
         write_site(atlas_dir)
-    steps = f"converged or {preset.steps} steps" if fast else f"{preset.steps} steps"
+    steps = f"{preset.steps} steps"
+    if fast is not None:
+        criterion = "" if fast == Convergence() else \
+            f" (within {fast.rel_tol:g} over {fast.window} steps, from step {fast.min_steps}, every {fast.every})"
+        steps = f"converged{criterion} or {steps}"
     steps += f", numerics {r['numerics']}" if r["numerics"] != "default" else ""
     print(f"{r['written']} unit(s) optimized with {preset.name} ({steps}), {r['skipped']} "
           f"already in the atlas; atlas: {atlas_dir}")

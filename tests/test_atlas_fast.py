@@ -69,9 +69,12 @@ def test_fast_atlas_records_its_mode_resumes_alike_and_refuses_the_exact_mode(li
     img.unlink()
     again = optimize_into_atlas(lite0, tmp_path, units, steps=60, batch_size=width, progress=False, fast=SHORT)
     assert again["written"] == 4 and img.read_bytes() == before
-    with pytest.raises(DeepvisError, match=r"made with paper_3 \(60 steps, seed 0, fast mode\); this run asks "
-                                           r"paper_3 \(60 steps, seed 0, exact mode\)"):
+    made = r"made with paper_3 \(60 steps, seed 0, fast mode: under 5% gained over 10 steps, from step 20\)"
+    with pytest.raises(DeepvisError, match=made + r"; this run asks paper_3 \(60 steps, seed 0, exact mode\)"):
         optimize_into_atlas(lite0, tmp_path, units, steps=60, batch_size=4, progress=False)
+    looser = Convergence(window=10, rel_tol=0.1, min_steps=20, every=5)  # another criterion, other pictures
+    with pytest.raises(DeepvisError, match=made + r"; this run asks .*fast mode: under 10% gained over 10 steps"):
+        optimize_into_atlas(lite0, tmp_path, units, steps=60, batch_size=4, progress=False, fast=looser)
 
 
 def test_the_site_says_which_mode_made_a_units_picture_and_where_it_stopped(lite0, tmp_path, photos):
@@ -109,6 +112,25 @@ def test_the_command_records_the_criterion_and_where_each_unit_stopped(tmp_path)
         steps_run = sum(v is not None for v in u["objective_per_step"])
         # stopped on the criterion's grid (from step 150, every 25), or ran the full 220
         assert (stop is None and steps_run == 220) or (stop in (149, 174, 199) and steps_run == stop + 1), (stop, steps_run)
+
+
+def test_the_command_takes_another_criterion_and_the_atlas_records_it(tmp_path):
+    """optimize.convergence.*: a looser stop (here 10% over 20 steps, checked every 10 from step
+    40) stops units on its own grid, and the atlas's record and the command's last line say it."""
+    import subprocess
+
+    atlas = tmp_path / "atlas"
+    r = subprocess.run(["deepvis-optimize", "units=[blocks.3:0,blocks.3:1,blocks.3:2]", "optimize.steps=120",
+                        "optimize.fast=true", "optimize.convergence.rel_tol=0.1", "optimize.convergence.window=20",
+                        "optimize.convergence.min_steps=40", "optimize.convergence.every=10", f"atlas.dir={atlas}",
+                        f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "converged (within 0.1 over 20 steps, from step 40, every 10) or 120 steps" in r.stdout
+    rec = json.loads((atlas / "regularized_opt" / "blocks.3" / "results.json").read_text())
+    assert rec["setting"]["fast"]["convergence"] == {"window": 20, "rel_tol": 0.1, "min_steps": 40, "every": 10}
+    stops = [u["converged_at"] for u in rec["units"].values()]
+    assert any(s is not None for s in stops), stops
+    assert all(s is None or (s + 1) % 10 == 0 and s >= 39 for s in stops), stops
 
 
 def test_a_converged_units_row_goes_to_the_next_unit_and_each_unit_runs_as_alone(lite0):

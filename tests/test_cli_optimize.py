@@ -39,6 +39,11 @@ def test_writes_images_grid_and_record(tmp_path):
     (["regularization.decay=-0.5"], "decay must be in [0, 1]"),
     (["optimize.fast=maybe"], "optimize.fast must be true or false, got 'maybe'"),
     (["optimize.pre_activation=sometimes"], "optimize.pre_activation must be true or false, got 'sometimes'"),
+    (["optimize.convergence.rel_tol=0.05"], "optimize.convergence.rel_tol is the fast mode's stop: add optimize.fast=true"),
+    (["optimize.fast=true", "optimize.convergence.rel_tol=lots"], "optimize.convergence.rel_tol must be a number"),
+    (["optimize.fast=true", "optimize.convergence.window=0"], "optimize.convergence.window must be at least 1"),
+    (["optimize.fast=true", "optimize.convergence.min_steps=10"], "min_steps >= window"),
+    (["optimize.fast=true", "optimize.convergence.rel_tol=1.5"], "optimize.convergence.rel_tol must be"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, msg):
     r = run(*args, "optimize.steps=2", f"hydra.run.dir={tmp_path}")

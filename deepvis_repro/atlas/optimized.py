@@ -101,7 +101,10 @@ class OptimizeWorker:
 
 
 def _said(setting: dict) -> str:
-    mode = "fast mode" if setting.get("fast") else "exact mode"
+    c = (setting.get("fast") or {}).get("convergence")
+    # the criterion said: two atlases' fast modes may differ in it alone
+    mode = (f"fast mode: under {100 * float(c.get('rel_tol', 0)):g}% gained over {c.get('window')} steps, "
+            f"from step {c.get('min_steps')}" if c else "fast mode" if setting.get("fast") else "exact mode")
     pre = f", optimized before {setting['pre_activation']}" if setting.get("pre_activation") else ""
     num = f", numerics {setting['numerics']}" if setting.get("numerics") else ""
     return f"{setting.get('name')} ({setting.get('steps')} steps, seed {setting.get('seed')}, {mode}{pre}{num})"

@@ -11,7 +11,9 @@ monotone, so blur's 4-step saw-tooth (paper_3 blurs every 4th step) does not tri
 on a grid of steps keeps the decision the same whatever batch the unit ran in. With the paper's
 constant learning rate the objective keeps creeping up for the whole run (fc units reach 90% of
 their 1,000-step value at steps 177-565, measured); what the stop gives up is measured with the
-harness's paired statistics (README, "Every unit's optimized image")."""
+harness's paired statistics (README, "Every unit's optimized image"). The four numbers are the
+command's ``optimize.convergence.*`` options; what other values save and cost, measured from full
+runs: benchmarks/bench_convergence.py (README, "The fast mode's stop, chosen")."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
