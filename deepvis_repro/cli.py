@@ -187,7 +187,8 @@ def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_sca
     steps = f"{preset.steps} steps"
     if fast is not None:
         criterion = "" if fast == Convergence() else \
-            f" (within {fast.rel_tol:g} over {fast.window} steps, from step {fast.min_steps}, every {fast.every})"
+            f" (under {100 * fast.rel_tol:g}% gained over {fast.window} steps, from step {fast.min_steps}, " \
+            f"every {fast.every})"
         steps = f"converged{criterion} or {steps}"
     steps += f", numerics {r['numerics']}" if r["numerics"] != "default" else ""
     print(f"{r['written']} unit(s) optimized with {preset.name} ({steps}), {r['skipped']} "

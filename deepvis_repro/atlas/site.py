@@ -112,7 +112,7 @@ def _setting_words(setting: dict | None) -> str:
     fast = (setting.get("fast") or {}).get("convergence")
     if fast:  # optimize.fast=true: each unit stopped once converged (optvis/convergence.py)
         rest += (f"; fast mode: stopped once the last {fast.get('window')} steps gained under "
-                 f"{100 * float(fast.get('rel_tol', 0)):g}%")
+                 f"{100 * float(fast.get('rel_tol', 0)):g}%, from step {fast.get('min_steps')}")
     if setting.get("pre_activation"):  # optimize.pre_activation=true (optvis/preactivation.py)
         rest += f"; the value before {setting['pre_activation']} (its ReLU) was maximized"
     if setting.get("numerics"):  # optimize.numerics=bf16 or portable; float32 is not recorded
