@@ -19,7 +19,7 @@ from .images import load_image
 from .labels import top_classes
 from .numerics import Numerics
 from .optimize import get_preset, optimize
-from .optvis.convergence import Convergence
+from .optvis.convergence import Convergence, criterion_words
 from .outputs import machine, versions, write_optimization
 from .registry import instantiate_backend, instantiate_config
 from .reproduce.compare import compare, failure_table
@@ -186,9 +186,7 @@ def optimize_atlas(cfg, backend, units, preset, seed, batch_size, engine, lr_sca
         write_site(atlas_dir)
     steps = f"{preset.steps} steps"
     if fast is not None:
-        criterion = "" if fast == Convergence() else \
-            f" (under {100 * fast.rel_tol:g}% gained over {fast.window} steps, from step {fast.min_steps}, " \
-            f"every {fast.every})"
+        criterion = "" if fast == Convergence() else f" ({criterion_words(fast.describe())}, every {fast.every})"
         steps = f"converged{criterion} or {steps}"
     steps += f", numerics {r['numerics']}" if r["numerics"] != "default" else ""
     print(f"{r['written']} unit(s) optimized with {preset.name} ({steps}), {r['skipped']} "

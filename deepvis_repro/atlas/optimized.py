@@ -26,7 +26,7 @@ from ..files import image_file_ok, signals_deferred, write_json
 from ..images import save_image
 from ..numerics import Numerics
 from ..optimize import backend_lr_scale, get_preset, optimize
-from ..optvis.convergence import Convergence
+from ..optvis.convergence import Convergence, criterion_words
 from ..optvis.preactivation import layer_clamp
 from ..progress import progress as progress_bar
 from ..units import Unit, expand_units, layer_shapes, parse_unit
@@ -103,8 +103,7 @@ class OptimizeWorker:
 def _said(setting: dict) -> str:
     c = (setting.get("fast") or {}).get("convergence")
     # the criterion said: two atlases' fast modes may differ in it alone
-    mode = (f"fast mode: under {100 * float(c.get('rel_tol', 0)):g}% gained over {c.get('window')} steps, "
-            f"from step {c.get('min_steps')}" if c else "fast mode" if setting.get("fast") else "exact mode")
+    mode = f"fast mode: {criterion_words(c)}" if c else "fast mode" if setting.get("fast") else "exact mode"
     pre = f", optimized before {setting['pre_activation']}" if setting.get("pre_activation") else ""
     num = f", numerics {setting['numerics']}" if setting.get("numerics") else ""
     return f"{setting.get('name')} ({setting.get('steps')} steps, seed {setting.get('seed')}, {mode}{pre}{num})"

@@ -23,6 +23,13 @@ import torch
 from ..errors import DeepvisError
 
 
+def criterion_words(c: dict) -> str:
+    """A recorded criterion (``Convergence.describe()``, as results.json keeps it) in the words the
+    command's last line and an atlas's refusal use: one wording, so the two never disagree."""
+    return (f"under {100 * float(c.get('rel_tol', 0)):g}% gained over {c.get('window')} steps, "
+            f"from step {c.get('min_steps')}")
+
+
 @dataclass(frozen=True)
 class Convergence:
     window: int = 50
